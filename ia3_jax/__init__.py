@@ -1,0 +1,50 @@
+"""ia3_jax: IA3 ("Infused Adapter by Inhibiting and Amplifying Inner Activations") for Flax.
+
+Pure functions over param trees: `ia3_init` inserts ``ia3_l`` vectors, `apply_fn` / `intercept`
+apply them inside module calls, `split` / `join` separate the trainable adapter from the frozen
+base, and `merge` / `unmerge` / `add_weighted_adapter` / `combine` are tree operations.
+"""
+
+from ia3_jax.config import IA3Config, IA3ConfigError
+from ia3_jax.init import AdapterExistsError, ia3_init
+from ia3_jax.interceptor import NotAppliedError, VectorShapeError, apply_fn, intercept, scale
+from ia3_jax.layout import KernelLayout, LayoutError, default_layout, infer_layouts
+from ia3_jax.merge import (
+    NonFiniteMergeError,
+    UnsupportedKernelError,
+    add_weighted_adapter,
+    combine,
+    merge,
+    unmerge,
+)
+from ia3_jax.partition import StructureError, join, split
+from ia3_jax.targets import TargetError, resolve_targets
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterExistsError",
+    "IA3Config",
+    "IA3ConfigError",
+    "KernelLayout",
+    "LayoutError",
+    "NonFiniteMergeError",
+    "NotAppliedError",
+    "StructureError",
+    "TargetError",
+    "UnsupportedKernelError",
+    "VectorShapeError",
+    "add_weighted_adapter",
+    "apply_fn",
+    "combine",
+    "default_layout",
+    "ia3_init",
+    "infer_layouts",
+    "intercept",
+    "join",
+    "merge",
+    "resolve_targets",
+    "scale",
+    "split",
+    "unmerge",
+]
