@@ -1,0 +1,189 @@
+"""A lean Flax Linen Llama for the benchmarks: fused attention, optional `nn.remat` and `nn.scan`.
+
+Module names follow Hugging Face's Llama (``layers.<i>.self_attn.k_proj``, ``mlp.down_proj``, ...), so
+PEFT's default IA3 targets for llama (``k_proj``, ``v_proj``, ``down_proj``) match unchanged. With
+``scan=True`` the layers are one ``nn.scan`` module named ``layers`` whose kernels carry the layer
+axis first: pass ``layouts=ia3_jax.infer_layouts(...)`` to `ia3_jax.ia3_init` there.
+
+Example:
+  >>> config = LlamaConfig(scan=True)                      # the ~1.1B benchmark model
+  >>> model = Llama(config)
+  >>> params = init_params(model, jax.random.key(0))       # bf16, no float32 copy on the way
+  >>> logits = model.apply({"params": params}, ids)        # ids: (batch, seq) int32
+  >>> loss = causal_lm_loss(logits, ids)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Llama hyper-parameters; the defaults are the ~1.1B benchmark model (TinyLlama's shape).
+
+    Attributes:
+      attention: ``implementation`` of `jax.nn.dot_product_attention`: None (JAX picks), "xla" or
+        "cudnn" (fused flash attention, GPU with bf16/fp16 only).
+      remat: recompute each layer in the backward pass (`nn.remat`, nothing saved inside a layer).
+      scan: one `nn.scan` over the layers (compiles once per layer instead of once per model).
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 2048
+    num_layers: int = 22
+    num_heads: int = 32
+    num_kv_heads: int = 4
+    intermediate_size: int = 5632
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    dtype: Any = jnp.bfloat16
+    param_dtype: Any = jnp.bfloat16
+    attention: str | None = None
+    remat: bool = False
+    scan: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+TINY = LlamaConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
+
+
+class RMSNorm(nn.Module):
+    """Hugging Face's Llama RMSNorm: normalise in float32, cast, then scale by ``weight``."""
+
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return weight.astype(self.dtype) * normed.astype(self.dtype)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape (seq_len, head_dim), Hugging Face's rotate-half convention."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates (batch, seq, heads, head_dim) by the (seq, head_dim) tables."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, None, :].astype(x.dtype), sin[:, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def _dense(config: LlamaConfig, features: int, name: str) -> nn.Dense:
+    return nn.Dense(features, use_bias=False, dtype=config.dtype, param_dtype=config.param_dtype, name=name)
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention through `jax.nn.dot_product_attention`."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+        c = self.config
+        batch, seq, _ = x.shape
+        q = _dense(c, c.num_heads * c.head_dim, "q_proj")(x).reshape(batch, seq, c.num_heads, c.head_dim)
+        k = _dense(c, c.num_kv_heads * c.head_dim, "k_proj")(x).reshape(batch, seq, c.num_kv_heads, c.head_dim)
+        v = _dense(c, c.num_kv_heads * c.head_dim, "v_proj")(x).reshape(batch, seq, c.num_kv_heads, c.head_dim)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=c.attention)
+        return _dense(c, c.hidden_size, "o_proj")(out.reshape(batch, seq, c.hidden_size))
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        hidden = nn.silu(_dense(c, c.intermediate_size, "gate_proj")(x)) * _dense(c, c.intermediate_size, "up_proj")(x)
+        return _dense(c, c.hidden_size, "down_proj")(hidden)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention and MLP blocks; ``(x, rope) -> (x, None)`` so that `nn.scan` can carry x."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+        c = self.config
+        norm = functools.partial(RMSNorm, c.rms_norm_eps, c.dtype, c.param_dtype)
+        x = x + Attention(c, name="self_attn")(norm(name="input_layernorm")(x), rope)
+        x = x + MLP(c, name="mlp")(norm(name="post_attention_layernorm")(x))
+        return x, None
+
+
+class Unrolled(nn.Module):
+    """The layers one after another, named ``0``, ``1``, ... as in Hugging Face's param tree."""
+
+    config: LlamaConfig
+    layer: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+        for i in range(self.config.num_layers):
+            x, _ = self.layer(self.config, name=str(i))(x, rope)
+        return x, None
+
+
+class Llama(nn.Module):
+    """Causal LM: ``(batch, seq) int32 -> (batch, seq, vocab)`` logits in ``config.dtype``."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        c = self.config
+        x = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype, name="embed_tokens")(
+            input_ids
+        )
+        rope = rope_tables(input_ids.shape[1], c.head_dim, c.rope_theta)
+        layer = nn.remat(DecoderLayer, prevent_cse=not c.scan) if c.remat else DecoderLayer
+        if c.scan:
+            stack = nn.scan(
+                layer,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=nn.broadcast,
+                length=c.num_layers,
+            )(c, name="layers")
+        else:
+            stack = Unrolled(c, layer, name="layers")
+        x, _ = stack(x, rope)
+        x = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="norm")(x)
+        return _dense(c, c.vocab_size, "lm_head")(x)
+
+
+def init_params(model: nn.Module, rng: jax.Array, seq_len: int = 8) -> dict[str, Any]:
+    """Random params, made on the device in ``param_dtype`` by one jitted init (no host copy)."""
+    ids = jnp.zeros((1, seq_len), jnp.int32)
+    return jax.jit(lambda key: model.init(key, ids)["params"])(rng)
+
+
+def causal_lm_loss(logits: jax.Array, input_ids: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy, in float32 (as Hugging Face's ``labels=`` loss)."""
+    logits = logits[:, :-1].astype(jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, input_ids[:, 1:]).mean()
