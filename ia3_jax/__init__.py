@@ -5,6 +5,14 @@ apply them inside module calls, `split` / `join` separate the trainable adapter 
 base, and `merge` / `unmerge` / `add_weighted_adapter` / `combine` are tree operations.
 """
 
+from ia3_jax.checkpoint import (
+    AdapterMismatchError,
+    CheckpointError,
+    check_adapter,
+    checkpoint_directory,
+    load_adapter,
+    save_adapter,
+)
 from ia3_jax.config import IA3Config, IA3ConfigError
 from ia3_jax.init import AdapterExistsError, ia3_init
 from ia3_jax.interceptor import NotAppliedError, VectorShapeError, apply_fn, intercept, scale
@@ -19,11 +27,14 @@ from ia3_jax.merge import (
 )
 from ia3_jax.partition import StructureError, join, split
 from ia3_jax.targets import TargetError, resolve_targets
+from ia3_jax.training import make_train_step, trainable_mask
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterExistsError",
+    "AdapterMismatchError",
+    "CheckpointError",
     "IA3Config",
     "IA3ConfigError",
     "KernelLayout",
@@ -36,15 +47,21 @@ __all__ = [
     "VectorShapeError",
     "add_weighted_adapter",
     "apply_fn",
+    "check_adapter",
+    "checkpoint_directory",
     "combine",
     "default_layout",
     "ia3_init",
     "infer_layouts",
     "intercept",
     "join",
+    "load_adapter",
+    "make_train_step",
     "merge",
     "resolve_targets",
+    "save_adapter",
     "scale",
     "split",
+    "trainable_mask",
     "unmerge",
 ]
