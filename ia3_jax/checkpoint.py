@@ -116,24 +116,27 @@ def save_adapter(
 
 
 def _save_single(path: epath.Path, args: ocp.args.Composite, overwrite: bool) -> epath.Path:
-    if path.exists() and path.is_dir() and not any(path.iterdir()):
-        path.rmdir()  # an empty directory holds nothing to protect
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _checkpointer().save(path, args=args)
-        return path
-    if not overwrite:
-        raise CheckpointError(f"{path} already exists: pass overwrite=True to replace it, or step= to keep versions.")
-    if not _is_single_checkpoint(path):
-        raise CheckpointError(f"{path} exists and is not an adapter checkpoint; refusing to replace it.")
-    # orbax's own force=True deletes the old checkpoint before writing: stage, then swap.
+    if path.exists():
+        if not overwrite:
+            raise CheckpointError(f"{path} already exists: pass overwrite=True to replace it, or step= to keep versions.")
+        if any(path.iterdir()) and not _is_single_checkpoint(path):
+            raise CheckpointError(f"{path} exists and is not an adapter checkpoint; refusing to replace it.")
+    # Write next to `path`, then rename into place: `path` is never half-written, and an old checkpoint
+    # there is only moved away once the new one is complete (orbax's force=True deletes it first).
     tag = uuid.uuid4().hex[:8]
     staging = path.parent / f"{path.name}{_STAGING}{tag}"
-    _checkpointer().save(staging, args=args)
-    replaced = path.parent / f"{path.name}{_REPLACED}{tag}"
-    path.rename(replaced)
-    staging.rename(path)
-    replaced.rmtree()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _checkpointer() as checkpointer:
+        checkpointer.save(staging, args=args)
+    if path.exists():
+        replaced = path.parent / f"{path.name}{_REPLACED}{tag}"
+        path.rename(replaced)
+        staging.rename(path)
+    else:
+        staging.rename(path)
+    # Leftovers of earlier interrupted saves of this path (and the replaced checkpoint) go now.
+    for leftover in (*path.parent.glob(f"{path.name}{_STAGING}*"), *path.parent.glob(f"{path.name}{_REPLACED}*")):
+        leftover.rmtree()
     return path
 
 
@@ -142,7 +145,10 @@ def _save_step(root: epath.Path, step: int, args: ocp.args.Composite, max_to_kee
         raise CheckpointError(f"{root} is a single adapter checkpoint; step checkpoints need a directory of their own.")
     if step in _steps(root):
         raise CheckpointError(f"step {step} already exists under {root}; steps there: {sorted(_steps(root))}.")
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=False)
+    # cleanup_tmp_directories: the manager removes leftovers of interrupted saves when it opens.
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, enable_async_checkpointing=False, cleanup_tmp_directories=True
+    )
     with ocp.CheckpointManager(root, options=options) as manager:
         manager.save(step, args=args)
         manager.wait_until_finished()
@@ -292,17 +298,14 @@ def load_adapter(
       >>> params = join(base, adapter)
     """
     directory = checkpoint_directory(path, step)
-    checkpointer = _checkpointer()
-    config = IA3Config.from_dict(checkpointer.restore(directory, args=_config_args())[CONFIG_ITEM])
-    abstract = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), checkpointer.metadata(directory).item_metadata[ADAPTER_ITEM].tree
-    )
-    if params is not None:
-        check_adapter(abstract, params, config, layouts=layouts)
-    target = _restore_target(abstract, shardings)
-    restored = checkpointer.restore(directory, args=ocp.args.Composite(**{ADAPTER_ITEM: ocp.args.StandardRestore(target)}))
+    with _checkpointer() as checkpointer:
+        stored = checkpointer.restore(directory, args=ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()}))
+        config = IA3Config.from_dict(stored[CONFIG_ITEM])
+        metadata = checkpointer.metadata(directory).item_metadata[ADAPTER_ITEM].tree
+        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata)
+        if params is not None:
+            check_adapter(abstract, params, config, layouts=layouts)
+        target = ocp.args.StandardRestore(_restore_target(abstract, shardings))
+        restored = checkpointer.restore(directory, args=ocp.args.Composite(**{ADAPTER_ITEM: target}))
     return _tree.to_dict(restored[ADAPTER_ITEM]), config
 
-
-def _config_args() -> ocp.args.Composite:
-    return ocp.args.Composite(**{CONFIG_ITEM: ocp.args.JsonRestore()})

@@ -1,0 +1,184 @@
+"""Training with plain optax: the adapter from `split`, `make_train_step`, `trainable_mask`.
+
+References: gradients of the *merged* model (vectors folded into the kernels, no interceptor) and
+hand-written SGD updates.
+"""
+
+from __future__ import annotations
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import ia3_jax
+from ia3_jax import _tree
+from tests.models import MLP, init
+
+CONFIG = ia3_jax.IA3Config(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"], modules_to_save=["lin2"])
+X = jax.random.normal(jax.random.key(1), (6, 5))
+Y = jnp.array([0, 1, 2, 0, 1, 2])
+LR = 0.1
+
+
+def _params():
+    # Random vectors (not ones) so that every gradient entry is generic.
+    return ia3_jax.ia3_init(init(MLP(), X), CONFIG.replace(init_ia3_weights=False), rng=jax.random.key(2))
+
+
+_forward = ia3_jax.apply_fn(MLP().apply, CONFIG)
+
+
+def _loss(params, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(_forward({"params": params}, x), y).mean()
+
+
+def _merged_loss(params, x, y):
+    """The same loss through the merged model: no interceptor, an independent path to the gradients."""
+    logits = MLP().apply({"params": ia3_jax.merge(params, CONFIG)}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def _paths(tree):
+    return {path for path, _ in _tree.leaves_with_paths(tree)}
+
+
+def test_grad_is_over_the_adapter_only_and_matches_merged_model():
+    adapter, base = ia3_jax.split(_params(), CONFIG)
+    grad_fn = jax.jit(jax.grad(lambda a, b: _loss(ia3_jax.join(b, a), X, Y)))
+    grads = grad_fn(adapter, base)
+    chex.assert_trees_all_equal_structs(grads, adapter)
+    assert _paths(grads) == {
+        ("lin0", "ia3_l"), ("lin1", "ia3_l"), ("lin2", "kernel"), ("lin2", "bias")
+    }
+    for path, g in _tree.leaves_with_paths(grads):
+        assert float(jnp.abs(g).max()) > 1e-4, f"zero gradient at {path}"
+    reference = jax.grad(lambda a: _merged_loss(ia3_jax.join(base, a), X, Y))(adapter)
+    chex.assert_trees_all_close(grads, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_three_sgd_steps_change_only_the_adapter():
+    params = _params()
+    adapter0, base = ia3_jax.split(params, CONFIG)
+    optimizer = optax.sgd(LR)
+    opt_state = optimizer.init(adapter0)
+    step = ia3_jax.make_train_step(_loss, optimizer)
+    adapter = adapter0
+    for _ in range(3):
+        adapter, opt_state, loss = step(adapter, opt_state, base, X, Y)
+    assert jnp.isfinite(loss)
+
+    # Reference: hand-written SGD on gradients of the merged model.
+    expected = adapter0
+    for _ in range(3):
+        g = jax.grad(lambda a: _merged_loss(ia3_jax.join(base, a), X, Y))(expected)
+        expected = jax.tree.map(lambda a, g: a - LR * g, expected, g)
+    chex.assert_trees_all_close(adapter, expected, rtol=1e-5, atol=1e-6)
+
+    trained = ia3_jax.join(base, adapter)
+    changed = {p for p, leaf in _tree.leaves_with_paths(adapter)}
+    before = dict(_tree.leaves_with_paths(params))
+    for path, leaf in _tree.leaves_with_paths(trained):
+        if path in changed:
+            assert not jnp.array_equal(leaf, before[path]), f"{path} did not train"
+        else:
+            chex.assert_trees_all_equal(leaf, before[path])  # the base, bit for bit
+    assert changed == {("lin0", "ia3_l"), ("lin1", "ia3_l"), ("lin2", "kernel"), ("lin2", "bias")}
+
+
+def test_train_step_aux_and_donation():
+    adapter, base = ia3_jax.split(_params(), CONFIG)
+    optimizer = optax.adam(1e-2)
+
+    def loss_with_aux(params, x, y):
+        loss = _loss(params, x, y)
+        return loss, {"loss": loss}
+
+    step = ia3_jax.make_train_step(loss_with_aux, optimizer, has_aux=True, donate=True)
+    opt_state = optimizer.init(adapter)
+    # Optimizer state covers the adapter leaves only (Adam: mu and nu per adapter leaf).
+    mu = opt_state[0].mu
+    chex.assert_trees_all_equal_structs(mu, adapter)
+    reference = _loss(ia3_jax.join(base, adapter), X, Y)
+    kept = jax.tree.map(jnp.copy, adapter)
+    new, opt_state, (loss, aux) = step(adapter, opt_state, base, X, Y)
+    chex.assert_trees_all_close(loss, reference, rtol=1e-6)
+    chex.assert_trees_all_equal(aux["loss"], loss)
+    assert adapter["lin0"]["ia3_l"].is_deleted(), "donate=True should hand the adapter buffers to the step"
+    assert not jnp.array_equal(new["lin0"]["ia3_l"], kept["lin0"]["ia3_l"])
+
+
+def test_trainable_mask_marks_exactly_the_split_adapter():
+    params = _params()
+    mask = ia3_jax.trainable_mask(params, CONFIG)
+    chex.assert_trees_all_equal_structs(mask, params)
+    adapter, _ = ia3_jax.split(params, CONFIG)
+    assert {p for p, m in _tree.leaves_with_paths(mask) if m} == _paths(adapter)
+    # Without a config, modules_to_save are not known: vectors only.
+    assert {p for p, m in _tree.leaves_with_paths(ia3_jax.trainable_mask(params)) if m} == {
+        ("lin0", "ia3_l"), ("lin1", "ia3_l")
+    }
+
+
+@pytest.mark.parametrize("style", ["multi_transform", "masked"])
+def test_trainable_mask_with_optax_matches_split(style):
+    params = _params()
+    mask = ia3_jax.trainable_mask(params, CONFIG)
+    adam = optax.adam(1e-2)
+    if style == "multi_transform":
+        labels = jax.tree.map(lambda m: "train" if m else "freeze", mask)
+        whole = optax.multi_transform({"train": adam, "freeze": optax.set_to_zero()}, labels)
+    else:
+        frozen = jax.tree.map(lambda m: not m, mask)
+        whole = optax.chain(optax.masked(adam, mask), optax.masked(optax.set_to_zero(), frozen))
+
+    @jax.jit
+    def whole_step(params, state):
+        grads = jax.grad(_loss)(params, X, Y)
+        updates, state = whole.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    one_tree, state = params, whole.init(params)
+    adapter, base = ia3_jax.split(params, CONFIG)
+    split_step = ia3_jax.make_train_step(_loss, adam)
+    adapter_state = adam.init(adapter)
+    for _ in range(3):
+        one_tree, state = whole_step(one_tree, state)
+        adapter, adapter_state, _ = split_step(adapter, adapter_state, base, X, Y)
+    chex.assert_trees_all_close(one_tree, ia3_jax.join(base, adapter), rtol=1e-6, atol=1e-7)
+    frozen_paths = {p for p, m in _tree.leaves_with_paths(mask) if not m}
+    before = dict(_tree.leaves_with_paths(params))
+    for path, leaf in _tree.leaves_with_paths(one_tree):
+        if path in frozen_paths:
+            chex.assert_trees_all_equal(leaf, before[path])
+
+
+class _Sharded(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        dense = lambda n, name: nn.Dense(  # noqa: E731
+            n, name=name, kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
+        )
+        return nn.Dense(2, name="head")(dense(8, "wo")(nn.relu(dense(8, "k")(x))))
+
+
+def test_trainable_mask_keeps_boxed_structure():
+    model = _Sharded()
+    config = ia3_jax.IA3Config(target_modules=["k", "wo"], feedforward_modules=["wo"], modules_to_save=["head"])
+    params = ia3_jax.ia3_init(model.init(jax.random.key(0), jnp.ones((2, 4)))["params"], config)
+    mask = ia3_jax.trainable_mask(params, config)
+    assert jax.tree.structure(mask) == jax.tree.structure(params)
+    assert isinstance(mask["k"]["ia3_l"], nn.Partitioned) and mask["k"]["ia3_l"].value is True
+    assert isinstance(mask["k"]["kernel"], nn.Partitioned) and mask["k"]["kernel"].value is False
+    assert mask["head"]["kernel"] is True and mask["k"]["bias"] is False
+    # optax accepts it as is.
+    tx = optax.multi_transform(
+        {"train": optax.sgd(0.1), "freeze": optax.set_to_zero()},
+        jax.tree.map(lambda m: "train" if m else "freeze", mask),
+    )
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    chex.assert_trees_all_equal(_tree.unbox(updates["k"]["kernel"]), jnp.zeros((4, 8)))
+    chex.assert_trees_all_equal(_tree.unbox(updates["k"]["ia3_l"]), jnp.full((8,), -0.1))
