@@ -1,0 +1,357 @@
+"""JAX side of the benchmarks: IA3, floor and full fine-tuning steps; inference and `merge` timings.
+
+Each public ``bench_*`` function measures one variant and returns a JSON-ready dict. Run each in a
+fresh process (`benchmarks/run.py` does) so that ``peak_bytes_in_use`` belongs to that variant alone.
+
+The three training modes share the model, the batch, the loss and one AdamW step per iteration:
+  ia3    gradient w.r.t. the IA3 vectors only (the base is a non-differentiated argument);
+  floor  gradient w.r.t. the first layer's input-norm weight only: the whole activation backward
+         pass, no weight gradient, no adapter; IA3 cannot cost less than this;
+  full   gradient w.r.t. every param (full fine-tuning).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import ia3_jax
+from ia3_jax import _tree
+from benchmarks import llama
+
+# PEFT's default IA3 targets for llama (TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING).
+IA3_CONFIG = ia3_jax.IA3Config(
+    target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], task_type="CAUSAL_LM"
+)
+LEARNING_RATE = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """Model size, batch shape and timing repeats."""
+
+    config: llama.LlamaConfig = llama.LlamaConfig()
+    batch: int = 8
+    seq: int = 1024
+    warmup: int = 3
+    steps: int = 12
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+
+@dataclasses.dataclass
+class Model:
+    """A model reduced to what the benchmarks need."""
+
+    apply: Callable[[Any, jax.Array], jax.Array]  # (params, ids) -> logits
+    params: dict[str, Any]
+    layouts: dict[str, ia3_jax.KernelLayout] | None
+    floor_path: tuple[str, ...]  # the first layer's input-norm weight
+    floor_stacked: bool  # the weight carries the nn.scan layer axis first
+    info: dict[str, Any]
+
+
+def build_lean(workload: Workload, *, attention: str | None, remat: bool, scan: bool) -> Model:
+    """The lean Linen Llama of `benchmarks.llama`, random bf16 weights."""
+    config = dataclasses.replace(workload.config, attention=attention, remat=remat, scan=scan)
+    model = llama.Llama(config)
+    params = llama.init_params(model, jax.random.key(0))
+    ids = jnp.zeros((1, 8), jnp.int32)
+    layouts = ia3_jax.infer_layouts(model.apply, {"params": params}, ids) if scan else None
+    floor_path = ("layers", "input_layernorm", "weight") if scan else ("layers", "0", "input_layernorm", "weight")
+    return Model(
+        apply=lambda p, x: model.apply({"params": p}, x),
+        params=params,
+        layouts=layouts,
+        floor_path=floor_path,
+        floor_stacked=scan,
+        info={"attention": attention, "remat": remat, "scan": scan},
+    )
+
+
+def build_hf(workload: Workload) -> Model:
+    """Hugging Face's FlaxLlamaForCausalLM (transformers 4.57.x), random weights cast to bf16."""
+    import transformers
+    from transformers import FlaxLlamaForCausalLM, LlamaConfig
+
+    c = workload.config
+    hf_config = LlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        rms_norm_eps=c.rms_norm_eps,
+        rope_theta=c.rope_theta,
+        max_position_embeddings=workload.seq,  # FlaxLlama builds a (max_pos, max_pos) mask
+        tie_word_embeddings=False,
+    )
+    model = FlaxLlamaForCausalLM(hf_config, dtype=c.dtype, _do_init=False)
+    init = lambda key: jax.tree.map(lambda x: x.astype(c.param_dtype), model.init_weights(key, (1, 8)))
+    params = jax.jit(init)(jax.random.key(0))
+    return Model(
+        apply=lambda p, x: model(x, params=p).logits,
+        params=_tree.to_dict(params),
+        layouts=None,
+        floor_path=("model", "layers", "0", "input_layernorm", "weight"),
+        floor_stacked=False,
+        info={"attention": "hf-unfused", "transformers": transformers.__version__},
+    )
+
+
+def build(model_name: str, workload: Workload, attention: str | None) -> Model:
+    if model_name == "hf":
+        return build_hf(workload)
+    variants = {"lean": (False, True), "lean-remat": (True, True), "lean-unrolled": (False, False)}
+    remat, scan = variants[model_name]
+    return build_lean(workload, attention=attention, remat=remat, scan=scan)
+
+
+def batch(workload: Workload, seed: int = 1) -> jax.Array:
+    return jax.random.randint(jax.random.key(seed), (workload.batch, workload.seq), 0, workload.config.vocab_size)
+
+
+# ----------------------------------------------------------------------------------------- training
+
+
+def loss_fns(model: Model, mode: str) -> tuple[Callable, Any, Any]:
+    """``(loss(trainable, frozen, ids), trainable, frozen)`` for one training mode."""
+    if mode == "ia3":
+        adapter, base = ia3_jax.split(ia3_jax.ia3_init(model.params, IA3_CONFIG, layouts=model.layouts))
+        forward = ia3_jax.apply_fn(model.apply, IA3_CONFIG)
+
+        def loss(adapter, base, ids):
+            return llama.causal_lm_loss(forward(ia3_jax.join(base, adapter), ids), ids)
+
+        return loss, adapter, base
+    if mode == "floor":
+        stacked = _tree.get(model.params, model.floor_path)
+        first = jnp.copy(stacked[0] if model.floor_stacked else stacked)  # donated: not the base's buffer
+
+        def loss(weight, params, ids):
+            full = _tree.get(params, model.floor_path)
+            new = full.at[0].set(weight) if model.floor_stacked else weight
+            return llama.causal_lm_loss(model.apply(_tree.updated(params, {model.floor_path: new}), ids), ids)
+
+        return loss, first, model.params
+    if mode == "full":
+        return lambda params, _, ids: llama.causal_lm_loss(model.apply(params, ids), ids), model.params, {}
+    raise ValueError(f"unknown training mode {mode!r}: use ia3, floor or full.")
+
+
+def train_step(loss: Callable, optimizer: optax.GradientTransformation) -> Callable:
+    """One AdamW step on the trainable tree; trainable and optimizer state are donated."""
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(trainable, opt_state, frozen, ids):
+        value, grads = jax.value_and_grad(loss)(trainable, frozen, ids)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, value
+
+    return step
+
+
+_HLO_PATTERNS = {
+    "cublas_gemms": r'custom_call_target="__cublas\$(?:lt\$matmul|gemm)[^"]*"',
+    "triton_gemms": r"__triton_gemm",
+    "cudnn_attention": r'custom_call_target="__cudnn\$fmha[^"]*"',
+    "dots": r"\bdot\(",
+    "fusions": r"\bfusion\(",
+    "while_loops": r"\bwhile\(",
+}
+
+
+def hlo_stats(compiled: Any) -> dict[str, Any]:
+    """Op counts of the optimised HLO (one scan body counts once) plus XLA's cost and memory analyses."""
+    text = compiled.as_text()
+    stats: dict[str, Any] = {name: len(re.findall(p, text)) for name, p in _HLO_PATTERNS.items()}
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    if cost:
+        stats["flops"] = float(cost.get("flops", 0.0))
+        stats["bytes_accessed"] = float(cost.get("bytes accessed", 0.0))
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        stats["temp_bytes"] = int(memory.temp_size_in_bytes)
+        stats["argument_bytes"] = int(memory.argument_size_in_bytes)
+    return stats
+
+
+def peak_bytes() -> int | None:
+    stats = jax.local_devices()[0].memory_stats()
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def _nbytes(tree: Any) -> int:
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def _timed(fn: Callable[[], Any], n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def bench_train(model_name: str, mode: str, workload: Workload, attention: str | None) -> dict[str, Any]:
+    """Median step time, tokens/s and peak memory of one training mode on one model."""
+    model = build(model_name, workload, attention)
+    loss, trainable, frozen = loss_fns(model, mode)
+    model.params = None  # only `frozen` / `trainable` keep the weights alive
+    optimizer = optax.adamw(LEARNING_RATE)
+    opt_state = optimizer.init(trainable)
+    ids = batch(workload)
+    step = train_step(loss, optimizer)
+    start = time.perf_counter()
+    compiled = step.lower(trainable, opt_state, frozen, ids).compile()
+    compile_s = time.perf_counter() - start
+    losses = []
+    state = (trainable, opt_state)
+
+    def one_step():
+        nonlocal state
+        trainable, opt_state, value = compiled(*state, frozen, ids)
+        state = (trainable, opt_state)
+        losses.append(value)
+        return value, trainable, opt_state
+
+    _timed(one_step, workload.warmup)
+    times = _timed(one_step, workload.steps)
+    step_s = statistics.median(times)
+    return {
+        **model.info,
+        "trainable_params": int(sum(x.size for x in jax.tree.leaves(trainable))),
+        "frozen_bytes": _nbytes(frozen),
+        "compile_s": compile_s,
+        "step_s": step_s,
+        "step_s_all": times,
+        "tokens_per_s": workload.tokens / step_s,
+        "peak_bytes": peak_bytes(),
+        "losses": [float(v) for v in losses],
+        "hlo": hlo_stats(compiled),
+    }
+
+
+# ---------------------------------------------------------------------------------------- inference
+
+
+def _random_adapter(adapter: Any, key: jax.Array) -> Any:
+    """Vectors near 1 (as after training) so that the merged model differs from the base."""
+    leaves, treedef = jax.tree.flatten(adapter)
+    keys = jax.random.split(key, len(leaves))
+    return treedef.unflatten([1 + 0.1 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
+def copy_bandwidth(n_bytes: int, repeats: int) -> float:
+    """Device copy bandwidth in bytes/s, counting bytes read plus bytes written (``-x`` on bf16)."""
+    x = jax.random.normal(jax.random.key(2), (n_bytes // 2,), jnp.bfloat16)
+    negate = jax.jit(jnp.negative)
+    jax.block_until_ready(negate(x))
+    return 2 * n_bytes / statistics.median(_timed(lambda: negate(x), repeats))
+
+
+def _relative_error(a: jax.Array, b: jax.Array) -> float:
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def bench_inference(
+    model_name: str, workload: Workload, attention: str | None, shapes: list[tuple[int, int]], copy_bytes: int
+) -> dict[str, Any]:
+    """Forward latency of base / unmerged IA3 / merged IA3 (interleaved rounds), and `merge` timings."""
+    model = build(model_name, workload, attention)
+    adapter, base = ia3_jax.split(ia3_jax.ia3_init(model.params, IA3_CONFIG, layouts=model.layouts))
+    adapter = _random_adapter(adapter, jax.random.key(3))
+    joined = ia3_jax.join(base, adapter)
+    merge = jax.jit(lambda p: ia3_jax.merge(p, IA3_CONFIG, layouts=model.layouts))
+    merged = merge(joined)
+    forward = jax.jit(model.apply)
+    forward_ia3 = jax.jit(ia3_jax.apply_fn(model.apply, IA3_CONFIG))
+    variants = {"base": (forward, base), "unmerged": (forward_ia3, joined), "merged": (forward, merged)}
+    out: dict[str, Any] = {**model.info, "forward": {}}
+    for b, s in shapes:
+        ids = jax.random.randint(jax.random.key(4), (b, s), 0, workload.config.vocab_size)
+        logits = {name: jax.block_until_ready(fn(p, ids)) for name, (fn, p) in variants.items()}
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(max(1, workload.steps // 2)):  # interleaved rounds: drifts hit all variants alike
+            for name, (fn, p) in variants.items():
+                times[name] += _timed(lambda: fn(p, ids), 5)
+        out["forward"][f"{b}x{s}"] = {
+            name: {"latency_s": statistics.median(t), "tokens_per_s": b * s / statistics.median(t)}
+            for name, t in times.items()
+        } | {"merged_vs_unmerged_rel_err": _relative_error(logits["merged"], logits["unmerged"])}
+        del logits
+    targeted = [_tree.get(base, path)["kernel"] for path in _tree.vector_modules(joined)]
+    floor_bytes = 2 * _nbytes(targeted) + _nbytes(adapter)  # each targeted kernel read once and written once
+    bandwidth = copy_bandwidth(copy_bytes, max(5, workload.steps))
+    merge_times = _timed(lambda: merge(joined), max(10, 3 * workload.steps))
+    donated_times = _donated_times(model.layouts, joined, max(5, workload.steps))
+    eager_times = _timed(lambda: ia3_jax.merge(joined, IA3_CONFIG, layouts=model.layouts), 3)
+    embed_in = jax.tree.leaves(joined)[0]
+    embed_out = jax.tree.leaves(merge(joined))[0]
+    aliased = _buffer(embed_in) == _buffer(embed_out)
+    out["merge"] = {
+        "targeted_kernels": len(targeted),
+        "targeted_bytes": _nbytes(targeted),
+        "floor_bytes": floor_bytes,
+        "copy_bandwidth_Bps": bandwidth,
+        "floor_s": floor_bytes / bandwidth,
+        "jit_s": statistics.median(merge_times),
+        "jit_donated_s": statistics.median(donated_times),
+        "eager_s": statistics.median(eager_times),
+        "untouched_leaves_forwarded": aliased,
+        "hlo": hlo_stats(merge.lower(joined).compile()),
+    }
+    out["merge"]["jit_over_floor"] = out["merge"]["jit_s"] / out["merge"]["floor_s"]
+    out["merge"]["jit_donated_over_floor"] = out["merge"]["jit_donated_s"] / out["merge"]["floor_s"]
+    out["peak_bytes"] = peak_bytes()
+    return out
+
+
+def _donated_times(layouts: Any, joined: Any, repeats: int) -> list[float]:
+    """`merge` jitted with the input donated: untouched leaves alias their input, nothing is copied.
+
+    Each call gets a fresh copy of the tree (made and finished outside the timed region).
+    """
+    merge = jax.jit(lambda p: ia3_jax.merge(p, IA3_CONFIG, layouts=layouts), donate_argnums=0)
+    times = []
+    for _ in range(repeats + 1):
+        fresh = jax.block_until_ready(jax.tree.map(jnp.copy, joined))
+        times += _timed(lambda: merge(fresh), 1)
+    return times[1:]  # the first call compiles
+
+
+def _buffer(x: jax.Array) -> int | None:
+    try:
+        return x.unsafe_buffer_pointer()
+    except Exception:  # noqa: BLE001 - some backends expose no pointer; then we cannot tell
+        return None
+
+
+def environment() -> dict[str, Any]:
+    import flax
+
+    device = jax.devices()[0]
+    return {
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "numpy": np.__version__,
+        "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
+        "device_count": jax.device_count(),
+    }

@@ -1,0 +1,170 @@
+"""Tables, target checks and the plot made from a results folder of `benchmarks/run.py`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+GIB = 2**30
+# (description, numerator variant, denominator variant, field, bound, "le" or "ge")
+TARGETS = [
+    ("lean IA3 step / lean floor step", "jax:lean:ia3", "jax:lean:floor", "step_s", 1.03, "le"),
+    ("HF Flax IA3 step / HF Flax floor step", "jax:hf:ia3", "jax:hf:floor", "step_s", 1.03, "le"),
+    ("lean (unrolled) IA3 step / its floor", "jax:lean-unrolled:ia3", "jax:lean-unrolled:floor", "step_s", 1.03, "le"),
+    ("lean (remat) IA3 step / its floor", "jax:lean-remat:ia3", "jax:lean-remat:floor", "step_s", 1.03, "le"),
+    ("lean IA3 tokens/s / PEFT IA3 tokens/s", "jax:lean:ia3", "torch:peft:ia3", "tokens_per_s", 1.25, "ge"),
+    ("lean IA3 peak memory / PEFT IA3 peak", "jax:lean:ia3", "torch:peft:ia3", "peak_bytes", 1.0, "le"),
+]
+
+
+def load(folder: Path) -> dict[str, dict[str, Any]]:
+    """``{variant name: result}`` from ``folder/results.json``."""
+    data = json.loads((Path(folder) / "results.json").read_text())
+    return {r["name"]: r for r in data["results"]}
+
+
+def _ok(r: dict[str, Any] | None) -> bool:
+    return bool(r) and r.get("status") == "ok"
+
+
+def _ratio(results, a: str, b: str, field: str) -> float | None:
+    ra, rb = results.get(a), results.get(b)
+    if not (_ok(ra) and _ok(rb)) or not ra.get(field) or not rb.get(field):
+        return None
+    return ra[field] / rb[field]
+
+
+def target_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict) for each target of issue 6 that the results can answer."""
+    rows = []
+    for what, a, b, field, bound, sense in TARGETS:
+        ratio = _ratio(results, a, b, field)
+        sign = "<=" if sense == "le" else ">="
+        if ratio is None:
+            rows.append((f"{what} {sign} {bound}", "not measured", "n/a"))
+            continue
+        ok = ratio <= bound if sense == "le" else ratio >= bound
+        rows.append((f"{what} {sign} {bound}", f"{ratio:.3f}", "met" if ok else "MISSED"))
+    for name in ("infer:lean", "infer:hf"):
+        r = results.get(name)
+        if not _ok(r):
+            continue
+        big = r["forward"].get("8x1024") or next(iter(r["forward"].values()))
+        base = big["base"]["latency_s"]
+        unmerged, merged = big["unmerged"]["latency_s"] / base, big["merged"]["latency_s"] / base
+        model = name.split(":")[1]
+        rows.append((f"{model}: unmerged forward / base <= 1.02", f"{unmerged:.3f}", "met" if unmerged <= 1.02 else "MISSED"))
+        rows.append((f"{model}: merged forward / base ~ 1.00", f"{merged:.3f}", "met" if merged <= 1.01 else "MISSED"))
+        for label, key in (("jit", "jit_over_floor"), ("jit, input donated", "jit_donated_over_floor")):
+            over = r["merge"][key]
+            rows.append((f"{model}: merge ({label}) / bandwidth floor <= 2", f"{over:.2f}", "met" if over <= 2 else "MISSED"))
+    return rows
+
+
+def _gib(x: Any) -> str:
+    return f"{x / GIB:.2f}" if x else "n/a"
+
+
+def training_table(results: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| variant | tokens/s | step (ms) | peak (GiB) | vs its floor | trainable params | compile (s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in results.items():
+        if not name.startswith(("jax:", "torch:")):
+            continue
+        if not _ok(r):
+            err = str(r.get("error", "")).splitlines()[0][:120] if r.get("error") else ""
+            lines.append(f"| {name} | {r.get('status')} | | | | | {err} |")
+            continue
+        floor = name.rsplit(":", 1)[0] + ":floor"
+        vs = _ratio(results, name, floor, "step_s")
+        compile_s = f"{r['compile_s']:.0f}" if "compile_s" in r else ""
+        lines.append(
+            f"| {name} | {r['tokens_per_s']:,.0f} | {1e3 * r['step_s']:.1f} | {_gib(r.get('peak_bytes'))} | "
+            f"{'' if vs is None else f'{vs:.3f}x'} | {r['trainable_params']:,} | {compile_s} |"
+        )
+    return "\n".join(lines)
+
+
+def inference_table(results: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| model | batch x seq | base (ms) | unmerged IA3 (ms) | merged IA3 (ms) | merged vs unmerged rel. err |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    merges = ["| model | targeted kernels | bytes r+w | copy bandwidth | floor (ms) | jit merge (ms) | "
+              "x floor | jit, donated (ms) | x floor | eager merge (ms) |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, r in results.items():
+        if not name.startswith("infer:"):
+            continue
+        if not _ok(r):
+            lines.append(f"| {name} | {r.get('status')} | | | | |")
+            continue
+        for shape, f in r["forward"].items():
+            lines.append(
+                f"| {name} | {shape} | {1e3 * f['base']['latency_s']:.2f} | {1e3 * f['unmerged']['latency_s']:.2f} "
+                f"| {1e3 * f['merged']['latency_s']:.2f} | {f['merged_vs_unmerged_rel_err']:.1e} |"
+            )
+        m = r["merge"]
+        merges.append(
+            f"| {name} | {m['targeted_kernels']} | {m['floor_bytes'] / 1e9:.2f} GB | "
+            f"{m['copy_bandwidth_Bps'] / 1e12:.2f} TB/s | {1e3 * m['floor_s']:.3f} | {1e3 * m['jit_s']:.3f} | "
+            f"{m['jit_over_floor']:.2f} | {1e3 * m['jit_donated_s']:.3f} | {m['jit_donated_over_floor']:.2f} | "
+            f"{1e3 * m['eager_s']:.1f} |"
+        )
+    return "\n".join(lines) + "\n\n" + "\n".join(merges)
+
+
+def markdown(results: dict[str, dict[str, Any]]) -> str:
+    targets = ["| target | measured | verdict |", "| --- | ---: | --- |"]
+    targets += [f"| {a} | {b} | {c} |" for a, b, c in target_rows(results)]
+    return (
+        "### Training (one AdamW step per iteration)\n\n" + training_table(results)
+        + "\n\n### Inference and merge\n\n" + inference_table(results)
+        + "\n\n### Targets\n\n" + "\n".join(targets) + "\n"
+    )
+
+
+def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+    """Horizontal bars: tokens/s and peak memory per training variant (failed variants labelled)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in results if n.startswith(("jax:", "torch:"))]
+    colors = {"ia3": "tab:blue", "floor": "tab:gray", "full": "tab:orange"}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(names) + 1.5), sharey=True)
+    for ax, field, label, unit in (
+        (axes[0], "tokens_per_s", "tokens/s (higher is better)", 1.0),
+        (axes[1], "peak_bytes", "peak device memory, GiB (lower is better)", GIB),
+    ):
+        for i, name in enumerate(names):
+            r = results[name]
+            value = r.get(field) if _ok(r) else None
+            if value:
+                ax.barh(i, value / unit, color=colors.get(name.rsplit(":", 1)[1], "tab:green"))
+                ax.text(value / unit, i, f" {value / unit:,.0f}" if unit == 1 else f" {value / unit:.1f}",
+                        va="center", fontsize=8)
+            else:
+                ax.text(0, i, f" {r.get('status', 'n/a')}", va="center", fontsize=8, color="red")
+        ax.set_xlabel(label)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(names)), names)
+    axes[0].invert_yaxis()
+    fig.suptitle("IA3 training step, Llama ~1.1B, bf16, batch 8 x 1024")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(folder: Path) -> str:
+    """Writes ``summary.md`` and ``plot.png`` into `folder`; returns the markdown."""
+    folder = Path(folder)
+    results = load(folder)
+    text = markdown(results)
+    (folder / "summary.md").write_text(text)
+    plot(results, folder / "plot.png")
+    return text

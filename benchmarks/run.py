@@ -1,0 +1,284 @@
+"""Single entry point of the IA3 benchmarks (issue 6): ia3_jax vs the floor vs PyTorch PEFT.
+
+Usage (from the repository root):
+  python benchmarks/run.py --suite all --out runs/h200                  # GPU: every variant, own process each
+  python benchmarks/run.py --suite all --out runs/h200 --gpus 0,1       # two lanes, one GPU each
+  python benchmarks/run.py --cpu-tiny --out /tmp/tiny                   # tiny sizes, in-process (CI)
+  python benchmarks/run.py --report runs/h200                           # table + plot from saved JSON
+
+Each GPU variant runs in a fresh process so that its peak memory is its own; a lane runs its
+variants one after another on the GPU named in CUDA_VISIBLE_DEVICES. JAX processes get
+``--flax-site`` prepended to PYTHONPATH (transformers 4.57, the last with Flax models); PyTorch
+processes keep the machine's own transformers. Results: ``OUT/<variant>.json``, ``OUT/results.json``,
+``OUT/summary.md`` and ``OUT/plot.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and `ia3_jax` importable
+    sys.path.insert(0, str(ROOT))
+
+# Every variant, in the order the lanes take them: the headline comparisons first, so that a run
+# cut short by its deadline still answers the targets.
+VARIANTS = {
+    "jax": [
+        "jax:lean:ia3",
+        "jax:lean:floor",
+        "jax:hf:ia3",
+        "jax:hf:floor",
+        "jax:lean:full",
+        "jax:hf:full",
+        "jax:lean-remat:ia3",
+        "jax:lean-remat:floor",
+        "jax:lean-remat:full",
+        "jax:lean-unrolled:ia3",
+        "jax:lean-unrolled:floor",
+    ],
+    "inference": ["infer:lean", "infer:hf"],
+    "torch": ["torch:peft:ia3", "torch:peft:floor", "torch:peft:full"],
+}
+PRIORITY = [
+    "jax:lean:ia3",
+    "torch:peft:ia3",
+    "jax:lean:floor",
+    "torch:peft:floor",
+    "infer:lean",
+    "jax:hf:ia3",
+    "jax:hf:floor",
+    "jax:lean:full",
+    "torch:peft:full",
+    "jax:hf:full",
+    "jax:lean-remat:ia3",
+    "jax:lean-remat:floor",
+    "infer:hf",
+    "jax:lean-remat:full",
+    "jax:lean-unrolled:ia3",
+    "jax:lean-unrolled:floor",
+]
+# The CPU smoke run: every code path once, smallest set.
+TINY_VARIANTS = [
+    "jax:lean:ia3",
+    "jax:lean:floor",
+    "jax:lean:full",
+    "jax:lean-remat:ia3",
+    "jax:lean-unrolled:floor",
+    "jax:hf:ia3",
+    "jax:hf:floor",
+    "infer:lean",
+    "torch:peft:ia3",
+    "torch:peft:floor",
+    "torch:peft:full",
+]
+
+
+def workload(cpu_tiny: bool, steps: int | None):
+    import jax.numpy as jnp
+
+    from benchmarks import jax_bench, llama
+
+    if cpu_tiny:  # float32: exact checks, and the CPU has no fast bf16
+        config = dataclasses.replace(llama.TINY, dtype=jnp.float32, param_dtype=jnp.float32)
+        w = jax_bench.Workload(config=config, batch=2, seq=32, warmup=1, steps=3)
+    else:
+        w = jax_bench.Workload()
+    return dataclasses.replace(w, steps=steps) if steps else w
+
+
+def run_variant(name: str, *, cpu_tiny: bool, attention: str | None, steps: int | None) -> dict[str, Any]:
+    """Measures one variant in this process; never raises (errors and OOMs are results too)."""
+    kind, model, *rest = name.split(":")
+    w = workload(cpu_tiny, steps)
+    result: dict[str, Any] = {"name": name, "workload": _workload_dict(w)}
+    try:
+        if kind == "torch":
+            from benchmarks import torch_bench
+
+            device = "cpu" if cpu_tiny else "cuda"
+            result.update(env=torch_bench.environment(), **torch_bench.bench_train(rest[0], w, device))
+        else:
+            from benchmarks import jax_bench
+
+            result["env"] = jax_bench.environment()
+            if kind == "jax":
+                result.update(jax_bench.bench_train(model, rest[0], w, attention))
+            else:
+                shapes = [(w.batch, w.seq)] if cpu_tiny else [(8, 1024), (1, 128)]
+                copy_bytes = 1 << 20 if cpu_tiny else 2 << 30
+                result.update(jax_bench.bench_inference(model, w, attention, shapes, copy_bytes))
+        result["status"] = "ok"
+    except Exception as err:  # noqa: BLE001 - recorded, the other variants go on
+        text = f"{type(err).__name__}: {err}"
+        oom = "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+        result.update(status="oom" if oom else "error", error=text[:4000], traceback=traceback.format_exc()[-4000:])
+    return result
+
+
+def _workload_dict(w) -> dict[str, Any]:
+    d = dataclasses.asdict(w)
+    d["config"] = {k: str(v) if not isinstance(v, int | float | bool | None) else v for k, v in d["config"].items()}
+    return d
+
+
+def _child_env(name: str, gpu: str | None, flax_site: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    paths = [str(ROOT)]
+    if flax_site and not name.startswith("torch:"):
+        paths.insert(0, flax_site)
+    env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [env.get("PYTHONPATH")] if p])
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+    env["PYTHONUNBUFFERED"] = "1"
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    return env
+
+
+def _spawn(name: str, out: Path, gpu: str | None, args, attention: str | None, timeout: float) -> dict[str, Any]:
+    path = out / f"{name.replace(':', '_')}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", name, "--json", str(path)]
+    cmd += ["--attention", attention or "none"] + (["--steps", str(args.steps)] if args.steps else [])
+    start = time.perf_counter()
+    with open(out / f"{name.replace(':', '_')}.log", "w") as log:
+        try:
+            proc = subprocess.run(cmd, env=_child_env(name, gpu, args.flax_site), stdout=log, stderr=subprocess.STDOUT,
+                                  timeout=timeout, check=False)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    result = json.loads(path.read_text()) if path.exists() else {"name": name, "status": "error"}
+    if code != 0 and result.get("status") == "ok":
+        result["status"] = "error"
+    if not path.exists():
+        result["error"] = f"process ended with {code} and wrote no result; see {name.replace(':', '_')}.log"
+        if code == "timeout":
+            result["status"] = "timeout"
+    result.update(gpu=gpu, wall_s=time.perf_counter() - start)
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def run_lanes(names: list[str], out: Path, args) -> list[dict[str, Any]]:
+    """Runs `names` over one lane per GPU (fresh process per variant) within the deadline."""
+    deadline = time.perf_counter() + args.deadline_s
+    todo: queue.Queue[str] = queue.Queue()
+    for name in names:
+        todo.put(name)
+    results: list[dict[str, Any]] = []
+    lock = threading.Lock()
+
+    def lane(gpu: str | None) -> None:
+        while True:
+            try:
+                name = todo.get_nowait()
+            except queue.Empty:
+                return
+            left = deadline - time.perf_counter()
+            if left < 20:
+                result = {"name": name, "status": "skipped", "error": "not started: the run's deadline was near"}
+            else:
+                attention = None if name.startswith("torch") else args.attention
+                result = _spawn(name, out, gpu, args, attention, min(args.variant_timeout_s, left))
+                # cuDNN's fused attention may refuse a shape or dtype: measure with XLA's instead, and say so
+                if result["status"] == "error" and attention == "cudnn" and name.split(":")[1] != "hf":
+                    first_error = result.get("error", "")
+                    left = deadline - time.perf_counter()
+                    if left > 20:
+                        result = _spawn(name, out, gpu, args, "xla", min(args.variant_timeout_s, left))
+                        result["cudnn_error"] = first_error[:2000]
+            with lock:
+                results.append(result)
+                print(f"[{time.strftime('%H:%M:%S')}] gpu {gpu}: {_line(result)}", flush=True)
+                _save(out, results)
+
+    gpus = args.gpus.split(",") if args.gpus else [None]
+    threads = [threading.Thread(target=lane, args=(g,)) for g in gpus]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def _line(r: dict[str, Any]) -> str:
+    if r.get("status") != "ok":
+        return f"{r['name']:26s} {r.get('status')}: {str(r.get('error', ''))[:300]}"
+    if "tokens_per_s" in r:
+        peak = r.get("peak_bytes")
+        peak_s = f"{peak / 2**30:6.2f} GiB" if peak else "   n/a"
+        return f"{r['name']:26s} {r['tokens_per_s']:10.0f} tok/s {1e3 * r['step_s']:8.1f} ms {peak_s}"
+    return f"{r['name']:26s} done"
+
+
+def _save(out: Path, results: list[dict[str, Any]]) -> None:
+    order = {n: i for i, n in enumerate(n for group in VARIANTS.values() for n in group)}
+    ordered = sorted(results, key=lambda r: order.get(r["name"], len(order)))
+    (out / "results.json").write_text(json.dumps({"results": ordered}, indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", default="all", help="all, or a comma list of: jax, inference, torch")
+    parser.add_argument("--only", default="", help="comma list of variant names (overrides --suite)")
+    parser.add_argument("--out", type=Path, help="output folder")
+    parser.add_argument("--cpu-tiny", action="store_true", help="tiny sizes on the CPU, in this process")
+    parser.add_argument("--gpus", default="", help="comma list of GPU ids, one lane each (default: one lane)")
+    parser.add_argument("--flax-site", default=None, help="folder with transformers 4.57 for the JAX processes")
+    parser.add_argument("--attention", default="cudnn", help="lean model attention: cudnn, xla or none")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 12)")
+    parser.add_argument("--deadline-s", type=float, default=540.0, help="start no variant after this")
+    parser.add_argument("--variant-timeout-s", type=float, default=300.0)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: one variant, this process
+    parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--report", type=Path, help="re-make summary.md and plot.png from a results folder")
+    args = parser.parse_args(argv)
+    attention = None if args.attention == "none" else args.attention
+    if args.variant:
+        result = run_variant(args.variant, cpu_tiny=args.cpu_tiny, attention=attention, steps=args.steps)
+        args.json.write_text(json.dumps(result, indent=1))
+        print(_line(result))
+        return 0 if result["status"] == "ok" else 1
+
+    from benchmarks import report
+
+    if args.report:
+        report.write(args.report)
+        return 0
+    if args.out is None:
+        parser.error("--out is required")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.only:
+        names = args.only.split(",")
+    elif args.cpu_tiny:
+        names = TINY_VARIANTS
+    else:
+        suites = list(VARIANTS) if args.suite == "all" else args.suite.split(",")
+        chosen = {n for s in suites for n in VARIANTS[s]}
+        names = [n for n in PRIORITY if n in chosen]
+    if args.cpu_tiny:
+        results = []
+        for name in names:
+            results.append(run_variant(name, cpu_tiny=True, attention=None if attention == "cudnn" else attention,
+                                       steps=args.steps))
+            print(_line(results[-1]), flush=True)
+        _save(args.out, results)
+    else:
+        run_lanes(names, args.out, argparse.Namespace(**{**vars(args), "attention": attention}))
+    print(report.write(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
