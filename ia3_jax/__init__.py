@@ -26,6 +26,7 @@ from ia3_jax.merge import (
     unmerge,
 )
 from ia3_jax.partition import StructureError, join, split
+from ia3_jax.sharding import ShardingError, adapter_shardings, optimizer_shardings
 from ia3_jax.targets import TargetError, resolve_targets
 from ia3_jax.training import make_train_step, trainable_mask
 
@@ -41,10 +42,12 @@ __all__ = [
     "LayoutError",
     "NonFiniteMergeError",
     "NotAppliedError",
+    "ShardingError",
     "StructureError",
     "TargetError",
     "UnsupportedKernelError",
     "VectorShapeError",
+    "adapter_shardings",
     "add_weighted_adapter",
     "apply_fn",
     "check_adapter",
@@ -58,6 +61,7 @@ __all__ = [
     "load_adapter",
     "make_train_step",
     "merge",
+    "optimizer_shardings",
     "resolve_targets",
     "save_adapter",
     "scale",

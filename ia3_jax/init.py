@@ -70,9 +70,11 @@ def ia3_init(
     keys = jax.random.split(rng, len(targets)) if rng is not None else [None] * len(targets)
     changes = {}
     for key, (path, feedforward) in zip(keys, targets.items()):
-        kernel = _tree.get(params, path)["kernel"]
+        module = _tree.get(params, path)
+        kernel = module["kernel"]
         shape = jnp.shape(_tree.unbox(kernel))
-        layout = layout_for(path, shape, config.fan_in_fan_out, layouts)
+        bias_shape = jnp.shape(_tree.unbox(module["bias"])) if "bias" in module else None
+        layout = layout_for(path, shape, config.fan_in_fan_out, layouts, bias_shape=bias_shape)
         vector_shape = layout.vector_shape(shape, feedforward)
         if config.init_ia3_weights:
             vector = jnp.ones(vector_shape, dtype)

@@ -121,9 +121,27 @@ def layout_for(
     kernel_shape: Sequence[int],
     fan_in_fan_out: bool,
     layouts: Mapping[str, KernelLayout] | None,
+    *,
+    bias_shape: Sequence[int] | None = None,
 ) -> KernelLayout:
+    """The layout given in `layouts` for this module, else the one the param tree proves.
+
+    A kernel of 3 or more axes is a channels-last conv only when the module's bias (`bias_shape`,
+    None without one) is ``(out,)``: a layer stacked by ``nn.scan`` / ``nn.vmap`` stacks its bias
+    too, and a scanned ``nn.Dense`` kernel (L, in, out) looks exactly like a 1-D conv's
+    (width, in, out). Without that proof the layout must be given.
+    """
     key = _tree.dotted(path)
-    layout = (layouts or {}).get(key) or default_layout(kernel_shape, fan_in_fan_out)
+    layout = (layouts or {}).get(key)
+    if layout is None:
+        if len(kernel_shape) >= 3 and tuple(bias_shape or ()) != (kernel_shape[-1],):
+            raise LayoutError(
+                f"module {key!r}: a kernel of shape {tuple(kernel_shape)} may be a conv, a layer stacked by "
+                "nn.scan/nn.vmap (layer axis anywhere) or a multi-axis nn.DenseGeneral; the param tree alone "
+                "cannot tell. Pass layouts=ia3_jax.infer_layouts(model.apply, {'params': params}, x) (the "
+                "same layouts to ia3_init, merge and unmerge)."
+            )
+        layout = default_layout(kernel_shape, fan_in_fan_out)
     layout.check(kernel_shape, f"module {key!r}")
     return layout
 

@@ -57,7 +57,8 @@ def _rescale(
             "contents blindly. Quantized kernels: see ia3_jax.quant; otherwise keep the vector unmerged."
         )
     vector = _tree.unbox(vector)
-    layout = layout_for(path, kernel.shape, bool(config and config.fan_in_fan_out), layouts)
+    bias_shape = jnp.shape(_tree.unbox(node["bias"])) if "bias" in node else None
+    layout = layout_for(path, kernel.shape, bool(config and config.fan_in_fan_out), layouts, bias_shape=bias_shape)
     feedforward = _direction(key, vector.shape, kernel.shape, layout, config)
     try:
         factor = layout.scale_for_kernel(vector, kernel.shape, feedforward)
