@@ -26,6 +26,7 @@ from ia3_jax.merge import (
     unmerge,
 )
 from ia3_jax.partition import StructureError, join, split
+from ia3_jax.quant import AdapterDtypeError, QuantizedMergeError
 from ia3_jax.sharding import ShardingError, adapter_shardings, optimizer_shardings
 from ia3_jax.targets import TargetError, resolve_targets
 from ia3_jax.training import make_train_step, trainable_mask
@@ -33,6 +34,7 @@ from ia3_jax.training import make_train_step, trainable_mask
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterDtypeError",
     "AdapterExistsError",
     "AdapterMismatchError",
     "CheckpointError",
@@ -42,6 +44,7 @@ __all__ = [
     "LayoutError",
     "NonFiniteMergeError",
     "NotAppliedError",
+    "QuantizedMergeError",
     "ShardingError",
     "StructureError",
     "TargetError",

@@ -12,6 +12,7 @@ from flax.core import meta
 from ia3_jax import _tree
 from ia3_jax.config import IA3Config
 from ia3_jax.layout import KernelLayout, layout_for
+from ia3_jax.quant import check_vector_dtype, kernel_shape
 from ia3_jax.targets import resolve_targets
 
 
@@ -60,6 +61,7 @@ def ia3_init(
     """
     if not config.init_ia3_weights and rng is None:
         raise ValueError("IA3Config(init_ia3_weights=False) draws random vectors: pass rng=jax.random.key(...).")
+    check_vector_dtype(dtype, "ia3_init's dtype argument")
     existing = _tree.vector_modules(params)
     if existing:
         raise AdapterExistsError(
@@ -72,7 +74,7 @@ def ia3_init(
     for key, (path, feedforward) in zip(keys, targets.items()):
         module = _tree.get(params, path)
         kernel = module["kernel"]
-        shape = jnp.shape(_tree.unbox(kernel))
+        shape = kernel_shape(kernel)  # quantized kernels: their logical shape
         bias_shape = jnp.shape(_tree.unbox(module["bias"])) if "bias" in module else None
         layout = layout_for(path, shape, config.fan_in_fan_out, layouts, bias_shape=bias_shape)
         vector_shape = layout.vector_shape(shape, feedforward)

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ia3_jax import _tree
+from ia3_jax import _tree, quant
 from ia3_jax.config import IA3Config
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -62,6 +62,23 @@ def _check_fits(key: str, vector: jax.Array, activation: Any, side: str) -> None
         )
 
 
+def _feedforward_from_shapes(key: str, vector_shape, x_shape, kernel_shape) -> bool:
+    """Without a config: a vector that fits the input features, and not the output ones, is feedforward."""
+    n = len(vector_shape)
+    if tuple(x_shape[len(x_shape) - n :]) != tuple(vector_shape):
+        return False
+    if len(kernel_shape) == 2:  # (in, out) or (out, in): the output is the axis that the input is not
+        out_shape = (kernel_shape[1] if kernel_shape[0] == x_shape[-1] else kernel_shape[0],)
+    else:
+        out_shape = tuple(kernel_shape[len(kernel_shape) - n :])
+    if out_shape == tuple(vector_shape):
+        raise VectorShapeError(
+            f"IA3 vector at {key!r} fits both the input and the output of a square layer: pass the IA3Config "
+            "to apply_fn/intercept so that feedforward_modules decides."
+        )
+    return True
+
+
 def _interceptor(config: IA3Config | None, applied: Applied):
     def intercept(next_fun, args, kwargs, context):
         module = context.module
@@ -70,6 +87,7 @@ def _interceptor(config: IA3Config | None, applied: Applied):
         path = tuple(module.scope.path)
         key = _tree.dotted(path)
         vector = _tree.unbox(module.get_variable("params", _tree.VECTOR))
+        quant.check_vector_dtype(vector.dtype, f"IA3 vector at {key!r}")
         if args:
             x, call = args[0], lambda x_: next_fun(x_, *args[1:], **kwargs)
         else:  # input passed by keyword
@@ -77,23 +95,14 @@ def _interceptor(config: IA3Config | None, applied: Applied):
             x, call = kwargs[name], lambda x_: next_fun(**{**kwargs, name: x_})
         if config is not None:
             feedforward = config.is_feedforward(key)
-            y = None
-        else:  # direction from the shapes alone
-            feedforward = False
-            y = None
-            if jnp.shape(x)[-vector.ndim :] == vector.shape:
-                y = call(x)
-                if jnp.shape(y)[-vector.ndim :] == vector.shape:
-                    raise VectorShapeError(
-                        f"IA3 vector at {key!r} fits both the input and the output of a square layer: pass the "
-                        "IA3Config to apply_fn/intercept so that feedforward_modules decides."
-                    )
-                feedforward = True
+        else:
+            kernel_shape = quant.kernel_shape(module.get_variable("params", "kernel"))
+            feedforward = _feedforward_from_shapes(key, vector.shape, jnp.shape(x), kernel_shape)
         if feedforward:
             _check_fits(key, vector, x, "input")
             out = call(scale(x, vector))
         else:
-            y = call(x) if y is None else y
+            y = call(x)
             _check_fits(key, vector, y, "output")
             out = scale(y, vector)
         applied.paths.add(path)

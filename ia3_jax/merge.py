@@ -12,20 +12,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ia3_jax import _tree
+from ia3_jax import _tree, quant
 from ia3_jax.config import IA3Config
 from ia3_jax.layout import KernelLayout, LayoutError, layout_for
 from ia3_jax.partition import StructureError, _without_vectors
+from ia3_jax.quant import UnsupportedKernelError
 
 UNMERGE_EPS = 1e-8  # PEFT's guard against division by zero in unmerge
 
 
 class NonFiniteMergeError(ValueError):
     """`safe_merge` found NaN or inf in a merged kernel."""
-
-
-class UnsupportedKernelError(TypeError):
-    """A kernel is not a plain array (for example a quantized one), so it cannot be rescaled here."""
 
 
 def _direction(key: str, vector_shape, kernel_shape, layout: KernelLayout, config: IA3Config | None) -> bool:
@@ -51,12 +48,13 @@ def _rescale(
     key = _tree.dotted(path)
     boxed_kernel = node["kernel"]
     kernel = _tree.unbox(boxed_kernel)
-    if not isinstance(kernel, jax.Array | np.ndarray):
+    if not (quant.is_quantized(kernel) or isinstance(kernel, jax.Array | np.ndarray)):
         raise UnsupportedKernelError(
-            f"kernel at {key!r} is a {type(kernel).__name__}, not an array; ia3_jax will not rescale its "
-            "contents blindly. Quantized kernels: see ia3_jax.quant; otherwise keep the vector unmerged."
+            f"kernel at {key!r} is a {type(kernel).__name__}, neither an array nor a qwix quantized kernel; "
+            "ia3_jax will not rescale its contents blindly: keep the vector unmerged."
         )
     vector = _tree.unbox(vector)
+    quant.check_vector_dtype(vector.dtype, f"IA3 vector at {key!r}")
     bias_shape = jnp.shape(_tree.unbox(node["bias"])) if "bias" in node else None
     layout = layout_for(path, kernel.shape, bool(config and config.fan_in_fan_out), layouts, bias_shape=bias_shape)
     feedforward = _direction(key, vector.shape, kernel.shape, layout, config)
@@ -66,7 +64,11 @@ def _rescale(
         raise LayoutError(f"module {key!r}: {err}") from None
     op = (lambda w, s: w / (s + UNMERGE_EPS)) if divide else (lambda w, s: w * s)
     out = dict(node)
-    out["kernel"] = _tree.rebox(boxed_kernel, op(kernel, factor).astype(kernel.dtype))
+    if quant.is_quantized(kernel):  # the scale absorbs the vector; the integers stay
+        new_kernel = quant.rescale_quantized(kernel, factor, op, key=key, feedforward=feedforward)
+    else:
+        new_kernel = op(kernel, factor).astype(kernel.dtype)
+    out["kernel"] = _tree.rebox(boxed_kernel, new_kernel)
     if not feedforward and "bias" in node:
         bias = _tree.unbox(node["bias"])
         if bias.shape != vector.shape:
@@ -110,7 +112,8 @@ def merge(
     if safe_merge:
         for path in vectors:
             kernel = _tree.unbox(_tree.get(merged, path)["kernel"])
-            if not bool(jnp.isfinite(kernel).all()):
+            floats = [x for x in jax.tree.leaves(kernel) if jnp.issubdtype(x.dtype, jnp.inexact)]  # quantized: scale
+            if not all(bool(jnp.isfinite(x).all()) for x in floats):
                 raise NonFiniteMergeError(
                     f"NaNs or infs in the merged kernel of {_tree.dotted(path)!r}: the adapter seems broken "
                     "(check its vector there); nothing was merged."

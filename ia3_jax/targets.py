@@ -6,10 +6,9 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from ia3_jax import _tree
 from ia3_jax.config import IA3Config
+from ia3_jax.quant import kernel_shape
 
 # Hugging Face names of output layers that "all-linear" leaves alone, as PEFT does.
 _OUTPUT_LAYERS = ("lm_head",)
@@ -27,7 +26,7 @@ def _listing(paths, limit: int = 40) -> str:
 
 
 def _all_linear(layers: dict[_tree.Path, Mapping[str, Any]], config: IA3Config) -> set[_tree.Path]:
-    linear = {p for p, node in layers.items() if np.ndim(_tree.unbox(node["kernel"])) == 2}
+    linear = {p for p, node in layers.items() if len(kernel_shape(node["kernel"])) == 2}
     skip = set(_OUTPUT_LAYERS)
     if config.task_type == "SEQ_CLS":
         skip |= set(_CLASSIFIER_LAYERS)

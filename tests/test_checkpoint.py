@@ -44,11 +44,19 @@ X = jax.random.normal(jax.random.key(1), (4, 8))
 Y = jnp.array([0, 1, 2, 0])
 
 
+def _random_like(tree, rng):
+    return jax.tree.map(lambda s: jnp.asarray(rng.uniform(0.5, 1.5, s.shape), s.dtype), tree)
+
+
 def _setup(width: int = 16, seed: int = 0):
-    """(adapter, base) with random vectors, so that equality checks mean something."""
-    params = Block(width).init(jax.random.key(seed), X)["params"]
-    params = ia3_jax.ia3_init(params, CONFIG.replace(init_ia3_weights=False), rng=jax.random.key(seed + 1))
-    return ia3_jax.split(params, CONFIG)
+    """(adapter, base) with random values (vectors too, so that equality checks mean something).
+
+    Filled from numpy: no XLA compilation of initialisers, which would dominate the test time.
+    """
+    rng = np.random.default_rng(seed)
+    params = _random_like(jax.eval_shape(Block(width).init, jax.random.key(0), X)["params"], rng)
+    adapter, base = ia3_jax.split(ia3_jax.ia3_init(params, CONFIG), CONFIG)
+    return _random_like(adapter, rng), base
 
 
 def _predict(base, adapter):
@@ -143,7 +151,7 @@ def test_restore_with_shardings(tmp_path):
     mesh = jax.make_mesh((len(devices),), ("x",), devices=devices)
     sharded, replicated = NamedSharding(mesh, PartitionSpec("x")), NamedSharding(mesh, PartitionSpec())
     # Vectors (16 or 32 features) are split over the devices, the head is replicated.
-    shardings = jax.tree.map(lambda a: sharded if a.ndim == 1 and a.shape[0] % len(devices) == 0 else replicated, adapter)
+    shardings = jax.tree.map(lambda a: sharded if a.shape[0] % len(devices) == 0 else replicated, adapter)
     shardings["head"] = jax.tree.map(lambda _: replicated, adapter["head"])
     loaded, _ = ia3_jax.load_adapter(tmp_path / "ckpt", params=base, shardings=shardings)
     chex.assert_trees_all_equal(loaded, adapter)
@@ -294,7 +302,7 @@ def test_checkpoint_into_another_architecture(tmp_path):
         def __call__(self, x):
             return nn.Dense(3, name="head")(nn.Dense(16, name="q")(x))
 
-    other = Other().init(jax.random.key(0), X)["params"]
+    other = jax.eval_shape(Other().init, jax.random.key(0), X)["params"]
     with pytest.raises(AdapterMismatchError, match=r"config does not fit these params.*matches no module"):
         ia3_jax.load_adapter(tmp_path / "ckpt", params=other)
 
@@ -332,6 +340,11 @@ def test_missing_empty_and_half_written_directories(tmp_path):
         ia3_jax.load_adapter(path)
     with pytest.raises(CheckpointError, match="single checkpoint without steps"):
         ia3_jax.load_adapter(tmp_path / "half", step=1)
+    # Killed between the two renames of an overwrite: the error says where the old checkpoint is.
+    whole = ia3_jax.save_adapter(tmp_path / "swap", adapter, CONFIG)
+    os.rename(whole, tmp_path / "swap.ia3-replaced-0123abcd")
+    with pytest.raises(CheckpointError, match=r"overwrite was interrupted.*swap\.ia3-replaced-0123abcd: rename it"):
+        ia3_jax.load_adapter(whole)
 
 
 def test_bad_save_input_writes_nothing(tmp_path):

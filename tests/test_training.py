@@ -10,12 +10,13 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
 import ia3_jax
 from ia3_jax import _tree
-from tests.models import MLP, init
+from tests.models import MLP
 
 CONFIG = ia3_jax.IA3Config(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"], modules_to_save=["lin2"])
 X = jax.random.normal(jax.random.key(1), (6, 5))
@@ -23,9 +24,24 @@ Y = jnp.array([0, 1, 2, 0, 1, 2])
 LR = 0.1
 
 
+def _random_like(tree, seed=0):
+    """Random arrays shaped like `tree`: vectors in [0.5, 1.5], the rest N(0, 0.5).
+
+    Filled from numpy, as compiling XLA initialisers would dominate the test time.
+    """
+    rng = np.random.default_rng(seed)
+
+    def fill(path, s):
+        if _tree.key_str(path[-1]) == _tree.VECTOR:
+            return jnp.asarray(rng.uniform(0.5, 1.5, s.shape), s.dtype)
+        return jnp.asarray(rng.normal(0.0, 0.5, s.shape), s.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, tree)
+
+
 def _params():
-    # Random vectors (not ones) so that every gradient entry is generic.
-    return ia3_jax.ia3_init(init(MLP(), X), CONFIG.replace(init_ia3_weights=False), rng=jax.random.key(2))
+    """MLP params with random vectors (not ones), so that every gradient entry is generic."""
+    return _random_like(ia3_jax.ia3_init(jax.eval_shape(MLP().init, jax.random.key(0), X)["params"], CONFIG))
 
 
 _forward = ia3_jax.apply_fn(MLP().apply, CONFIG)
@@ -39,6 +55,11 @@ def _merged_loss(params, x, y):
     """The same loss through the merged model: no interceptor, an independent path to the gradients."""
     logits = MLP().apply({"params": ia3_jax.merge(params, CONFIG)}, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+@jax.jit
+def _merged_grad(adapter, base):
+    return jax.grad(lambda a: _merged_loss(ia3_jax.join(base, a), X, Y))(adapter)
 
 
 def _paths(tree):
@@ -55,7 +76,7 @@ def test_grad_is_over_the_adapter_only_and_matches_merged_model():
     }
     for path, g in _tree.leaves_with_paths(grads):
         assert float(jnp.abs(g).max()) > 1e-4, f"zero gradient at {path}"
-    reference = jax.grad(lambda a: _merged_loss(ia3_jax.join(base, a), X, Y))(adapter)
+    reference = _merged_grad(adapter, base)
     chex.assert_trees_all_close(grads, reference, rtol=1e-5, atol=1e-7)
 
 
@@ -73,7 +94,7 @@ def test_three_sgd_steps_change_only_the_adapter():
     # Reference: hand-written SGD on gradients of the merged model.
     expected = adapter0
     for _ in range(3):
-        g = jax.grad(lambda a: _merged_loss(ia3_jax.join(base, a), X, Y))(expected)
+        g = _merged_grad(expected, base)
         expected = jax.tree.map(lambda a, g: a - LR * g, expected, g)
     chex.assert_trees_all_close(adapter, expected, rtol=1e-5, atol=1e-6)
 
@@ -167,7 +188,7 @@ class _Sharded(nn.Module):
 def test_trainable_mask_keeps_boxed_structure():
     model = _Sharded()
     config = ia3_jax.IA3Config(target_modules=["k", "wo"], feedforward_modules=["wo"], modules_to_save=["head"])
-    params = ia3_jax.ia3_init(model.init(jax.random.key(0), jnp.ones((2, 4)))["params"], config)
+    params = ia3_jax.ia3_init(jax.eval_shape(model.init, jax.random.key(0), jnp.ones((2, 4)))["params"], config)
     mask = ia3_jax.trainable_mask(params, config)
     assert jax.tree.structure(mask) == jax.tree.structure(params)
     assert isinstance(mask["k"]["ia3_l"], nn.Partitioned) and mask["k"]["ia3_l"].value is True
