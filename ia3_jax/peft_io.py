@@ -1,0 +1,485 @@
+"""PEFT's on-disk format, both ways: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+PEFT names each vector ``base_model.model.<torch module path>.ia3_l``. Hugging Face Flax models use
+their PyTorch twin's module names (transformers' weight conversion relies on it), so the torch
+module path of a Flax module is its '.'-joined param path. The one difference transformers' own
+conversion handles is the head prefix: an adapter trained on ``LlamaForCausalLM`` (``model.layers.0...``)
+loads into a bare ``FlaxLlamaModel`` (``layers.0...``) and an adapter trained on ``BertModel``
+(``encoder.layer.0...``) into ``FlaxBertForSequenceClassification`` (``bert.encoder.layer.0...``);
+`load_peft` finds that prefix from the keys.
+
+Stored layouts (PEFT's): a vector of C features scaling a 2-D kernel (``nn.Linear``, transformers'
+``Conv1D``) is ``(C, 1)`` for output scaling and ``(1, C)`` for input (feedforward) scaling; on an
+N-D conv kernel it is ``(1, C, 1, ...)`` with N - 2 trailing ones (``Conv2d``: ``(1, C, 1, 1)``).
+``modules_to_save`` params are stored under their torch names and layouts, transformers' conversion
+rule inverted: a Flax ``kernel`` is torch's ``weight`` with the feature axes swapped (Dense
+``(in, out)`` -> ``(out, in)``; conv ``(*spatial, in, out)`` -> ``(out, in, *spatial)``), ``scale``
+and ``embedding`` are ``weight``, every other name is kept. Everything is stored float32.
+
+Neither direction needs PyTorch (``safetensors.numpy``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+import safetensors.numpy
+
+from ia3_jax import _tree
+from ia3_jax.config import IA3Config, IA3ConfigError
+from ia3_jax.layout import KernelLayout, LayoutError, layout_for
+from ia3_jax.partition import split
+from ia3_jax.targets import TargetError, modules_to_save_roots, resolve_targets
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_KEY_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before the module path
+# The PEFT release whose files the parity tests compare against; written as `peft_version`.
+PEFT_FORMAT_VERSION = "0.21.2"
+# Task types for which PEFT adds these to modules_to_save by itself, whether the model has them or not.
+_AUTO_MODULES_TO_SAVE = {"SEQ_CLS": ("classifier", "score")}
+_SHOWN = 8  # keys listed in an error message
+
+
+class PeftFormatError(ValueError):
+    """A directory is not a readable PEFT IA3 adapter (missing or malformed file, another PEFT type)."""
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter does not fit the params: another architecture or size, or keys missing or unknown."""
+
+
+# --- torch names and layouts ------------------------------------------------------------------
+
+
+def _torch_leaf(name: str, ndim: int) -> tuple[str, tuple[int, ...]]:
+    """Torch name of a Flax param leaf and the axis permutation Flax -> torch (transformers' rule)."""
+    if name == "kernel" and ndim >= 2:
+        return "weight", (ndim - 1, ndim - 2, *range(ndim - 2))
+    if name in ("scale", "embedding"):
+        return "weight", tuple(range(ndim))
+    return name, tuple(range(ndim))
+
+
+def _peft_vector_shape(size: int, kernel_ndim: int, feedforward: bool) -> tuple[int, ...]:
+    """PEFT's stored shape of a vector of `size` features on a kernel of `kernel_ndim` axes."""
+    if kernel_ndim == 2:
+        return (1, size) if feedforward else (size, 1)
+    return (1, size) + (1,) * (kernel_ndim - 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Vector:
+    """One IA3 vector as both frameworks see it."""
+
+    path: _tree.Path  # Flax module path
+    shape: tuple[int, ...]  # Flax vector shape
+    peft_shape: tuple[int, ...]  # stored shape
+
+
+@dataclasses.dataclass(frozen=True)
+class _Param:
+    """One ``modules_to_save`` param leaf as both frameworks see it."""
+
+    path: _tree.Path  # Flax leaf path
+    perm: tuple[int, ...]  # axes Flax -> torch
+    peft_shape: tuple[int, ...]
+
+
+def _vector_specs(
+    params: Mapping[str, Any], config: IA3Config, layouts: Mapping[str, KernelLayout] | None
+) -> dict[str, _Vector]:
+    """``{torch key: _Vector}`` for every module `config` targets in `params` (module path = torch path)."""
+    specs = {}
+    for path, feedforward in resolve_targets(params, config).items():
+        node = _tree.get(params, path)
+        kernel_shape = tuple(np.shape(_tree.unbox(node["kernel"])))
+        bias_shape = np.shape(_tree.unbox(node["bias"])) if "bias" in node else None
+        layout = layout_for(path, kernel_shape, config.fan_in_fan_out, layouts, bias_shape=bias_shape)
+        key = _tree.dotted(path)
+        if layout.stack_axes:
+            raise LayoutError(
+                f"module {key!r} is stacked by nn.scan/nn.vmap (kernel {kernel_shape}, stacked axes "
+                f"{layout.stack_axes}): PEFT's format has one vector per layer module and no stacked layers. "
+                "Unstack the layers (one module per layer) before saving or loading PEFT files."
+            )
+        features = layout.feature_shape(kernel_shape, feedforward)
+        specs[f"{key}.{_tree.VECTOR}"] = _Vector(
+            path,
+            layout.vector_shape(kernel_shape, feedforward),
+            _peft_vector_shape(int(np.prod(features)), len(kernel_shape), feedforward),
+        )
+    return specs
+
+
+def _saved_param_specs(params: Mapping[str, Any], config: IA3Config) -> dict[str, _Param]:
+    """``{torch key: _Param}`` for every leaf of the ``modules_to_save`` modules in `params`."""
+    specs = {}
+    for root in modules_to_save_roots(params, config):
+        for rel, leaf in _tree.leaves_with_paths(_tree.get(params, root)):
+            if rel[-1] == _tree.VECTOR:
+                continue
+            shape = np.shape(_tree.unbox(leaf))
+            name, perm = _torch_leaf(rel[-1], len(shape))
+            key = _tree.dotted(root + rel[:-1] + (name,))
+            specs[key] = _Param(root + rel, perm, tuple(shape[a] for a in perm))
+    return specs
+
+
+def _listing(keys, limit: int = _SHOWN) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
+def _adapter_config(config: IA3Config, vector_keys: list[str]) -> dict[str, Any]:
+    """The JSON object PEFT writes: its keys, `target_modules` resolved, ``inference_mode`` true."""
+    targets = config.target_modules
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        # PEFT materialises "all-linear" as the full names of the modules it adapted.
+        targets = tuple(sorted(k.rsplit(".", 1)[0] for k in vector_keys))
+    feedforward = config.feedforward_modules
+    if isinstance(feedforward, tuple) and not set(feedforward) <= set(targets):
+        feedforward = _suffix_regex(feedforward)  # else PEFT's subset check rejects the file it would write
+    out = config.replace(target_modules=targets, feedforward_modules=feedforward, inference_mode=True).to_dict()
+    out["peft_version"] = PEFT_FORMAT_VERSION
+    return out
+
+
+def _suffix_regex(names) -> str:
+    """The regex (full match) of PEFT's `feedforward_modules` list rule: the module path ends with a name."""
+    return ".*(?:" + "|".join(re.escape(n) for n in names) + ")"
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_peft(
+    path: str | os.PathLike,
+    adapter: Mapping[str, Any],
+    config: IA3Config,
+    *,
+    params: Mapping[str, Any] | None = None,
+    layouts: Mapping[str, KernelLayout] | None = None,
+) -> Path:
+    """Writes `adapter` as PEFT does: ``path/adapter_config.json`` and ``path/adapter_model.safetensors``.
+
+    ``PeftModel.from_pretrained(torch_model, path)`` then loads it into the PyTorch twin of the Flax
+    model (the same module names). Everything is checked before anything is written.
+
+    Args:
+      path: the directory (created if missing; PEFT's two files in it are replaced).
+      adapter: the adapter tree (`split`): ``ia3_l`` vectors, plus ``modules_to_save`` copies.
+      config: the config the adapter was made with. ``"all-linear"`` is written as the adapted
+        modules' names, as PEFT writes it.
+      params: the model's params (base or joined). Recommended: every vector is checked against the
+        module the config targets there, and conv vectors get PEFT's ``(1, C, 1, 1)`` shape. Without
+        them every vector must be 1-D and is taken to scale a 2-D kernel (Dense, FlaxConv1D).
+      layouts: per-module `KernelLayout` (as given to `ia3_init`) for kernels whose shape is ambiguous.
+
+    Returns:
+      The directory.
+
+    Raises:
+      AdapterMismatchError: a vector the config does not target, a missing vector, a shape that does
+        not fit the params, or a leaf that is neither a vector nor under ``modules_to_save``.
+
+    Example:
+      >>> adapter, base = ia3_jax.split(trained_params, config)
+      >>> ia3_jax.save_peft("out/ia3", adapter, config, params=base)
+      >>> # PyTorch: PeftModel.from_pretrained(GPT2LMHeadModel(...), "out/ia3")
+    """
+    adapter = _tree.to_dict(adapter)
+    vectors = {f"{_tree.dotted(p)}.{_tree.VECTOR}": _tree.unbox(n[_tree.VECTOR]) for p, n in _tree.vector_modules(adapter).items()}
+    if not vectors:
+        raise AdapterMismatchError("the adapter holds no IA3 vector (`ia3_l` leaf): nothing to save.")
+    if params is not None:
+        specs = _vector_specs(split(params)[1], config, layouts)
+    else:
+        specs = {key: _free_vector_spec(key, np.shape(v), config) for key, v in vectors.items()}
+    _check_same_keys(set(vectors), set(specs), what="the adapter", against="the modules the config targets")
+    tensors = {}
+    for key, vector in vectors.items():
+        spec = specs[key]
+        if tuple(np.shape(vector)) != spec.shape:
+            raise AdapterMismatchError(
+                f"vector {key!r} has shape {tuple(np.shape(vector))}, but its module needs {spec.shape}."
+            )
+        tensors[PEFT_KEY_PREFIX + key] = np.asarray(vector, np.float32).reshape(spec.peft_shape)
+    saved = _saved_param_specs(adapter, config)
+    saved_paths = {spec.path for spec in saved.values()}
+    other = [
+        _tree.dotted(p) for p, _ in _tree.leaves_with_paths(adapter) if p[-1] != _tree.VECTOR and p not in saved_paths
+    ]
+    if other:
+        raise AdapterMismatchError(
+            f"adapter leaves {_listing(other)} are neither IA3 vectors nor under modules_to_save="
+            f"{config.modules_to_save!r}: PEFT would not load them. Split the adapter with the same config."
+        )
+    for key, spec in saved.items():
+        value = np.asarray(_tree.unbox(_tree.get(adapter, spec.path)), np.float32)
+        tensors[PEFT_KEY_PREFIX + key] = np.ascontiguousarray(np.transpose(value, spec.perm))
+
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_adapter_config(config, list(vectors)), indent=2, sort_keys=True)
+    _atomic_write(directory / WEIGHTS_NAME, lambda f: safetensors.numpy.save_file(tensors, f, metadata={"format": "pt"}))
+    _atomic_write(directory / CONFIG_NAME, lambda f: Path(f).write_text(text))
+    return directory
+
+
+def _free_vector_spec(key: str, shape: tuple[int, ...], config: IA3Config) -> _Vector:
+    """The spec of a vector saved without params: 1-D, on a 2-D kernel, targeted by the config."""
+    module = key.rsplit(".", 1)[0]
+    if len(shape) != 1:
+        raise AdapterMismatchError(
+            f"vector {key!r} has shape {shape}: without `params`, save_peft writes 1-D vectors of 2-D kernels "
+            "only. Pass params= (and layouts=) so that the kernel decides PEFT's shape."
+        )
+    linear = isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear"
+    if not (linear or config.is_target(module)):
+        raise AdapterMismatchError(
+            f"vector {key!r} is on a module that config.target_modules={config.target_modules!r} does not "
+            "target: PEFT would ignore it. Save with the config the adapter was made with."
+        )
+    feedforward = config.is_feedforward(module)
+    return _Vector(tuple(module.split(".")), shape, _peft_vector_shape(shape[0], 2, feedforward))
+
+
+def _check_same_keys(have: set[str], want: set[str], *, what: str, against: str) -> None:
+    unknown = have - want
+    if unknown:
+        raise AdapterMismatchError(
+            f"{what} has {len(unknown)} vectors that match no module in {against}: {_listing(unknown)}. "
+            f"Modules that do: {_listing(want)}. The adapter is for another model or another config."
+        )
+    missing = want - have
+    if missing:
+        raise AdapterMismatchError(
+            f"{what} lacks vectors for {len(missing)} modules in {against}: {_listing(missing)}."
+        )
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+def read_peft_config(path: str | os.PathLike) -> IA3Config:
+    """The `IA3Config` in ``path/adapter_config.json`` (PEFT's or ours).
+
+    Raises `PeftFormatError` for a missing directory or file, invalid JSON, a ``peft_type`` other
+    than ``"IA3"``, or fields IA3 does not have.
+    """
+    directory = Path(path)
+    file = directory / CONFIG_NAME
+    if not file.is_file():
+        nested = sorted(p.parent.name for p in directory.glob(f"*/{CONFIG_NAME}")) if directory.is_dir() else []
+        hint = (
+            f" It has adapters in sub-folders {nested} (PEFT saves non-default adapters there): pass "
+            f"{str(directory / nested[0])!r}." if nested else ""
+        )
+        raise PeftFormatError(f"no {CONFIG_NAME} in {str(directory)!r}: not a PEFT adapter directory.{hint}")
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PeftFormatError(f"{str(file)!r} is not valid JSON: {err}.") from None
+    if not isinstance(data, dict):
+        raise PeftFormatError(f"{str(file)!r} holds a JSON {type(data).__name__}, not PEFT's config object.")
+    peft_type = data.get("peft_type")
+    if peft_type != "IA3":
+        raise PeftFormatError(
+            f"{str(file)!r} has peft_type={peft_type!r}: ia3_jax reads IA3 adapters only (peft_type 'IA3')."
+        )
+    targets, feedforward = data.get("target_modules"), data.get("feedforward_modules")
+    if isinstance(targets, list) and isinstance(feedforward, list) and not set(feedforward) <= set(targets):
+        # PEFT writes this itself ("all-linear" materialised next to the default feedforward suffixes)
+        # and then rejects it; the regex of PEFT's suffix rule means the same and is accepted.
+        data = {**data, "feedforward_modules": _suffix_regex(feedforward)}
+    try:
+        return IA3Config.from_dict(data)
+    except (IA3ConfigError, TypeError) as err:
+        raise PeftFormatError(f"{str(file)!r} is not a valid IA3 config: {err}") from None
+
+
+def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
+    file = directory / WEIGHTS_NAME
+    if not file.is_file():
+        legacy = (directory / "adapter_model.bin").is_file()
+        raise PeftFormatError(
+            f"no {WEIGHTS_NAME} in {str(directory)!r}"
+            + (
+                ": only the pickled adapter_model.bin is there, which ia3_jax does not read (it would need torch). "
+                "Re-save it in PyTorch with save_pretrained(..., safe_serialization=True)."
+                if legacy else "."
+            )
+        )
+    try:
+        tensors = safetensors.numpy.load_file(file)
+    except Exception as err:  # safetensors raises its own error types for corrupt headers and data
+        raise PeftFormatError(f"{str(file)!r} is not a readable safetensors file: {err}") from None
+    if not tensors:
+        raise PeftFormatError(f"{str(file)!r} holds no tensors.")
+    # PeftModel writes the `base_model.model.` prefix; `inject_adapter_in_model` + state dict does not.
+    return {k.removeprefix(PEFT_KEY_PREFIX): v for k, v in tensors.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prefix:
+    """Flax path ``flax_root + rest`` is torch module path ``torch_root + rest`` (a head prefix)."""
+
+    flax_root: _tree.Path = ()
+    torch_root: _tree.Path = ()
+
+    def torch_view(self, params: Mapping[str, Any]) -> Mapping[str, Any]:
+        """`params` re-rooted so that its '.'-joined paths are the torch module paths."""
+        node = _tree.get(params, self.flax_root)
+        for name in reversed(self.torch_root):
+            node = {name: node}
+        return node
+
+    def to_flax(self, path: _tree.Path) -> _tree.Path:
+        return self.flax_root + path[len(self.torch_root) :]
+
+
+def _prefix_candidates(params: Mapping[str, Any], keys: list[str]) -> list[_Prefix]:
+    """Identity first, then dropping a Flax head prefix, then adding the keys' own first name."""
+    candidates = [_Prefix()]
+    candidates += [_Prefix(flax_root=(name,)) for name, child in params.items() if isinstance(child, Mapping)]
+    firsts = {k.split(".", 1)[0] for k in keys}
+    if len(firsts) == 1 and (first := firsts.pop()) not in params:
+        candidates.append(_Prefix(torch_root=(first,)))
+    return candidates
+
+
+def _targeted_config(config: IA3Config, view: Mapping[str, Any]) -> IA3Config:
+    """`config` without the modules_to_save entries that PEFT adds for the task and that `view` lacks."""
+    auto = _AUTO_MODULES_TO_SAVE.get(config.task_type or "", ())
+    if not config.modules_to_save:
+        return config
+    kept = [
+        m for m in config.modules_to_save
+        if m not in auto or modules_to_save_roots(view, config.replace(modules_to_save=[m]))
+    ]
+    return config.replace(modules_to_save=kept or None)
+
+
+def _fit(prefix: _Prefix, params, config: IA3Config, layouts) -> tuple[dict, dict, IA3Config]:
+    """Vector specs, modules_to_save specs and config for `params` seen through `prefix`."""
+    view = prefix.torch_view(params)
+    config = _targeted_config(config, view)
+    return _vector_specs(view, config, layouts), _saved_param_specs(view, config), config
+
+
+def _choose_prefix(params, config: IA3Config, keys: list[str], layouts):
+    """The head prefix under which the most vector keys name targeted modules (identity on ties).
+
+    Raises `AdapterMismatchError` when the config targets nothing in `params` under any of them.
+    """
+    best, first_error = None, None
+    for prefix in _prefix_candidates(params, keys):
+        try:
+            with warnings.catch_warnings():
+                if prefix != _Prefix():  # idle-pattern warnings belong to the identity mapping
+                    warnings.simplefilter("ignore")
+                found = _fit(prefix, params, config, layouts)
+        except TargetError as err:
+            first_error = first_error or err
+            continue
+        count = len(set(keys) & set(found[0]))
+        if best is None or count > best[0]:
+            best = (count, prefix, found)
+        if count == len(keys):
+            break
+    if best is None:
+        raise AdapterMismatchError(
+            f"the adapter (first key {keys[0]!r}) does not fit these params: {first_error}"
+        ) from None
+    return best[1], best[2]
+
+
+def load_peft(
+    path: str | os.PathLike,
+    params: Mapping[str, Any],
+    *,
+    layouts: Mapping[str, KernelLayout] | None = None,
+) -> tuple[dict[str, Any], IA3Config]:
+    """Reads a PEFT IA3 adapter directory (PEFT's ``save_pretrained`` or `save_peft`) for `params`.
+
+    Every key and shape is checked against the modules the file's config targets in `params` before
+    anything is returned.
+
+    Args:
+      path: the directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
+      params: the Flax params of the model the adapter was trained for (base params; vectors already
+        in them are ignored).
+      layouts: per-module `KernelLayout` for kernels whose shape is ambiguous (as for `ia3_init`).
+
+    Returns:
+      ``(adapter, config)``: the adapter tree for ``join(base, adapter)`` (float32 ``ia3_l`` vectors
+      of shape ``(out,)`` / ``(in,)`` and ``modules_to_save`` params in Flax names and layouts) and
+      the file's `IA3Config`.
+
+    Raises:
+      PeftFormatError: missing or malformed files, a ``peft_type`` other than IA3.
+      AdapterMismatchError: a key that matches no module (another architecture), a shape that does not
+        fit (another size), or vectors missing for modules the config targets.
+
+    Example:
+      >>> adapter, config = ia3_jax.load_peft("peft_dir", model.params)
+      >>> logits = ia3_jax.apply_fn(model.__call__, config)(ids, params=ia3_jax.join(model.params, adapter))
+    """
+    directory = Path(path)
+    config = read_peft_config(directory)
+    tensors = _read_tensors(directory)
+    base = split(params)[1]
+    keys = sorted(tensors)
+    vector_keys = [k for k in keys if k.endswith("." + _tree.VECTOR)]
+
+    prefix, (vectors, saved, config) = _choose_prefix(base, config, vector_keys, layouts)
+    where = f"{str(directory / WEIGHTS_NAME)!r}"
+    known = {**vectors, **saved}
+    unknown = [k for k in keys if k not in known]
+    if unknown:
+        raise AdapterMismatchError(
+            f"{where} has keys that match no targeted module or modules_to_save param of these params: "
+            f"{_listing(unknown)}. Keys these params expect: {_listing(known)}. "
+            "The adapter is for another architecture (or was saved with another config)."
+        )
+    for key in keys:
+        expected = known[key].peft_shape
+        if tuple(tensors[key].shape) != expected:
+            raise AdapterMismatchError(
+                f"{where}: {key!r} has shape {tuple(tensors[key].shape)} but these params need {expected}: "
+                "the adapter is for a model of another size."
+            )
+    _check_same_keys(set(vector_keys), set(vectors), what=where, against="these params")
+    missing = sorted(set(saved) - set(keys))
+    if missing:
+        raise AdapterMismatchError(f"{where} lacks modules_to_save params {_listing(missing)}.")
+
+    changes = {}
+    for key, spec in vectors.items():
+        changes[prefix.to_flax(spec.path) + (_tree.VECTOR,)] = jnp.asarray(tensors[key].reshape(spec.shape), jnp.float32)
+    for key, spec in saved.items():
+        value = np.transpose(tensors[key], np.argsort(spec.perm))
+        changes[prefix.to_flax(spec.path)] = jnp.asarray(value, jnp.float32)
+    return _tree.updated({}, changes), config
