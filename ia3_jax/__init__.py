@@ -26,6 +26,7 @@ from ia3_jax.merge import (
     unmerge,
 )
 from ia3_jax.partition import StructureError, join, split
+from ia3_jax.peft_io import PeftFormatError, load_peft, read_peft_config, save_peft
 from ia3_jax.quant import AdapterDtypeError, QuantizedMergeError
 from ia3_jax.sharding import ShardingError, adapter_shardings, optimizer_shardings
 from ia3_jax.targets import TargetError, resolve_targets
@@ -44,6 +45,7 @@ __all__ = [
     "LayoutError",
     "NonFiniteMergeError",
     "NotAppliedError",
+    "PeftFormatError",
     "QuantizedMergeError",
     "ShardingError",
     "StructureError",
@@ -62,11 +64,14 @@ __all__ = [
     "intercept",
     "join",
     "load_adapter",
+    "load_peft",
     "make_train_step",
     "merge",
     "optimizer_shardings",
+    "read_peft_config",
     "resolve_targets",
     "save_adapter",
+    "save_peft",
     "scale",
     "split",
     "trainable_mask",

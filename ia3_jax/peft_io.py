@@ -36,6 +36,7 @@ import numpy as np
 import safetensors.numpy
 
 from ia3_jax import _tree
+from ia3_jax.checkpoint import AdapterMismatchError  # the adapter does not fit the params
 from ia3_jax.config import IA3Config, IA3ConfigError
 from ia3_jax.layout import KernelLayout, LayoutError, layout_for
 from ia3_jax.partition import split
@@ -53,10 +54,6 @@ _SHOWN = 8  # keys listed in an error message
 
 class PeftFormatError(ValueError):
     """A directory is not a readable PEFT IA3 adapter (missing or malformed file, another PEFT type)."""
-
-
-class AdapterMismatchError(ValueError):
-    """An adapter does not fit the params: another architecture or size, or keys missing or unknown."""
 
 
 # --- torch names and layouts ------------------------------------------------------------------
