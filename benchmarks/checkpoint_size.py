@@ -55,8 +55,10 @@ def main() -> None:
         n_files = sum(len(names) for _, _, names in os.walk(path))
 
     print(f"T5-base, IA3 targets {list(config.target_modules)}, feedforward {list(config.feedforward_modules)}")
-    print(f"  IA3 vectors: {len(jax.tree.leaves(adapter))} leaves, {n_adapter:,d} values ({adapter_bytes / 1e3:.1f} kB float32)")
-    print(f"  adapter checkpoint on disk: {file_bytes / 1e3:.1f} kB in {n_files} files ({allocated / 1e3:.1f} kB allocated)")
+    n_leaves = len(jax.tree.leaves(adapter))
+    print(f"  IA3 vectors: {n_leaves} leaves, {n_adapter:,d} values ({adapter_bytes / 1e3:.1f} kB float32)")
+    print(f"  adapter checkpoint on disk: {file_bytes / 1e3:.1f} kB in {n_files} files", end="")
+    print(f" ({allocated / 1e3:.1f} kB allocated)")
     print(f"  full model: {n_base:,d} params = {base_bytes / 1e6:.1f} MB float32")
     print(f"  adapter / full model: {n_adapter / n_base:.4%} of the params, {file_bytes / base_bytes:.4%} of the bytes")
 

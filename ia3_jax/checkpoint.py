@@ -7,9 +7,13 @@ A checkpoint is one orbax composite directory::
       config/    ``IA3Config.to_dict()`` (the keys of PEFT's adapter_config.json), orbax JSON
 
 With ``step=`` the same directories live under ``path/<step>/``, written by an orbax
-``CheckpointManager`` (keep the last N, resume the latest). Saves are atomic: orbax writes into a
-``*.orbax-checkpoint-tmp-*`` directory and renames it when complete, so an interrupted save leaves the
-previous checkpoint as it was; `load_adapter` refuses directories that are not complete checkpoints.
+``CheckpointManager`` (keep the last N, resume the latest).
+
+Saves are atomic. Orbax writes into ``<name>.orbax-checkpoint-tmp*`` and renames it to its final
+name once complete (after writing ``commit_success.txt``); a single checkpoint is moreover written
+next to `path` and renamed over it, because orbax's own overwrite deletes the old one first. An
+interrupted save therefore leaves the previous checkpoint as it was, and `load_adapter` refuses
+temporary and incomplete directories. One writer per path; the next save sweeps the leftovers.
 """
 
 from __future__ import annotations
@@ -33,12 +37,14 @@ from ia3_jax.targets import TargetError
 ADAPTER_ITEM = "adapter"
 CONFIG_ITEM = "config"
 # Files orbax writes last, before the final rename: their absence marks an unfinished directory.
-_COMPLETE_MARKERS = ("commit_success.txt", "_CHECKPOINT_METADATA", f"{ADAPTER_ITEM}/_METADATA", f"{CONFIG_ITEM}/metadata")
+_COMPLETE_MARKERS = (
+    "commit_success.txt",
+    "_CHECKPOINT_METADATA",
+    f"{ADAPTER_ITEM}/_METADATA",
+    f"{CONFIG_ITEM}/metadata",
+)
 _STAGING = ".ia3-staging-"
 _REPLACED = ".ia3-replaced-"
-
-Shardings = jax.sharding.Sharding | Any  # one Sharding for every leaf, or a tree of them shaped like the adapter
-
 
 class CheckpointError(ValueError):
     """A path is not a complete adapter checkpoint, or a save would clobber something."""
@@ -118,7 +124,9 @@ def save_adapter(
 def _save_single(path: epath.Path, args: ocp.args.Composite, overwrite: bool) -> epath.Path:
     if path.exists():
         if not overwrite:
-            raise CheckpointError(f"{path} already exists: pass overwrite=True to replace it, or step= to keep versions.")
+            raise CheckpointError(
+                f"{path} already exists: pass overwrite=True to replace it, or step= to keep versions."
+            )
         if any(path.iterdir()) and not _is_single_checkpoint(path):
             raise CheckpointError(f"{path} exists and is not an adapter checkpoint; refusing to replace it.")
     # Write next to `path`, then rename into place: `path` is never half-written, and an old checkpoint
@@ -168,9 +176,14 @@ def _steps(root: epath.Path) -> list[int]:
 def _leftovers(path: epath.Path) -> str:
     parent = path.parent
     found = sorted(p.name for p in parent.iterdir() if p.name.startswith(path.name + ".")) if parent.is_dir() else []
-    if not found:
-        return ""
-    return f" Unfinished or interrupted saves next to it (not loadable): {found}."
+    replaced = [name for name in found if _REPLACED in name]
+    if replaced:
+        # Killed between the two renames of an overwrite: the old checkpoint is whole, under another name.
+        return (
+            f" An overwrite was interrupted; the previous checkpoint is complete at {parent / replaced[0]}: "
+            f"rename it to {path}."
+        )
+    return f" Unfinished saves next to it (not loadable): {found}." if found else ""
 
 
 def _check_complete(directory: epath.Path) -> epath.Path:
@@ -241,13 +254,14 @@ def check_adapter(
         raise AdapterMismatchError(f"the adapter's config does not fit these params: {err}") from None
     want = {p: np.shape(_tree.unbox(x)) for p, x in _tree.leaves_with_paths(expected)}
     have = {p: np.shape(_tree.unbox(x)) for p, x in _tree.leaves_with_paths(adapter)}
-    problems = [f"{_tree.dotted(p)}: not in these params, or not targeted by the config" for p in sorted(have.keys() - want.keys())]
-    problems += [f"{_tree.dotted(p)}: missing from the adapter (params expect {want[p]})" for p in sorted(want.keys() - have.keys())]
-    problems += [
-        f"{_tree.dotted(p)}: adapter {have[p]} but params expect {want[p]}"
-        for p in sorted(have.keys() & want.keys())
-        if have[p] != want[p]
-    ]
+    problems = []
+    for p in sorted(have.keys() | want.keys()):
+        if p not in want:
+            problems.append(f"{_tree.dotted(p)}: not in these params, or not targeted by the config")
+        elif p not in have:
+            problems.append(f"{_tree.dotted(p)}: missing from the adapter (params expect {want[p]})")
+        elif have[p] != want[p]:
+            problems.append(f"{_tree.dotted(p)}: adapter {have[p]} but params expect {want[p]}")
     if problems:
         listing = "; ".join(problems[:12]) + (f"; ... ({len(problems) - 12} more)" if len(problems) > 12 else "")
         raise AdapterMismatchError(
@@ -256,7 +270,7 @@ def check_adapter(
         )
 
 
-def _restore_target(abstract: Any, shardings: Shardings | None) -> Any:
+def _restore_target(abstract: Any, shardings: Any) -> Any:
     if shardings is None:
         shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if isinstance(shardings, jax.sharding.Sharding):
@@ -274,7 +288,7 @@ def load_adapter(
     *,
     step: int | None = None,
     params: Mapping[str, Any] | None = None,
-    shardings: Shardings | None = None,
+    shardings: jax.sharding.Sharding | Any = None,
     layouts: Mapping[str, KernelLayout] | None = None,
 ) -> tuple[dict[str, Any], IA3Config]:
     """Reads an adapter checkpoint written by `save_adapter`; returns ``(adapter, config)``.

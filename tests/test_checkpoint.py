@@ -59,6 +59,7 @@ def _setup(width: int = 16, seed: int = 0):
     return _random_like(adapter, rng), base
 
 
+@jax.jit
 def _predict(base, adapter):
     return ia3_jax.apply_fn(Block().apply, CONFIG)({"params": ia3_jax.join(base, adapter)}, X)
 

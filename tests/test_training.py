@@ -122,7 +122,7 @@ def test_train_step_aux_and_donation():
     # Optimizer state covers the adapter leaves only (Adam: mu and nu per adapter leaf).
     mu = opt_state[0].mu
     chex.assert_trees_all_equal_structs(mu, adapter)
-    reference = _loss(ia3_jax.join(base, adapter), X, Y)
+    reference = jax.jit(_loss)(ia3_jax.join(base, adapter), X, Y)
     kept = jax.tree.map(jnp.copy, adapter)
     new, opt_state, (loss, aux) = step(adapter, opt_state, base, X, Y)
     chex.assert_trees_all_close(loss, reference, rtol=1e-6)
