@@ -73,6 +73,13 @@ def _save_args(adapter: Mapping[str, Any], config: IA3Config) -> ocp.args.Compos
         value = _tree.unbox(leaf)  # boxes carry sharding names only; the checkpoint holds arrays
         if not isinstance(value, (jax.Array, np.ndarray)):
             raise StructureError(f"adapter leaf {_tree.dotted(path)!r} is a {type(value).__name__}, not an array.")
+        saved_module = any(config.is_module_to_save(_tree.dotted(path[:i])) for i in range(1, len(path)))
+        if path[-1] != _tree.VECTOR and not saved_module:
+            raise StructureError(
+                f"adapter leaf {_tree.dotted(path)!r} is neither an IA3 vector nor in config.modules_to_save="
+                f"{config.modules_to_save}: these look like base params. Save the first result of "
+                "ia3_jax.split(params, config)."
+            )
         arrays[path] = value
     return ocp.args.Composite(
         **{

@@ -44,6 +44,9 @@ def trainable_mask(params: Mapping[str, Any], config: IA3Config | None = None) -
 
     Returns:
       A pytree of Python bools with the structure of `params`.
+
+    Raises:
+      ValueError: nothing in `params` is trainable (no ``ia3_l`` leaf, no ``modules_to_save``).
     """
     roots = modules_to_save_roots(params, config) if config is not None and config.modules_to_save else []
 
@@ -52,7 +55,13 @@ def trainable_mask(params: Mapping[str, Any], config: IA3Config | None = None) -
         trainable = keys[-1] == _tree.VECTOR or any(keys[: len(r)] == r for r in roots)
         return _tree.rebox(leaf, trainable)
 
-    return jax.tree_util.tree_map_with_path(flag, params, is_leaf=_tree.is_box)
+    mask = jax.tree_util.tree_map_with_path(flag, params, is_leaf=_tree.is_box)
+    if not any(jax.tree.leaves(mask)):
+        raise ValueError(
+            "trainable_mask: these params hold no IA3 vector (and config names no modules_to_save): "
+            "insert the vectors with ia3_jax.ia3_init(params, config) first."
+        )
+    return mask
 
 
 def make_train_step(

@@ -357,6 +357,9 @@ def test_bad_save_input_writes_nothing(tmp_path):
         ia3_jax.save_adapter(target, {}, CONFIG)
     with pytest.raises(StructureError, match=r"'k\.ia3_l' is a float"):
         ia3_jax.save_adapter(target, {"k": {"ia3_l": 1.0}}, CONFIG)
+    _, base = _setup()
+    with pytest.raises(StructureError, match=r"'k\.bias' is neither an IA3 vector nor in config\.modules_to_save"):
+        ia3_jax.save_adapter(target, ia3_jax.join(base, adapter), CONFIG)  # the whole model by mistake
     with pytest.raises(ValueError, match="max_to_keep applies to step checkpoints"):
         ia3_jax.save_adapter(target, adapter, CONFIG, max_to_keep=2)
     with pytest.raises(ValueError, match="non-negative int"):

@@ -137,6 +137,8 @@ def test_trainable_mask_marks_exactly_the_split_adapter():
     chex.assert_trees_all_equal_structs(mask, params)
     adapter, _ = ia3_jax.split(params, CONFIG)
     assert {p for p, m in _tree.leaves_with_paths(mask) if m} == _paths(adapter)
+    with pytest.raises(ValueError, match="hold no IA3 vector.*ia3_init"):
+        ia3_jax.trainable_mask(ia3_jax.split(params)[1])
     # Without a config, modules_to_save are not known: vectors only.
     assert {p for p, m in _tree.leaves_with_paths(ia3_jax.trainable_mask(params)) if m} == {
         ("lin0", "ia3_l"), ("lin1", "ia3_l")
