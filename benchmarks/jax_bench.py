@@ -17,7 +17,9 @@ import functools
 import re
 import statistics
 import time
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -63,9 +65,21 @@ class Model:
     info: dict[str, Any]
 
 
-def build_lean(workload: Workload, *, attention: str | None, remat: bool, scan: bool) -> Model:
+# Lean model variants: name -> (scan, remat, remat_policy).
+LEAN_VARIANTS = {
+    "lean": (False, False, "full"),
+    "lean-hidden": (False, True, "mlp_hidden"),
+    "lean-scan": (True, False, "full"),
+    "lean-scan-remat": (True, True, "full"),
+    "lean-scan-hidden": (True, True, "mlp_hidden"),
+}
+
+
+def build_lean(workload: Workload, *, attention: str | None, scan: bool, remat: bool, remat_policy: str) -> Model:
     """The lean Linen Llama of `benchmarks.llama`, random bf16 weights."""
-    config = dataclasses.replace(workload.config, attention=attention, remat=remat, scan=scan)
+    config = dataclasses.replace(
+        workload.config, attention=attention, remat=remat, remat_policy=remat_policy, scan=scan
+    )
     model = llama.Llama(config)
     params = llama.init_params(model, jax.random.key(0))
     ids = jnp.zeros((1, 8), jnp.int32)
@@ -77,7 +91,7 @@ def build_lean(workload: Workload, *, attention: str | None, remat: bool, scan: 
         layouts=layouts,
         floor_path=floor_path,
         floor_stacked=scan,
-        info={"attention": attention, "remat": remat, "scan": scan},
+        info={"attention": attention, "scan": scan, "remat": remat and remat_policy},
     )
 
 
@@ -115,9 +129,10 @@ def build_hf(workload: Workload) -> Model:
 def build(model_name: str, workload: Workload, attention: str | None) -> Model:
     if model_name == "hf":
         return build_hf(workload)
-    variants = {"lean": (False, True), "lean-remat": (True, True), "lean-unrolled": (False, False)}
-    remat, scan = variants[model_name]
-    return build_lean(workload, attention=attention, remat=remat, scan=scan)
+    if model_name not in LEAN_VARIANTS:
+        raise ValueError(f"unknown model {model_name!r}: use hf or one of {sorted(LEAN_VARIANTS)}.")
+    scan, remat, policy = LEAN_VARIANTS[model_name]
+    return build_lean(workload, attention=attention, scan=scan, remat=remat, remat_policy=policy)
 
 
 def batch(workload: Workload, seed: int = 1) -> jax.Array:
@@ -247,6 +262,49 @@ def bench_train(model_name: str, mode: str, workload: Workload, attention: str |
     }
 
 
+def bench_pair(
+    model_name: str, workload: Workload, attention: str | None, rounds: int = 6, hlo_dir: str | None = None
+) -> dict[str, Any]:
+    """IA3 and floor steps timed in one process, in alternating rounds, for their ratio.
+
+    Separate processes give each variant its own peak memory, but a few-percent ratio between two of
+    them also picks up drift (clocks, the neighbour GPU's work). Alternating rounds expose both steps
+    to the same conditions; the shared base weights are held once. With `hlo_dir`, the optimised HLO
+    of both steps is written there (``<model>.<mode>.hlo.txt``) for op-by-op comparison.
+    """
+    model = build(model_name, workload, attention)
+    ids = batch(workload)
+    optimizer = optax.adamw(LEARNING_RATE)
+    runs: dict[str, list[Any]] = {}
+    for mode in ("ia3", "floor"):
+        loss, trainable, frozen = loss_fns(model, mode)
+        opt_state = optimizer.init(trainable)
+        compiled = train_step(loss, optimizer).lower(trainable, opt_state, frozen, ids).compile()
+        runs[mode] = [compiled, (trainable, opt_state), frozen]
+        if hlo_dir:
+            Path(hlo_dir, f"{model_name}.{mode}.hlo.txt").write_text(compiled.as_text())
+
+    def one_step(mode: str):
+        compiled, state, frozen = runs[mode]
+        trainable, opt_state, value = compiled(*state, frozen, ids)
+        runs[mode][1] = (trainable, opt_state)
+        return value, trainable, opt_state
+
+    times: dict[str, list[float]] = {mode: [] for mode in runs}
+    for mode in runs:
+        _timed(lambda: one_step(mode), workload.warmup)
+    per_round = max(2, workload.steps // 3)
+    for _ in range(rounds):
+        for mode in runs:
+            times[mode] += _timed(lambda: one_step(mode), per_round)
+    out: dict[str, Any] = {**model.info, "modes": {}}
+    for mode, t in times.items():
+        out["modes"][mode] = {"step_s": statistics.median(t), "tokens_per_s": workload.tokens / statistics.median(t),
+                              "step_s_all": t}
+    out["ia3_over_floor"] = out["modes"]["ia3"]["step_s"] / out["modes"]["floor"]["step_s"]
+    return out
+
+
 # ---------------------------------------------------------------------------------------- inference
 
 
@@ -288,7 +346,7 @@ def bench_inference(
         ids = jax.random.randint(jax.random.key(4), (b, s), 0, workload.config.vocab_size)
         logits = {name: jax.block_until_ready(fn(p, ids)) for name, (fn, p) in variants.items()}
         times: dict[str, list[float]] = {name: [] for name in variants}
-        for _ in range(max(1, workload.steps // 2)):  # interleaved rounds: drifts hit all variants alike
+        for _ in range(workload.steps):  # interleaved rounds: drifts hit all variants alike
             for name, (fn, p) in variants.items():
                 times[name] += _timed(lambda: fn(p, ids), 5)
         out["forward"][f"{b}x{s}"] = {
@@ -302,6 +360,20 @@ def bench_inference(
     merge_times = _timed(lambda: merge(joined), max(10, 3 * workload.steps))
     donated_times = _donated_times(model.layouts, joined, max(5, workload.steps))
     eager_times = _timed(lambda: ia3_jax.merge(joined, IA3_CONFIG, layouts=model.layouts), 3)
+    # The host's share: a jitted call that takes the whole tree and does (almost) nothing.
+    touch = jax.jit(lambda p: jax.tree.leaves(p)[0][0])
+    dispatch_times = _timed(lambda: touch(joined), max(10, 3 * workload.steps))
+    # Only the targeted modules (kernel + vector) go through jit; the rest of the tree is reused as is.
+    paths = list(_tree.vector_modules(joined))
+    targeted_tree = _tree.updated({}, {path: _tree.get(joined, path) for path in paths})
+    merge_targeted = jax.jit(lambda t: ia3_jax.merge(t, IA3_CONFIG, layouts=model.layouts))
+    jax.block_until_ready(merge_targeted(targeted_tree))
+
+    def targeted_then_assembled():
+        merged_part = merge_targeted(targeted_tree)
+        return _tree.updated(base, {path: _tree.get(merged_part, path) for path in paths})
+
+    targeted_times = _timed(targeted_then_assembled, max(10, 3 * workload.steps))
     embed_in = jax.tree.leaves(joined)[0]
     embed_out = jax.tree.leaves(merge(joined))[0]
     aliased = _buffer(embed_in) == _buffer(embed_out)
@@ -314,11 +386,15 @@ def bench_inference(
         "jit_s": statistics.median(merge_times),
         "jit_donated_s": statistics.median(donated_times),
         "eager_s": statistics.median(eager_times),
+        "targeted_jit_s": statistics.median(targeted_times),
+        "whole_tree_dispatch_s": statistics.median(dispatch_times),
+        "tree_leaves": len(jax.tree.leaves(joined)),
         "untouched_leaves_forwarded": aliased,
         "hlo": hlo_stats(merge.lower(joined).compile()),
     }
     out["merge"]["jit_over_floor"] = out["merge"]["jit_s"] / out["merge"]["floor_s"]
     out["merge"]["jit_donated_over_floor"] = out["merge"]["jit_donated_s"] / out["merge"]["floor_s"]
+    out["merge"]["targeted_jit_over_floor"] = out["merge"]["targeted_jit_s"] / out["merge"]["floor_s"]
     out["peak_bytes"] = peak_bytes()
     return out
 
@@ -332,7 +408,9 @@ def _donated_times(layouts: Any, joined: Any, repeats: int) -> list[float]:
     times = []
     for _ in range(repeats + 1):
         fresh = jax.block_until_ready(jax.tree.map(jnp.copy, joined))
-        times += _timed(lambda: merge(fresh), 1)
+        with warnings.catch_warnings():  # the vectors are donated too but have no output to alias
+            warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+            times += _timed(lambda: merge(fresh), 1)
     return times[1:]  # the first call compiles
 
 

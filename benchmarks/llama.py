@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax.ad_checkpoint import checkpoint_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +33,10 @@ class LlamaConfig:
     Attributes:
       attention: ``implementation`` of `jax.nn.dot_product_attention`: None (JAX picks), "xla" or
         "cudnn" (fused flash attention, GPU with bf16/fp16 only).
-      remat: recompute each layer in the backward pass (`nn.remat`, nothing saved inside a layer).
+      remat: recompute each layer in the backward pass (`nn.remat`), saving what `remat_policy` says.
+      remat_policy: "full" saves nothing inside a layer; "mlp_hidden" saves everything but the MLP's
+        hidden activation ``silu(gate) * up``, which the backward pass recomputes from the saved
+        gate and up outputs (it is only needed there for the gradient of a down_proj IA3 vector).
       scan: one `nn.scan` over the layers (compiles once per layer instead of once per model).
     """
 
@@ -48,6 +52,7 @@ class LlamaConfig:
     param_dtype: Any = jnp.bfloat16
     attention: str | None = None
     remat: bool = False
+    remat_policy: str = "full"
     scan: bool = False
 
     @property
@@ -55,6 +60,11 @@ class LlamaConfig:
         return self.hidden_size // self.num_heads
 
 
+# `nn.remat` policies by name (LlamaConfig.remat_policy); None: jax.checkpoint's default, nothing saved.
+REMAT_POLICIES = {
+    "full": None,
+    "mlp_hidden": jax.checkpoint_policies.save_anything_except_these_names("mlp_hidden"),
+}
 TINY = LlamaConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
 
 
@@ -119,6 +129,7 @@ class MLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
         hidden = nn.silu(_dense(c, c.intermediate_size, "gate_proj")(x)) * _dense(c, c.intermediate_size, "up_proj")(x)
+        hidden = checkpoint_name(hidden, "mlp_hidden")
         return _dense(c, c.hidden_size, "down_proj")(hidden)
 
 
@@ -161,7 +172,9 @@ class Llama(nn.Module):
             input_ids
         )
         rope = rope_tables(input_ids.shape[1], c.head_dim, c.rope_theta)
-        layer = nn.remat(DecoderLayer, prevent_cse=not c.scan) if c.remat else DecoderLayer
+        layer = DecoderLayer
+        if c.remat:
+            layer = nn.remat(layer, prevent_cse=not c.scan, policy=REMAT_POLICIES[c.remat_policy])
         if c.scan:
             stack = nn.scan(
                 layer,

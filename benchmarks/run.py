@@ -32,52 +32,67 @@ ROOT = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `ia3_jax` importable
     sys.path.insert(0, str(ROOT))
 
-# Every variant, in the order the lanes take them: the headline comparisons first, so that a run
-# cut short by its deadline still answers the targets.
+# Every variant by suite. Model names: lean (the Linen Llama of benchmarks/llama.py, layers unrolled),
+# lean-scan (nn.scan), lean-scan-remat (scan + nn.remat, nothing saved), lean-hidden / lean-scan-hidden
+# (nn.remat that recomputes only the MLP hidden activation), hf (transformers' FlaxLlamaForCausalLM).
+# jax:M:MODE is one training mode in its own process (peak memory); pair:M times ia3 and floor in
+# alternating rounds in one process (their ratio); infer:M is inference and merge.
 VARIANTS = {
     "jax": [
         "jax:lean:ia3",
         "jax:lean:floor",
+        "jax:lean:full",
+        "jax:lean-hidden:ia3",
+        "jax:lean-scan:ia3",
+        "jax:lean-scan:floor",
+        "jax:lean-scan:full",
+        "jax:lean-scan-remat:ia3",
+        "jax:lean-scan-remat:floor",
+        "jax:lean-scan-remat:full",
+        "jax:lean-scan-hidden:ia3",
         "jax:hf:ia3",
         "jax:hf:floor",
-        "jax:lean:full",
         "jax:hf:full",
-        "jax:lean-remat:ia3",
-        "jax:lean-remat:floor",
-        "jax:lean-remat:full",
-        "jax:lean-unrolled:ia3",
-        "jax:lean-unrolled:floor",
     ],
+    "pair": ["pair:lean", "pair:lean-hidden", "pair:lean-scan", "pair:lean-scan-hidden", "pair:hf"],
     "inference": ["infer:lean", "infer:hf"],
     "torch": ["torch:peft:ia3", "torch:peft:floor", "torch:peft:full"],
 }
+# The order the lanes take them: the headline comparisons first, so that a run cut short by its
+# deadline still answers the targets.
 PRIORITY = [
     "jax:lean:ia3",
     "torch:peft:ia3",
     "jax:lean:floor",
     "torch:peft:floor",
+    "pair:lean",
     "infer:lean",
+    "pair:hf",
     "jax:hf:ia3",
     "jax:hf:floor",
     "jax:lean:full",
     "torch:peft:full",
     "jax:hf:full",
-    "jax:lean-remat:ia3",
-    "jax:lean-remat:floor",
+    "pair:lean-scan",
+    "pair:lean-hidden",
+    "pair:lean-scan-hidden",
+    "jax:lean-hidden:ia3",
+    "jax:lean-scan:ia3",
+    "jax:lean-scan:floor",
+    "jax:lean-scan-hidden:ia3",
+    "jax:lean-scan-remat:ia3",
+    "jax:lean-scan-remat:floor",
     "infer:hf",
-    "jax:lean-remat:full",
-    "jax:lean-unrolled:ia3",
-    "jax:lean-unrolled:floor",
+    "jax:lean-scan:full",
+    "jax:lean-scan-remat:full",
 ]
 # The CPU smoke run: every code path once, smallest set.
 TINY_VARIANTS = [
     "jax:lean:ia3",
     "jax:lean:floor",
     "jax:lean:full",
-    "jax:lean-remat:ia3",
-    "jax:lean-unrolled:floor",
+    "pair:lean-scan-hidden",
     "jax:hf:ia3",
-    "jax:hf:floor",
     "infer:lean",
     "torch:peft:ia3",
     "torch:peft:floor",
@@ -98,10 +113,14 @@ def workload(cpu_tiny: bool, steps: int | None):
     return dataclasses.replace(w, steps=steps) if steps else w
 
 
-def run_variant(name: str, *, cpu_tiny: bool, attention: str | None, steps: int | None) -> dict[str, Any]:
+def run_variant(
+    name: str, *, cpu_tiny: bool, attention: str | None, steps: int | None, hlo_dir: str | None = None
+) -> dict[str, Any]:
     """Measures one variant in this process; never raises (errors and OOMs are results too)."""
     kind, model, *rest = name.split(":")
     w = workload(cpu_tiny, steps)
+    if cpu_tiny and attention == "cudnn":  # the CPU has XLA's attention only
+        attention = None
     result: dict[str, Any] = {"name": name, "workload": _workload_dict(w)}
     try:
         if kind == "torch":
@@ -115,6 +134,8 @@ def run_variant(name: str, *, cpu_tiny: bool, attention: str | None, steps: int 
             result["env"] = jax_bench.environment()
             if kind == "jax":
                 result.update(jax_bench.bench_train(model, rest[0], w, attention))
+            elif kind == "pair":
+                result.update(jax_bench.bench_pair(model, w, attention, hlo_dir=hlo_dir))
             else:
                 shapes = [(w.batch, w.seq)] if cpu_tiny else [(8, 1024), (1, 128)]
                 copy_bytes = 1 << 20 if cpu_tiny else 2 << 30
@@ -215,6 +236,10 @@ def run_lanes(names: list[str], out: Path, args) -> list[dict[str, Any]]:
 def _line(r: dict[str, Any]) -> str:
     if r.get("status") != "ok":
         return f"{r['name']:26s} {r.get('status')}: {str(r.get('error', ''))[:300]}"
+    if "ia3_over_floor" in r:
+        m = r["modes"]
+        return (f"{r['name']:26s} ia3 {1e3 * m['ia3']['step_s']:.1f} ms, floor {1e3 * m['floor']['step_s']:.1f} ms: "
+                f"{r['ia3_over_floor']:.3f}x")
     if "tokens_per_s" in r:
         peak = r.get("peak_bytes")
         peak_s = f"{peak / 2**30:6.2f} GiB" if peak else "   n/a"
@@ -246,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     attention = None if args.attention == "none" else args.attention
     if args.variant:
-        result = run_variant(args.variant, cpu_tiny=args.cpu_tiny, attention=attention, steps=args.steps)
+        hlo_dir = str(args.json.parent) if args.json else None
+        result = run_variant(args.variant, cpu_tiny=args.cpu_tiny, attention=attention, steps=args.steps,
+                             hlo_dir=hlo_dir)
         args.json.write_text(json.dumps(result, indent=1))
         print(_line(result))
         return 0 if result["status"] == "ok" else 1
@@ -270,8 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu_tiny:
         results = []
         for name in names:
-            results.append(run_variant(name, cpu_tiny=True, attention=None if attention == "cudnn" else attention,
-                                       steps=args.steps))
+            results.append(run_variant(name, cpu_tiny=True, attention=attention, steps=args.steps))
             print(_line(results[-1]), flush=True)
         _save(args.out, results)
     else:
