@@ -11,6 +11,7 @@ from ia3_jax.checkpoint import (
     check_adapter,
     checkpoint_directory,
     load_adapter,
+    load_opt_state,
     save_adapter,
 )
 from ia3_jax.config import IA3Config, IA3ConfigError
@@ -64,6 +65,7 @@ __all__ = [
     "intercept",
     "join",
     "load_adapter",
+    "load_opt_state",
     "load_peft",
     "make_train_step",
     "merge",

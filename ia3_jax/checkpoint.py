@@ -3,8 +3,9 @@
 A checkpoint is one orbax composite directory::
 
     path/
-      adapter/   the adapter tree (``ia3_l`` vectors and ``modules_to_save`` copies), orbax PyTree
-      config/    ``IA3Config.to_dict()`` (the keys of PEFT's adapter_config.json), orbax JSON
+      adapter/    the adapter tree (``ia3_l`` vectors and ``modules_to_save`` copies), orbax PyTree
+      config/     ``IA3Config.to_dict()`` (the keys of PEFT's adapter_config.json), orbax JSON
+      opt_state/  optional: the optimizer state over the adapter, to resume training (`load_opt_state`)
 
 With ``step=`` the same directories live under ``path/<step>/``, written by an orbax
 ``CheckpointManager`` (keep the last N, resume the latest).
@@ -36,6 +37,7 @@ from ia3_jax.targets import TargetError
 
 ADAPTER_ITEM = "adapter"
 CONFIG_ITEM = "config"
+OPT_STATE_ITEM = "opt_state"
 # Files orbax writes last, before the final rename: their absence marks an unfinished directory.
 _COMPLETE_MARKERS = (
     "commit_success.txt",
@@ -56,12 +58,16 @@ class AdapterMismatchError(StructureError):
 
 def _checkpointer() -> ocp.Checkpointer:
     handler = ocp.CompositeCheckpointHandler(
-        **{ADAPTER_ITEM: ocp.StandardCheckpointHandler(), CONFIG_ITEM: ocp.JsonCheckpointHandler()}
+        **{
+            ADAPTER_ITEM: ocp.StandardCheckpointHandler(),
+            CONFIG_ITEM: ocp.JsonCheckpointHandler(),
+            OPT_STATE_ITEM: ocp.StandardCheckpointHandler(),
+        }
     )
     return ocp.Checkpointer(handler)
 
 
-def _save_args(adapter: Mapping[str, Any], config: IA3Config) -> ocp.args.Composite:
+def _save_args(adapter: Mapping[str, Any], config: IA3Config, opt_state: Any) -> ocp.args.Composite:
     if not isinstance(config, IA3Config):
         raise TypeError(f"config must be an ia3_jax.IA3Config, got {type(config).__name__}.")
     if not isinstance(adapter, Mapping) or not adapter:
@@ -81,12 +87,13 @@ def _save_args(adapter: Mapping[str, Any], config: IA3Config) -> ocp.args.Compos
                 "ia3_jax.split(params, config)."
             )
         arrays[path] = value
-    return ocp.args.Composite(
-        **{
-            ADAPTER_ITEM: ocp.args.StandardSave(_tree.updated({}, arrays)),
-            CONFIG_ITEM: ocp.args.JsonSave(config.to_dict()),
-        }
-    )
+    items = {
+        ADAPTER_ITEM: ocp.args.StandardSave(_tree.updated({}, arrays)),
+        CONFIG_ITEM: ocp.args.JsonSave(config.to_dict()),
+    }
+    if opt_state is not None:
+        items[OPT_STATE_ITEM] = ocp.args.StandardSave(opt_state)
+    return ocp.args.Composite(**items)
 
 
 def save_adapter(
@@ -97,6 +104,7 @@ def save_adapter(
     step: int | None = None,
     max_to_keep: int | None = None,
     overwrite: bool = False,
+    opt_state: Any = None,
 ) -> epath.Path:
     """Writes the adapter tree and its config as one orbax checkpoint; returns its directory.
 
@@ -110,14 +118,16 @@ def save_adapter(
       max_to_keep: with `step`, keep only the newest ``max_to_keep`` steps (None keeps all).
       overwrite: without `step`, replace an existing checkpoint at `path`. The new one is written
         completely before the old one is moved away.
+      opt_state: the optimizer state (``optimizer.init(adapter)`` and its updates), stored next to
+        the adapter so that training resumes exactly; read it back with `load_opt_state`.
 
     Example:
       >>> save_adapter("ckpt/adapter", adapter, config)
       >>> for step in range(n):
       ...     adapter, opt_state, loss = train_step(adapter, opt_state, base, batch)
-      ...     save_adapter("ckpt/run", adapter, config, step=step, max_to_keep=3)
+      ...     save_adapter("ckpt/run", adapter, config, step=step, max_to_keep=3, opt_state=opt_state)
     """
-    args = _save_args(adapter, config)
+    args = _save_args(adapter, config, opt_state)
     path = epath.Path(path)
     if step is None:
         if max_to_keep is not None:
@@ -330,3 +340,35 @@ def load_adapter(
         restored = checkpointer.restore(directory, args=ocp.args.Composite(**{ADAPTER_ITEM: target}))
     return _tree.to_dict(restored[ADAPTER_ITEM]), config
 
+
+
+def load_opt_state(path: epath.PathLike, like: Any, *, step: int | None = None) -> Any:
+    """Reads the optimizer state saved by ``save_adapter(..., opt_state=)``, to resume training.
+
+    Args:
+      path: as for `load_adapter` (a checkpoint, or a root of steps: the latest is read).
+      like: a state of the same optimizer over the same adapter, e.g. ``optimizer.init(adapter)``;
+        it gives the tree structure, and its arrays' shardings place the restored ones.
+      step: the step to read under a root of step checkpoints.
+
+    Raises:
+      CheckpointError: the checkpoint holds no optimizer state, or is not a complete checkpoint.
+      StructureError: the saved state is not shaped like `like` (another optimizer or adapter).
+
+    Example:
+      >>> adapter, config = load_adapter("ckpt/run", params=base)
+      >>> opt_state = load_opt_state("ckpt/run", optimizer.init(adapter))
+    """
+    directory = checkpoint_directory(path, step)
+    if not (directory / OPT_STATE_ITEM).exists():
+        raise CheckpointError(
+            f"{directory} holds no optimizer state: it was saved without save_adapter(..., opt_state=). "
+            "Start from optimizer.init(adapter) instead."
+        )
+    target = ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, like))
+    try:
+        with _checkpointer() as checkpointer:
+            restored = checkpointer.restore(directory, args=ocp.args.Composite(**{OPT_STATE_ITEM: target}))
+    except ValueError as err:  # orbax's message lists the differing tree entries
+        raise StructureError(f"the optimizer state in {directory} does not fit `like`: {err}") from None
+    return restored[OPT_STATE_ITEM]

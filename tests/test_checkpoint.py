@@ -77,6 +77,8 @@ def test_round_trip(tmp_path):
     chex.assert_trees_all_equal(loaded, adapter)
     chex.assert_trees_all_equal_dtypes(loaded, adapter)
     assert config == CONFIG
+    with pytest.raises(CheckpointError, match="holds no optimizer state"):
+        ia3_jax.load_opt_state(path, optax.adam(1e-3).init(adapter))
     # The config is stored as PEFT's adapter_config.json keys.
     stored = json.loads((path / "config" / "metadata").read_text())
     assert stored == json.loads(CONFIG.to_json()) and stored["peft_type"] == "IA3"
@@ -117,7 +119,7 @@ def test_overwrite_replaces_atomically(tmp_path):
 def test_manager_keeps_last_n_and_resumes(tmp_path):
     root = tmp_path / "run"
     adapter, base = _setup()
-    optimizer = optax.sgd(0.1)
+    optimizer = optax.adam(1e-2)
     step = ia3_jax.make_train_step(
         lambda p, x, y: optax.softmax_cross_entropy_with_integer_labels(
             ia3_jax.apply_fn(Block().apply, CONFIG)({"params": p}, x), y
@@ -129,7 +131,8 @@ def test_manager_keeps_last_n_and_resumes(tmp_path):
     for i in range(4):
         adapter, opt_state, _ = step(adapter, opt_state, base, X, Y)
         history.append(adapter)
-        assert ia3_jax.save_adapter(root, adapter, CONFIG, step=i, max_to_keep=2) == root / str(i)
+        path = ia3_jax.save_adapter(root, adapter, CONFIG, step=i, max_to_keep=2, opt_state=opt_state)
+        assert path == root / str(i)
     assert _step_names(root) == ["2", "3"]
     latest, config = ia3_jax.load_adapter(root, params=base)
     chex.assert_trees_all_equal(latest, history[3])
@@ -139,10 +142,15 @@ def test_manager_keeps_last_n_and_resumes(tmp_path):
         ia3_jax.load_adapter(root, step=0)
     with pytest.raises(CheckpointError, match="step 3 already exists"):
         ia3_jax.save_adapter(root, adapter, CONFIG, step=3)
-    # Resume from step 2: one more step reproduces step 3 (SGD has no state to lose).
+    # Resume from step 2 with Adam's moments restored: one more step reproduces step 3.
     resumed, _ = ia3_jax.load_adapter(root, step=2)
-    resumed, _, _ = step(resumed, optimizer.init(resumed), base, X, Y)
+    resumed_state = ia3_jax.load_opt_state(root, optimizer.init(resumed), step=2)
+    assert int(resumed_state[0].count) == 3
+    resumed, resumed_state, _ = step(resumed, resumed_state, base, X, Y)
     chex.assert_trees_all_close(resumed, history[3], rtol=1e-6)
+    chex.assert_trees_all_close(resumed_state, opt_state, rtol=1e-6)
+    with pytest.raises(StructureError, match="optimizer state .* does not fit"):
+        ia3_jax.load_opt_state(root, optax.sgd(0.1, momentum=0.9).init(resumed))
 
 
 def test_restore_with_shardings(tmp_path):
