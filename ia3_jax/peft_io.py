@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
@@ -63,9 +64,7 @@ def _torch_leaf(name: str, ndim: int) -> tuple[str, tuple[int, ...]]:
     """Torch name of a Flax param leaf and the axis permutation Flax -> torch (transformers' rule)."""
     if name == "kernel" and ndim >= 2:
         return "weight", (ndim - 1, ndim - 2, *range(ndim - 2))
-    if name in ("scale", "embedding"):
-        return "weight", tuple(range(ndim))
-    return name, tuple(range(ndim))
+    return ("weight" if name in ("scale", "embedding") else name), tuple(range(ndim))
 
 
 def _peft_vector_shape(size: int, kernel_ndim: int, feedforward: bool) -> tuple[int, ...]:
@@ -76,28 +75,31 @@ def _peft_vector_shape(size: int, kernel_ndim: int, feedforward: bool) -> tuple[
 
 
 @dataclasses.dataclass(frozen=True)
-class _Vector:
-    """One IA3 vector as both frameworks see it."""
+class _Entry:
+    """One tensor of the file as both frameworks see it.
 
-    path: _tree.Path  # Flax module path
-    shape: tuple[int, ...]  # Flax vector shape
+    The stored tensor is the Flax leaf with its axes permuted by `perm`, then reshaped to
+    `peft_shape` (vectors: ``(C,)`` -> ``(C, 1)``; params: a pure transpose).
+    """
+
+    path: _tree.Path  # Flax leaf path; vectors end in "ia3_l"
+    shape: tuple[int, ...]  # Flax shape
+    perm: tuple[int, ...]  # axes Flax -> torch
     peft_shape: tuple[int, ...]  # stored shape
 
+    def to_peft(self, leaf: Any) -> np.ndarray:
+        return np.ascontiguousarray(np.transpose(np.asarray(leaf, np.float32), self.perm).reshape(self.peft_shape))
 
-@dataclasses.dataclass(frozen=True)
-class _Param:
-    """One ``modules_to_save`` param leaf as both frameworks see it."""
-
-    path: _tree.Path  # Flax leaf path
-    perm: tuple[int, ...]  # axes Flax -> torch
-    peft_shape: tuple[int, ...]
+    def to_flax(self, tensor: np.ndarray) -> jax.Array:
+        permuted = tensor.reshape([self.shape[a] for a in self.perm])
+        return jnp.asarray(np.transpose(permuted, np.argsort(self.perm)), jnp.float32)
 
 
-def _vector_specs(
+def _vector_entries(
     params: Mapping[str, Any], config: IA3Config, layouts: Mapping[str, KernelLayout] | None
-) -> dict[str, _Vector]:
-    """``{torch key: _Vector}`` for every module `config` targets in `params` (module path = torch path)."""
-    specs = {}
+) -> dict[str, _Entry]:
+    """``{torch key: _Entry}`` for the vector of every module `config` targets in `params`."""
+    entries = {}
     for path, feedforward in resolve_targets(params, config).items():
         node = _tree.get(params, path)
         kernel_shape = tuple(np.shape(_tree.unbox(node["kernel"])))
@@ -107,30 +109,32 @@ def _vector_specs(
         if layout.stack_axes:
             raise LayoutError(
                 f"module {key!r} is stacked by nn.scan/nn.vmap (kernel {kernel_shape}, stacked axes "
-                f"{layout.stack_axes}): PEFT's format has one vector per layer module and no stacked layers. "
-                "Unstack the layers (one module per layer) before saving or loading PEFT files."
+                f"{layout.stack_axes}): PEFT's format has one module per layer. Unstack the layers before "
+                "saving or loading PEFT files."
             )
-        features = layout.feature_shape(kernel_shape, feedforward)
-        specs[f"{key}.{_tree.VECTOR}"] = _Vector(
-            path,
-            layout.vector_shape(kernel_shape, feedforward),
-            _peft_vector_shape(int(np.prod(features)), len(kernel_shape), feedforward),
-        )
-    return specs
+        shape = layout.vector_shape(kernel_shape, feedforward)  # DenseGeneral: several feature axes, flattened
+        peft_shape = _peft_vector_shape(int(np.prod(shape)), len(kernel_shape), feedforward)
+        entries[f"{key}.{_tree.VECTOR}"] = _Entry(path + (_tree.VECTOR,), shape, tuple(range(len(shape))), peft_shape)
+    return entries
 
 
-def _saved_param_specs(params: Mapping[str, Any], config: IA3Config) -> dict[str, _Param]:
-    """``{torch key: _Param}`` for every leaf of the ``modules_to_save`` modules in `params`."""
-    specs = {}
+def _saved_entries(params: Mapping[str, Any], config: IA3Config) -> dict[str, _Entry]:
+    """``{torch key: _Entry}`` for every param of the ``modules_to_save`` modules in `params`."""
+    entries = {}
     for root in modules_to_save_roots(params, config):
         for rel, leaf in _tree.leaves_with_paths(_tree.get(params, root)):
             if rel[-1] == _tree.VECTOR:
                 continue
-            shape = np.shape(_tree.unbox(leaf))
+            shape = tuple(np.shape(_tree.unbox(leaf)))
             name, perm = _torch_leaf(rel[-1], len(shape))
             key = _tree.dotted(root + rel[:-1] + (name,))
-            specs[key] = _Param(root + rel, perm, tuple(shape[a] for a in perm))
-    return specs
+            entries[key] = _Entry(root + rel, shape, perm, tuple(shape[a] for a in perm))
+    return entries
+
+
+def _entries(params: Mapping[str, Any], config: IA3Config, layouts) -> dict[str, _Entry]:
+    """Every tensor PEFT's file holds for an adapter made with `config` on `params`, by torch key."""
+    return {**_vector_entries(params, config, layouts), **_saved_entries(params, config)}
 
 
 def _listing(keys, limit: int = _SHOWN) -> str:
@@ -138,7 +142,32 @@ def _listing(keys, limit: int = _SHOWN) -> str:
     return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def _check_fits(have: Mapping[str, tuple[int, ...]], want: Mapping[str, tuple[int, ...]], where: str) -> None:
+    """Raises `AdapterMismatchError` naming the first unknown key, wrong shape or missing key."""
+    unknown = sorted(set(have) - set(want))
+    if unknown:
+        raise AdapterMismatchError(
+            f"{where} has entries that match no targeted module or modules_to_save param of these params: "
+            f"{_listing(unknown)}. Entries that do: {_listing(want)}. The adapter is for another "
+            "architecture (or was made with another config)."
+        )
+    for key in sorted(have):
+        if tuple(have[key]) != tuple(want[key]):
+            raise AdapterMismatchError(
+                f"{where}: {key!r} has shape {tuple(have[key])} but these params need {tuple(want[key])}: "
+                "the adapter is for a model of another size."
+            )
+    missing = sorted(set(want) - set(have))
+    if missing:
+        raise AdapterMismatchError(f"{where} lacks {len(missing)} entries that these params need: {_listing(missing)}.")
+
+
 # --- writing ----------------------------------------------------------------------------------
+
+
+def _suffix_regex(names) -> str:
+    """The regex (full match) of PEFT's `feedforward_modules` list rule: the module path ends with a name."""
+    return ".*(?:" + "|".join(re.escape(n) for n in names) + ")"
 
 
 def _adapter_config(config: IA3Config, vector_keys: list[str]) -> dict[str, Any]:
@@ -146,18 +175,44 @@ def _adapter_config(config: IA3Config, vector_keys: list[str]) -> dict[str, Any]
     targets = config.target_modules
     if isinstance(targets, str) and targets.lower() == "all-linear":
         # PEFT materialises "all-linear" as the full names of the modules it adapted.
-        targets = tuple(sorted(k.rsplit(".", 1)[0] for k in vector_keys))
+        targets = tuple(sorted(k.removesuffix("." + _tree.VECTOR) for k in vector_keys))
     feedforward = config.feedforward_modules
-    if isinstance(feedforward, tuple) and not set(feedforward) <= set(targets):
-        feedforward = _suffix_regex(feedforward)  # else PEFT's subset check rejects the file it would write
+    if isinstance(targets, tuple) and isinstance(feedforward, tuple) and not set(feedforward) <= set(targets):
+        feedforward = _suffix_regex(feedforward)  # else PEFT's subset check rejects the file (as its own)
     out = config.replace(target_modules=targets, feedforward_modules=feedforward, inference_mode=True).to_dict()
     out["peft_version"] = PEFT_FORMAT_VERSION
     return out
 
 
-def _suffix_regex(names) -> str:
-    """The regex (full match) of PEFT's `feedforward_modules` list rule: the module path ends with a name."""
-    return ".*(?:" + "|".join(re.escape(n) for n in names) + ")"
+def _free_entries(adapter: Mapping[str, Any], config: IA3Config) -> dict[str, _Entry]:
+    """The entries of an adapter saved without params: 1-D vectors of 2-D kernels that `config` targets."""
+    linear = isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear"
+    entries = {}
+    for path, node in _tree.vector_modules(adapter).items():
+        key, shape = _tree.dotted(path), tuple(np.shape(_tree.unbox(node[_tree.VECTOR])))
+        if len(shape) != 1:
+            raise AdapterMismatchError(
+                f"the vector at {key!r} has shape {shape}: without `params`, save_peft writes 1-D vectors of "
+                "2-D kernels only. Pass params= (and layouts=) so that each kernel decides PEFT's shape."
+            )
+        if not (linear or config.is_target(key)):
+            raise AdapterMismatchError(
+                f"the vector at {key!r} is on a module that target_modules={config.target_modules!r} does not "
+                "target: PEFT would skip it. Save with the config the adapter was made with."
+            )
+        peft_shape = _peft_vector_shape(shape[0], 2, config.is_feedforward(key))
+        entries[f"{key}.{_tree.VECTOR}"] = _Entry(path + (_tree.VECTOR,), shape, (0,), peft_shape)
+    return {**entries, **_saved_entries(adapter, config)}
+
+
+def _adapter_leaves(adapter: Mapping[str, Any]) -> dict[str, tuple[_tree.Path, Any]]:
+    """The adapter's leaves by torch key (vectors as they are, params renamed as torch names them)."""
+    out = {}
+    for path, leaf in _tree.leaves_with_paths(adapter):
+        leaf = _tree.unbox(leaf)
+        name = path[-1] if path[-1] == _tree.VECTOR else _torch_leaf(path[-1], np.ndim(leaf))[0]
+        out[_tree.dotted(path[:-1] + (name,))] = (path, leaf)
+    return out
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -182,99 +237,45 @@ def save_peft(
     """Writes `adapter` as PEFT does: ``path/adapter_config.json`` and ``path/adapter_model.safetensors``.
 
     ``PeftModel.from_pretrained(torch_model, path)`` then loads it into the PyTorch twin of the Flax
-    model (the same module names). Everything is checked before anything is written.
+    model (same module names). Everything is checked before anything is written.
 
     Args:
       path: the directory (created if missing; PEFT's two files in it are replaced).
       adapter: the adapter tree (`split`): ``ia3_l`` vectors, plus ``modules_to_save`` copies.
       config: the config the adapter was made with. ``"all-linear"`` is written as the adapted
         modules' names, as PEFT writes it.
-      params: the model's params (base or joined). Recommended: every vector is checked against the
-        module the config targets there, and conv vectors get PEFT's ``(1, C, 1, 1)`` shape. Without
-        them every vector must be 1-D and is taken to scale a 2-D kernel (Dense, FlaxConv1D).
+      params: the model's params (base or joined). Recommended: the adapter is checked against the
+        modules the config targets there (every vector and copy present, with its shape), and conv
+        vectors get PEFT's ``(1, C, 1, 1)``. Without them every vector must be 1-D and is written as
+        the vector of a 2-D kernel (Dense, FlaxConv1D).
       layouts: per-module `KernelLayout` (as given to `ia3_init`) for kernels whose shape is ambiguous.
 
     Returns:
       The directory.
 
     Raises:
-      AdapterMismatchError: a vector the config does not target, a missing vector, a shape that does
-        not fit the params, or a leaf that is neither a vector nor under ``modules_to_save``.
+      AdapterMismatchError: a vector on a module the config does not target, a missing vector or copy,
+        a shape that does not fit the params, a leaf that is neither a vector nor a ``modules_to_save`` param.
 
     Example:
       >>> adapter, base = ia3_jax.split(trained_params, config)
       >>> ia3_jax.save_peft("out/ia3", adapter, config, params=base)
-      >>> # PyTorch: PeftModel.from_pretrained(GPT2LMHeadModel(...), "out/ia3")
+      >>> # PyTorch: PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(...), "out/ia3")
     """
     adapter = _tree.to_dict(adapter)
-    vectors = {f"{_tree.dotted(p)}.{_tree.VECTOR}": _tree.unbox(n[_tree.VECTOR]) for p, n in _tree.vector_modules(adapter).items()}
-    if not vectors:
+    if not _tree.vector_modules(adapter):
         raise AdapterMismatchError("the adapter holds no IA3 vector (`ia3_l` leaf): nothing to save.")
-    if params is not None:
-        specs = _vector_specs(split(params)[1], config, layouts)
-    else:
-        specs = {key: _free_vector_spec(key, np.shape(v), config) for key, v in vectors.items()}
-    _check_same_keys(set(vectors), set(specs), what="the adapter", against="the modules the config targets")
-    tensors = {}
-    for key, vector in vectors.items():
-        spec = specs[key]
-        if tuple(np.shape(vector)) != spec.shape:
-            raise AdapterMismatchError(
-                f"vector {key!r} has shape {tuple(np.shape(vector))}, but its module needs {spec.shape}."
-            )
-        tensors[PEFT_KEY_PREFIX + key] = np.asarray(vector, np.float32).reshape(spec.peft_shape)
-    saved = _saved_param_specs(adapter, config)
-    saved_paths = {spec.path for spec in saved.values()}
-    other = [
-        _tree.dotted(p) for p, _ in _tree.leaves_with_paths(adapter) if p[-1] != _tree.VECTOR and p not in saved_paths
-    ]
-    if other:
-        raise AdapterMismatchError(
-            f"adapter leaves {_listing(other)} are neither IA3 vectors nor under modules_to_save="
-            f"{config.modules_to_save!r}: PEFT would not load them. Split the adapter with the same config."
-        )
-    for key, spec in saved.items():
-        value = np.asarray(_tree.unbox(_tree.get(adapter, spec.path)), np.float32)
-        tensors[PEFT_KEY_PREFIX + key] = np.ascontiguousarray(np.transpose(value, spec.perm))
+    want = _entries(split(params)[1], config, layouts) if params is not None else _free_entries(adapter, config)
+    have = _adapter_leaves(adapter)
+    _check_fits({k: np.shape(leaf) for k, (_, leaf) in have.items()}, {k: e.shape for k, e in want.items()}, "the adapter")
+    tensors = {PEFT_KEY_PREFIX + key: entry.to_peft(have[key][1]) for key, entry in want.items()}
+    text = json.dumps(_adapter_config(config, [k for k in want if k.endswith("." + _tree.VECTOR)]), indent=2, sort_keys=True)
 
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_adapter_config(config, list(vectors)), indent=2, sort_keys=True)
     _atomic_write(directory / WEIGHTS_NAME, lambda f: safetensors.numpy.save_file(tensors, f, metadata={"format": "pt"}))
     _atomic_write(directory / CONFIG_NAME, lambda f: Path(f).write_text(text))
     return directory
-
-
-def _free_vector_spec(key: str, shape: tuple[int, ...], config: IA3Config) -> _Vector:
-    """The spec of a vector saved without params: 1-D, on a 2-D kernel, targeted by the config."""
-    module = key.rsplit(".", 1)[0]
-    if len(shape) != 1:
-        raise AdapterMismatchError(
-            f"vector {key!r} has shape {shape}: without `params`, save_peft writes 1-D vectors of 2-D kernels "
-            "only. Pass params= (and layouts=) so that the kernel decides PEFT's shape."
-        )
-    linear = isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear"
-    if not (linear or config.is_target(module)):
-        raise AdapterMismatchError(
-            f"vector {key!r} is on a module that config.target_modules={config.target_modules!r} does not "
-            "target: PEFT would ignore it. Save with the config the adapter was made with."
-        )
-    feedforward = config.is_feedforward(module)
-    return _Vector(tuple(module.split(".")), shape, _peft_vector_shape(shape[0], 2, feedforward))
-
-
-def _check_same_keys(have: set[str], want: set[str], *, what: str, against: str) -> None:
-    unknown = have - want
-    if unknown:
-        raise AdapterMismatchError(
-            f"{what} has {len(unknown)} vectors that match no module in {against}: {_listing(unknown)}. "
-            f"Modules that do: {_listing(want)}. The adapter is for another model or another config."
-        )
-    missing = want - have
-    if missing:
-        raise AdapterMismatchError(
-            f"{what} lacks vectors for {len(missing)} modules in {against}: {_listing(missing)}."
-        )
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -379,38 +380,31 @@ def _targeted_config(config: IA3Config, view: Mapping[str, Any]) -> IA3Config:
     return config.replace(modules_to_save=kept or None)
 
 
-def _fit(prefix: _Prefix, params, config: IA3Config, layouts) -> tuple[dict, dict, IA3Config]:
-    """Vector specs, modules_to_save specs and config for `params` seen through `prefix`."""
-    view = prefix.torch_view(params)
-    config = _targeted_config(config, view)
-    return _vector_specs(view, config, layouts), _saved_param_specs(view, config), config
+def _choose_prefix(params, config: IA3Config, keys: list[str], layouts) -> tuple[_Prefix, dict[str, _Entry], IA3Config]:
+    """The head prefix under which most keys name entries of `params` (identity first, and on ties).
 
-
-def _choose_prefix(params, config: IA3Config, keys: list[str], layouts):
-    """The head prefix under which the most vector keys name targeted modules (identity on ties).
-
-    Raises `AdapterMismatchError` when the config targets nothing in `params` under any of them.
+    Raises `AdapterMismatchError` when the config targets nothing in `params` under any prefix.
     """
     best, first_error = None, None
     for prefix in _prefix_candidates(params, keys):
+        view = prefix.torch_view(params)
+        fitted = _targeted_config(config, view)
         try:
             with warnings.catch_warnings():
                 if prefix != _Prefix():  # idle-pattern warnings belong to the identity mapping
                     warnings.simplefilter("ignore")
-                found = _fit(prefix, params, config, layouts)
+                entries = _entries(view, fitted, layouts)
         except TargetError as err:
             first_error = first_error or err
             continue
-        count = len(set(keys) & set(found[0]))
+        count = len(set(keys) & set(entries))
         if best is None or count > best[0]:
-            best = (count, prefix, found)
+            best = (count, (prefix, entries, fitted))
         if count == len(keys):
             break
     if best is None:
-        raise AdapterMismatchError(
-            f"the adapter (first key {keys[0]!r}) does not fit these params: {first_error}"
-        ) from None
-    return best[1], best[2]
+        raise AdapterMismatchError(f"the adapter (first key {keys[0]!r}) does not fit these params: {first_error}")
+    return best[1]
 
 
 def load_peft(
@@ -426,19 +420,20 @@ def load_peft(
 
     Args:
       path: the directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
-      params: the Flax params of the model the adapter was trained for (base params; vectors already
-        in them are ignored).
+      params: the Flax params of the model the adapter was made for (vectors already in them are
+        ignored). The head prefix may differ (a ``LlamaForCausalLM`` adapter on ``FlaxLlamaModel``).
       layouts: per-module `KernelLayout` for kernels whose shape is ambiguous (as for `ia3_init`).
 
     Returns:
       ``(adapter, config)``: the adapter tree for ``join(base, adapter)`` (float32 ``ia3_l`` vectors
       of shape ``(out,)`` / ``(in,)`` and ``modules_to_save`` params in Flax names and layouts) and
-      the file's `IA3Config`.
+      the file's `IA3Config` (without the ``modules_to_save`` entries PEFT adds for ``SEQ_CLS`` that
+      the model lacks).
 
     Raises:
       PeftFormatError: missing or malformed files, a ``peft_type`` other than IA3.
       AdapterMismatchError: a key that matches no module (another architecture), a shape that does not
-        fit (another size), or vectors missing for modules the config targets.
+        fit (another size), or tensors missing for modules the config targets.
 
     Example:
       >>> adapter, config = ia3_jax.load_peft("peft_dir", model.params)
@@ -447,36 +442,8 @@ def load_peft(
     directory = Path(path)
     config = read_peft_config(directory)
     tensors = _read_tensors(directory)
-    base = split(params)[1]
-    keys = sorted(tensors)
-    vector_keys = [k for k in keys if k.endswith("." + _tree.VECTOR)]
-
-    prefix, (vectors, saved, config) = _choose_prefix(base, config, vector_keys, layouts)
-    where = f"{str(directory / WEIGHTS_NAME)!r}"
-    known = {**vectors, **saved}
-    unknown = [k for k in keys if k not in known]
-    if unknown:
-        raise AdapterMismatchError(
-            f"{where} has keys that match no targeted module or modules_to_save param of these params: "
-            f"{_listing(unknown)}. Keys these params expect: {_listing(known)}. "
-            "The adapter is for another architecture (or was saved with another config)."
-        )
-    for key in keys:
-        expected = known[key].peft_shape
-        if tuple(tensors[key].shape) != expected:
-            raise AdapterMismatchError(
-                f"{where}: {key!r} has shape {tuple(tensors[key].shape)} but these params need {expected}: "
-                "the adapter is for a model of another size."
-            )
-    _check_same_keys(set(vector_keys), set(vectors), what=where, against="these params")
-    missing = sorted(set(saved) - set(keys))
-    if missing:
-        raise AdapterMismatchError(f"{where} lacks modules_to_save params {_listing(missing)}.")
-
-    changes = {}
-    for key, spec in vectors.items():
-        changes[prefix.to_flax(spec.path) + (_tree.VECTOR,)] = jnp.asarray(tensors[key].reshape(spec.shape), jnp.float32)
-    for key, spec in saved.items():
-        value = np.transpose(tensors[key], np.argsort(spec.perm))
-        changes[prefix.to_flax(spec.path)] = jnp.asarray(value, jnp.float32)
+    prefix, entries, config = _choose_prefix(split(params)[1], config, sorted(tensors), layouts)
+    _check_fits({k: t.shape for k, t in tensors.items()}, {k: e.peft_shape for k, e in entries.items()},
+                repr(str(directory / WEIGHTS_NAME)))
+    changes = {prefix.to_flax(e.path): e.to_flax(tensors[key]) for key, e in entries.items()}
     return _tree.updated({}, changes), config
