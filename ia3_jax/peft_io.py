@@ -205,13 +205,13 @@ def _free_entries(adapter: Mapping[str, Any], config: IA3Config) -> dict[str, _E
     return {**entries, **_saved_entries(adapter, config)}
 
 
-def _adapter_leaves(adapter: Mapping[str, Any]) -> dict[str, tuple[_tree.Path, Any]]:
+def _adapter_leaves(adapter: Mapping[str, Any]) -> dict[str, Any]:
     """The adapter's leaves by torch key (vectors as they are, params renamed as torch names them)."""
     out = {}
     for path, leaf in _tree.leaves_with_paths(adapter):
         leaf = _tree.unbox(leaf)
         name = path[-1] if path[-1] == _tree.VECTOR else _torch_leaf(path[-1], np.ndim(leaf))[0]
-        out[_tree.dotted(path[:-1] + (name,))] = (path, leaf)
+        out[_tree.dotted(path[:-1] + (name,))] = leaf
     return out
 
 
@@ -267,13 +267,15 @@ def save_peft(
         raise AdapterMismatchError("the adapter holds no IA3 vector (`ia3_l` leaf): nothing to save.")
     want = _entries(split(params)[1], config, layouts) if params is not None else _free_entries(adapter, config)
     have = _adapter_leaves(adapter)
-    _check_fits({k: np.shape(leaf) for k, (_, leaf) in have.items()}, {k: e.shape for k, e in want.items()}, "the adapter")
-    tensors = {PEFT_KEY_PREFIX + key: entry.to_peft(have[key][1]) for key, entry in want.items()}
-    text = json.dumps(_adapter_config(config, [k for k in want if k.endswith("." + _tree.VECTOR)]), indent=2, sort_keys=True)
+    _check_fits({k: np.shape(leaf) for k, leaf in have.items()}, {k: e.shape for k, e in want.items()}, "the adapter")
+    tensors = {PEFT_KEY_PREFIX + key: entry.to_peft(have[key]) for key, entry in want.items()}
+    vector_keys = [k for k in want if k.endswith("." + _tree.VECTOR)]
+    text = json.dumps(_adapter_config(config, vector_keys), indent=2, sort_keys=True)
 
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_NAME, lambda f: safetensors.numpy.save_file(tensors, f, metadata={"format": "pt"}))
+    metadata = {"format": "pt"}  # what PEFT writes; transformers' loaders check it
+    _atomic_write(directory / WEIGHTS_NAME, lambda f: safetensors.numpy.save_file(tensors, f, metadata=metadata))
     _atomic_write(directory / CONFIG_NAME, lambda f: Path(f).write_text(text))
     return directory
 

@@ -33,7 +33,8 @@ from ia3_jax.peft_io import CONFIG_NAME, WEIGHTS_NAME, AdapterMismatchError, Pef
 
 RTOL = 1e-4
 SMALL = dict(vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-LAYERS = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
+LAYERS = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+              max_position_embeddings=32)
 T5 = dict(d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2, relative_attention_num_buckets=8,
           relative_attention_max_distance=16, decoder_start_token_id=0, **SMALL)
 
@@ -191,13 +192,16 @@ def test_jax_adapter_loads_in_peft_with_same_logits(pairs, name, tmp_path):
     loaded = peft.PeftModel.from_pretrained(pair.torch(), tmp_path).eval()
     expected = pair.flax_logits(ia3_jax.join(base, adapter), config)
     assert_close(pair.torch_logits(loaded), expected)
-    assert_close(pair.torch_logits(loaded.merge_and_unload()), pair.flax_logits(ia3_jax.merge(ia3_jax.join(base, adapter), config)))
+    merged = ia3_jax.merge(ia3_jax.join(base, adapter), config)
+    assert_close(pair.torch_logits(loaded.merge_and_unload()), pair.flax_logits(merged))
 
 
 # --- the files themselves ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "target_modules"), [("gpt2", None), ("gpt2", "all-linear"), ("bert", None), ("t5", None)])
+@pytest.mark.parametrize(
+    ("name", "target_modules"), [("gpt2", None), ("gpt2", "all-linear"), ("bert", None), ("t5", None)]
+)
 def test_files_match_what_peft_writes(pairs, name, target_modules, tmp_path):
     pair = pairs(name)
     model = peft_model(pair, target_modules=target_modules)
@@ -259,7 +263,8 @@ def test_causal_lm_adapter_loads_into_bare_flax_model(pairs, tmp_path):
     model = peft_model(pair)
     model.save_pretrained(tmp_path)
     with torch.no_grad():
-        expected = model(input_ids=torch.from_numpy(pair.inputs()["input_ids"]), output_hidden_states=True).hidden_states[-1]
+        ids = torch.from_numpy(pair.inputs()["input_ids"])
+        expected = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
     bare = tf.FlaxLlamaModel(pair.arch.config, _do_init=False)
     params = pair.params["model"]
     adapter, config = load_peft(tmp_path, params)
@@ -364,7 +369,8 @@ def gpt2_dir(pairs, tmp_path_factory):
 
 def copy_adapter(src, dst, *, config=None, tensors=None):
     dst.mkdir(parents=True)
-    (dst / CONFIG_NAME).write_text(json.dumps(config if config is not None else json.loads((src / CONFIG_NAME).read_text())))
+    config = config if config is not None else json.loads((src / CONFIG_NAME).read_text())
+    (dst / CONFIG_NAME).write_text(json.dumps(config))
     data = tensors if tensors is not None else safetensors.numpy.load_file(src / WEIGHTS_NAME)
     safetensors.numpy.save_file(data, dst / WEIGHTS_NAME, metadata={"format": "pt"})
     return dst
@@ -417,7 +423,7 @@ def zeros_like_model(config: tf.GPT2Config) -> dict:
 
 def test_adapter_for_another_size(pairs, gpt2_dir):
     wider = zeros_like_model(tf.GPT2Config(n_embd=24, n_layer=2, n_head=2, n_positions=32, **SMALL))
-    with pytest.raises(AdapterMismatchError, match=r"'transformer\.h\.0\.attn\.c_attn\.ia3_l' has shape \(48, 1\).*\(72, 1\)"):
+    with pytest.raises(AdapterMismatchError, match=r"'transformer\.h\.0\.attn\.c_attn\.ia3_l'.*\(48, 1\).*\(72, 1\)"):
         load_peft(gpt2_dir, wider)
     deeper = zeros_like_model(tf.GPT2Config(n_embd=16, n_layer=3, n_head=2, n_positions=32, **SMALL))
     with pytest.raises(AdapterMismatchError, match=r"lacks 2 entries.*transformer\.h\.2\.attn\.c_attn\.ia3_l"):
@@ -428,7 +434,7 @@ def test_unknown_and_missing_keys(pairs, gpt2_dir, tmp_path):
     params = pairs("gpt2").params
     tensors = safetensors.numpy.load_file(gpt2_dir / WEIGHTS_NAME)
     extra = {**tensors, "base_model.model.transformer.h.0.attn.bogus.ia3_l": np.ones((16, 1), np.float32)}
-    with pytest.raises(AdapterMismatchError, match=r"match no targeted module.*transformer\.h\.0\.attn\.bogus\.ia3_l.*Entries that do: transformer\.h\.0"):
+    with pytest.raises(AdapterMismatchError, match=r"match no targeted module.*attn\.bogus\.ia3_l.*do: transformer"):
         load_peft(copy_adapter(gpt2_dir, tmp_path / "extra", tensors=extra), params)
     missing = {k: v for k, v in tensors.items() if ".h.1.mlp" not in k}
     with pytest.raises(AdapterMismatchError, match=r"lacks 1 entries.*transformer\.h\.1\.mlp\.c_proj\.ia3_l"):
@@ -444,7 +450,7 @@ def test_save_checks_before_writing(pairs, tmp_path):
         save_peft(tmp_path / "a", adapter, other, params=base)
     with pytest.raises(AdapterMismatchError, match=r"does not target"):
         save_peft(tmp_path / "b", adapter, other)
-    with pytest.raises(AdapterMismatchError, match=r"match no targeted module or modules_to_save param.*lm_extra\.weight"):
+    with pytest.raises(AdapterMismatchError, match=r"match no targeted module or modules_to_save.*lm_extra\.weight"):
         save_peft(tmp_path / "c", {**adapter, "lm_extra": {"kernel": jnp.ones((2, 2))}}, config, params=base)
     assert not any(tmp_path.iterdir())
 
