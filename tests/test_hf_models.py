@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import warnings
 
 import chex
 import jax
@@ -19,7 +20,7 @@ import pytest
 import transformers as tf
 
 import ia3_jax
-from ia3_jax import hf
+from ia3_jax import _tree, hf
 
 V = 96  # vocabulary
 SMALL = dict(vocab_size=V, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -79,51 +80,186 @@ ARCHS = {
 }
 
 
-def flax_model_types() -> set[str]:
-    """Model types with a Flax model in the installed transformers."""
-    from transformers.models.auto import modeling_flax_auto
-
-    return set(modeling_flax_auto.FLAX_MODEL_MAPPING_NAMES)
+def random_base(model) -> dict:
+    """Params of the model's shapes drawn with NumPy: the models' own eager init compiles an op per shape."""
+    rng = np.random.default_rng(0)
+    return jax.tree.map(lambda s: jnp.asarray(0.2 * rng.standard_normal(s.shape), s.dtype), model.params_shape_tree)
 
 
 @functools.cache
 def built(name: str):
-    """(model, IA3 config, params with random vectors, inputs) for one architecture, built once per worker."""
+    """(model, IA3 config, base params, params with random vectors, inputs) for one architecture, once per worker."""
     arch = ARCHS[name]
-    model = getattr(tf, arch.flax_class)(arch.config, seed=0)
+    model = getattr(tf, arch.flax_class)(arch.config, _do_init=False)
     config = hf.default_config(model, init_ia3_weights=False, **dict(arch.overrides))
-    params = ia3_jax.ia3_init(model.params, config, rng=jax.random.key(1))
+    base = random_base(model)
+    params = ia3_jax.ia3_init(base, config, rng=jax.random.key(1))
     ids = jax.random.randint(jax.random.key(2), (2, 6), 3, V)
     inputs = dict(input_ids=ids, attention_mask=jnp.ones_like(ids).at[1, :2].set(0))
     if arch.seq2seq:
         inputs["decoder_input_ids"] = jax.random.randint(jax.random.key(3), (2, 4), 3, V)
-    return model, config, params, inputs
-
-
-def logits(output):
-    return output.logits
+    return model, config, base, params, inputs
 
 
 def relative_error(a, b) -> float:
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
+# --- every architecture: __call__ and generate under apply_fn equal the merged model ---
+
+
+def test_the_matrix_is_every_flax_architecture_in_peft_table():
+    from transformers.models.auto import modeling_flax_auto
+
+    assert set(ARCHS) == set(modeling_flax_auto.FLAX_MODEL_MAPPING_NAMES) & set(hf.TARGET_MODULES)
+    assert {a.config.model_type for a in ARCHS.values()} == set(ARCHS)
+
+
 @pytest.mark.parametrize("name", sorted(ARCHS))
 def test_call_under_apply_fn_equals_merged_model(name):
-    model, config, params, inputs = built(name)
-    got = logits(ia3_jax.apply_fn(model.__call__, config)(**inputs, params=params))
-    merged = logits(model(**inputs, params=ia3_jax.merge(params, config)))
-    base = logits(model(**inputs, params=model.params))
-    assert relative_error(got, merged) < 1e-5
-    assert relative_error(got, base) > 1e-2  # the random vectors were applied
+    model, config, base, params, inputs = built(name)
+    got = ia3_jax.apply_fn(model.__call__, config)(**inputs, params=params).logits
+    merged = model(**inputs, params=ia3_jax.merge(params, config)).logits
+    plain = model(**inputs, params=base).logits
     chex.assert_tree_all_finite(got)
+    assert relative_error(got, merged) < 1e-5
+    assert relative_error(got, plain) > 1e-2  # the random vectors were applied
 
 
 @pytest.mark.parametrize("name", sorted(n for n, a in ARCHS.items() if a.generative))
 def test_generate_under_apply_fn_equals_merged_model(name):
-    model, config, params, inputs = built(name)
-    kwargs = dict(max_new_tokens=3, do_sample=False)
+    model, config, base, params, inputs = built(name)
+
+    def greedy(ids, params):  # jit-ed whole: generate's own eager cache init would compile op by op
+        return model.generate(ids, params=params, max_new_tokens=3, do_sample=False).sequences
+
     ids = inputs["input_ids"]
-    got = ia3_jax.apply_fn(model.generate, config)(ids, params=params, **kwargs).sequences
-    merged = model.generate(ids, params=ia3_jax.merge(params, config), **kwargs).sequences
+    got = jax.jit(ia3_jax.apply_fn(greedy, config))(ids, params)
+    merged = jax.jit(greedy)(ids, ia3_jax.merge(params, config))
     chex.assert_trees_all_equal(got, merged)
+    assert got.shape[1] >= 3
+
+
+# --- against PEFT itself, on the PyTorch twin built from the same config ---
+
+
+def peft_twin(name: str):
+    """PEFT's IA3 model with PEFT's own defaults (target_modules=None) on the PyTorch twin."""
+    import peft
+    import torch
+
+    arch = ARCHS[name]
+    torch.manual_seed(0)
+    twin = getattr(tf, arch.torch_class)(arch.config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's fan_in_fan_out correction for GPT-2's Conv1D
+        return peft.get_peft_model(twin, peft.IA3Config(**dict(arch.overrides)))
+
+
+def peft_vector_shapes(peft_model) -> dict[str, tuple[int, ...]]:
+    prefix, suffix = "base_model.model.", ".ia3_l.default"
+    return {
+        k[len(prefix) : -len(suffix)]: tuple(p.shape) for k, p in peft_model.named_parameters() if k.endswith(suffix)
+    }
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_vectors_and_parameter_counts_match_peft(name, capsys):
+    model, config, base, params, inputs = built(name)
+    peft_model = peft_twin(name)
+    # PEFT's vectors are (out, 1) when the output is scaled and (1, in) for feedforward layers.
+    ours = {
+        key: (1, n) if config.is_feedforward(key) else (n, 1)
+        for key, (n,) in ((_tree.dotted(p[:-1]), np.shape(v)) for p, v in _tree.leaves_with_paths(params) if p[-1] == "ia3_l")
+    }
+    assert ours == peft_vector_shapes(peft_model)
+
+    count = hf.trainable_parameters(params, config=config)
+    assert (count.trainable, count.total) == peft_model.get_nb_trainable_parameters()
+    assert hf.trainable_parameters(*ia3_jax.split(params, config)) == count
+    peft_model.print_trainable_parameters()
+    peft_line = capsys.readouterr().out
+    hf.print_trainable_parameters(params, config=config)
+    assert capsys.readouterr().out == peft_line
+
+
+def test_peft_table_and_gpt2_vector_sizes():
+    from peft.utils import constants
+
+    assert hf.TARGET_MODULES == {k: tuple(v) for k, v in constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING.items()}
+    assert hf.FEEDFORWARD_MODULES == {
+        k: tuple(v) for k, v in constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.items()
+    }
+    assert len(hf.TARGET_MODULES) == 27
+    model, config, base, params, inputs = built("gpt2")
+    d = ARCHS["gpt2"].config.n_embd
+    assert config.fan_in_fan_out and not hf.default_config("llama").fan_in_fan_out
+    block = params["transformer"]["h"]["0"]
+    chex.assert_shape([block["attn"]["c_attn"]["ia3_l"], block["mlp"]["c_proj"]["ia3_l"]], [(3 * d,), (4 * d,)])
+    assert "ia3_l" not in block["attn"]["c_proj"]  # "mlp.c_proj", not every c_proj
+
+
+# --- default_config / resolve ---
+
+
+def test_default_config_follows_peft_prepare_adapter_config():
+    t5 = hf.default_config(ARCHS["t5"].config, task_type="SEQ_2_SEQ_LM")
+    assert (t5.target_modules, t5.feedforward_modules, t5.task_type) == (("k", "v", "wo"), ("wo",), "SEQ_2_SEQ_LM")
+    assert hf.default_config("mt5").feedforward_modules == ()
+    # Own targets keep the table's feedforward entries that can still match, with PEFT's suffix rule.
+    assert hf.default_config("llama", target_modules=["q_proj"]).feedforward_modules == ()
+    gpt2 = hf.default_config("gpt2", target_modules=["c_attn", "c_proj"])
+    assert gpt2.is_feedforward("transformer.h.0.mlp.c_proj") and not gpt2.is_feedforward("transformer.h.0.attn.c_proj")
+    # resolve fills only the None fields.
+    mine = ia3_jax.IA3Config(target_modules=["v_proj"], feedforward_modules=[])
+    assert hf.resolve(mine, "llama") == mine
+    assert hf.resolve(ia3_jax.IA3Config(), "llama") == hf.default_config("llama")
+    with pytest.warns(UserWarning, match="Setting fan_in_fan_out to True"):
+        assert hf.default_config("gpt2", fan_in_fan_out=False).fan_in_fan_out
+
+
+def test_unknown_model_type_says_what_to_set():
+    xglm = tf.XGLMConfig(vocab_size=V, d_model=16, num_layers=1, attention_heads=2, ffn_dim=32)
+    with pytest.raises(hf.UnknownModelTypeError, match=r"model_type 'xglm'.*Set `target_modules`"):
+        hf.default_config(xglm)
+    with pytest.raises(hf.UnknownModelTypeError, match=r"'xglm'.*Set `feedforward_modules`"):
+        hf.default_config(xglm, target_modules=["k_proj", "fc2"])
+    config = hf.default_config(xglm, target_modules=["k_proj", "fc2"], feedforward_modules=["fc2"])
+    assert config.target_modules == ("fc2", "k_proj") and not config.fan_in_fan_out
+    with pytest.raises(TypeError, match="no `model_type`"):
+        hf.default_config({"params": {}})
+
+
+def test_trainable_parameters_bad_input():
+    model, config, base, params, inputs = built("llama")
+    adapter, frozen = ia3_jax.split(params)
+    with pytest.raises(TypeError, match="pass config only with the joined param tree"):
+        hf.trainable_parameters(adapter, frozen, config=config)
+    with pytest.raises(ValueError, match="no arrays"):
+        hf.trainable_parameters({})
+
+
+# --- the FlaxT5 fix ---
+
+
+def test_flax_t5_fix_matches_pytorch_t5_buckets():
+    from transformers.models.longt5 import modeling_flax_longt5
+    from transformers.models.t5 import modeling_flax_t5, modeling_t5
+
+    assert hf.needs_flax_t5_patch()  # jax >= 0.10 has no jnp.clip(a_max=...)
+    assert hf.patch_flax_t5() == []  # applied on import, idempotent
+    assert "a_max" not in inspect.signature(jnp.clip).parameters  # jnp.clip itself untouched
+    relative = np.arange(-300, 300)[None, :] - np.arange(0, 6)[:, None]
+    classes = [
+        modeling_flax_t5.FlaxT5Attention,
+        modeling_flax_longt5.FlaxLongT5Attention,
+        modeling_flax_longt5.FlaxLongT5LocalAttention,
+        modeling_flax_longt5.FlaxLongT5TransientGlobalAttention,
+    ]
+    for bidirectional, buckets, distance in [(True, 32, 128), (False, 32, 128), (True, 8, 16), (False, 8, 16)]:
+        expected = modeling_t5.T5Attention._relative_position_bucket(
+            __import__("torch").as_tensor(relative), bidirectional, buckets, distance
+        ).numpy()
+        for cls in classes:
+            got = cls._relative_position_bucket(jnp.asarray(relative), bidirectional, buckets, distance)
+            chex.assert_trees_all_equal(np.asarray(got), expected)
