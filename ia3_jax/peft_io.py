@@ -48,8 +48,12 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_KEY_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before the module path
 # The PEFT release whose files the parity tests compare against; written as `peft_version`.
 PEFT_FORMAT_VERSION = "0.21.2"
-# Task types for which PEFT adds these to modules_to_save by itself, whether the model has them or not.
-_AUTO_MODULES_TO_SAVE = {"SEQ_CLS": ("classifier", "score")}
+# What PEFT's task wrappers add to modules_to_save by themselves, whether the model has them or not.
+_AUTO_MODULES_TO_SAVE = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
 _SHOWN = 8  # keys listed in an error message
 
 
@@ -429,8 +433,8 @@ def load_peft(
     Returns:
       ``(adapter, config)``: the adapter tree for ``join(base, adapter)`` (float32 ``ia3_l`` vectors
       of shape ``(out,)`` / ``(in,)`` and ``modules_to_save`` params in Flax names and layouts) and
-      the file's `IA3Config` (without the ``modules_to_save`` entries PEFT adds for ``SEQ_CLS`` that
-      the model lacks).
+      the file's `IA3Config` (without the ``modules_to_save`` entries that PEFT's task wrappers add,
+      e.g. ``"score"`` for ``SEQ_CLS``, where the model has no such module).
 
     Raises:
       PeftFormatError: missing or malformed files, a ``peft_type`` other than IA3.
