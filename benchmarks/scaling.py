@@ -13,7 +13,7 @@ same per-device batch (weak scaling), so the scaling efficiency is
 kernels through `ia3_jax.adapter_shardings` / `optimizer_shardings`):
 
 - ``dp``: frozen base replicated, batch split; only the IA3 gradients (~0.3M floats) are all-reduced.
-- ``fsdp``: every large base leaf split over the devices on its largest axis (not the layer axis);
+- ``fsdp``: every base leaf split over the devices on its largest divisible axis (not the layer axis);
   weights are all-gathered layer by layer inside the scan.
 - ``tp``: Megatron tensor parallelism (q/k/v/gate/up split by output, o/down by input features,
   lm_head by vocab), batch not split.
@@ -40,21 +40,21 @@ if "--cpu-tiny" in sys.argv:  # must precede the jax import: simulated host devi
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
 
-import json  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
+import json
+import statistics
+import time
+import traceback
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax.sharding import AxisType, Mesh, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a bare checkout too
-import ia3_jax  # noqa: E402
+import ia3_jax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +105,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c, dense = self.cfg, lambda n, name: nn.Dense(n, use_bias=False, dtype=c.dtype, param_dtype=c.dtype, name=name)
-        return dense(c.hidden, "down_proj")(nn.silu(dense(c.intermediate, "gate_proj")(x)) * dense(c.intermediate, "up_proj")(x))
+        return dense(c.hidden, "down_proj")(
+            nn.silu(dense(c.intermediate, "gate_proj")(x)) * dense(c.intermediate, "up_proj")(x)
+        )
 
 
 class Block(nn.Module):
@@ -113,7 +115,7 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, _):
-        norm = lambda name: nn.RMSNorm(dtype=self.cfg.dtype, param_dtype=self.cfg.dtype, name=name)  # noqa: E731
+        norm = lambda name: nn.RMSNorm(dtype=self.cfg.dtype, param_dtype=self.cfg.dtype, name=name)
         x = x + Attention(self.cfg, name="self_attn")(norm("input_layernorm")(x))
         return x + MLP(self.cfg, name="mlp")(norm("post_attention_layernorm")(x)), None
 
@@ -147,8 +149,6 @@ def base_spec(path: tuple[str, ...], shape: tuple[int, ...], layout: str, n: int
     if layout in ("dp", "single"):
         return P()
     if layout == "fsdp":
-        if np.prod(shape) < 2**16:
-            return P()
         candidates = [a for a in range(int(stacked), len(shape)) if shape[a] % n == 0]
         if not candidates:
             return P()
@@ -190,7 +190,7 @@ def measure(cfg: Config, layout: str, n: int, batch: int, seq: int, steps: int) 
         jax.random.key(0)
     )
     layouts = ia3_jax.infer_layouts(model.apply, {"params": abstract}, tokens_shape)
-    adapter, _ = ia3_jax.split(ia3_jax.ia3_init(abstract, IA3, layouts=layouts))
+    adapter, _ = ia3_jax.split(ia3_jax.ia3_init(base, IA3, layouts=layouts))
     adapter_sh = ia3_jax.adapter_shardings(adapter, base, None, IA3, layouts=layouts)
     adapter = jax.device_put(adapter, adapter_sh)
 
@@ -242,7 +242,9 @@ def measure(cfg: Config, layout: str, n: int, batch: int, seq: int, steps: int) 
         "base_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(base))),
         "ia3_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(adapter))),
         "peak_bytes_per_device_so_far": [s.get("peak_bytes_in_use") for s in stats],
-        "adapter_specs": {jax.tree_util.keystr(p): str(s.spec) for p, s in jax.tree_util.tree_leaves_with_path(adapter_sh)},
+        "adapter_specs": {
+            jax.tree_util.keystr(p): str(s.spec) for p, s in jax.tree_util.tree_leaves_with_path(adapter_sh)
+        },
     }
 
 
@@ -271,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         try:
             run = measure(cfg, layout, n, batch, seq, steps)
-        except Exception as err:  # keep measuring the other layouts; the JSON says what failed
+        except Exception as err:  # noqa: BLE001 -- keep measuring the other layouts; the JSON says what failed
             traceback.print_exc()
             errors.append({"layout": layout, "devices": n, "error": f"{type(err).__name__}: {err}"[:2000]})
             continue
@@ -285,13 +287,24 @@ def main(argv: list[str] | None = None) -> dict:
     # dp/fsdp grow the global batch with N (weak scaling), tp keeps it and wants an N-times faster
     # step: either way the ideal is N times the single device's tokens/s.
     single = [r["tokens_per_s"] for r in runs if r["devices"] == 1]
-    efficiency = {f"{r['layout']}_{r['devices']}": r["tokens_per_s"] / (r["devices"] * single[0])
-                  for r in runs if single and r["devices"] > 1}
+    efficiency = {
+        f"{r['layout']}_{r['devices']}": r["tokens_per_s"] / (r["devices"] * single[0])
+        for r in runs
+        if single and r["devices"] > 1
+    }
     for key, eff in efficiency.items():
         print(f"scaling efficiency {key}: {eff:.3f}")
-    result = {"config": dataclasses.asdict(cfg), "batch_per_device": batch, "seq": seq, "steps": steps,
-              "device_kind": jax.devices()[0].device_kind, "jax": jax.__version__,
-              "runs": runs, "errors": errors, "scaling_efficiency": efficiency}
+    result = {
+        "config": dataclasses.asdict(cfg),
+        "batch_per_device": batch,
+        "seq": seq,
+        "steps": steps,
+        "device_kind": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
+        "runs": runs,
+        "errors": errors,
+        "scaling_efficiency": efficiency,
+    }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {args.out}")

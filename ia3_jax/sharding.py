@@ -194,7 +194,9 @@ def adapter_shardings(
         kernel_sharding = by_path[module + ("kernel",)]
         spec, kernel_mesh = _spec_and_mesh(kernel_sharding, mesh, f"kernel of {key!r}")
         vector_spec = _vector_spec(key, vector_shape, kernel_shape, spec, layout, feedforward, kernel_mesh)
-        out[path] = NamedSharding(kernel_mesh, vector_spec) if isinstance(kernel_sharding, NamedSharding) else vector_spec
+        out[path] = (
+            NamedSharding(kernel_mesh, vector_spec) if isinstance(kernel_sharding, NamedSharding) else vector_spec
+        )
     return _tree.updated({}, out)
 
 
