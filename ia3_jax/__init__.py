@@ -30,6 +30,7 @@ from ia3_jax.partition import StructureError, join, split
 from ia3_jax.peft_io import PeftFormatError, load_peft, read_peft_config, save_peft
 from ia3_jax.quant import AdapterDtypeError, QuantizedMergeError
 from ia3_jax.sharding import ShardingError, adapter_shardings, optimizer_shardings
+from ia3_jax.stacking import stack, unstack
 from ia3_jax.targets import TargetError, resolve_targets
 from ia3_jax.training import make_train_step, trainable_mask
 
@@ -76,6 +77,8 @@ __all__ = [
     "save_peft",
     "scale",
     "split",
+    "stack",
     "trainable_mask",
     "unmerge",
+    "unstack",
 ]

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 
 import ia3_jax
 
@@ -167,3 +168,35 @@ def test_conv_with_unstacked_bias_needs_no_layouts():
     no_bias = {"conv": {"kernel": params["conv"]["kernel"]}}
     with pytest.raises(ia3_jax.LayoutError, match="cannot tell"):
         ia3_jax.ia3_init(no_bias, config)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_unstacked_adapter_saves_one_peft_key_per_layer(tmp_path, axis):
+    model, x = Scanned(axis=axis), jnp.ones((2, D))
+    params, _ = setup(model, x)
+    adapter, base = ia3_jax.split(params)
+    per_layer = ia3_jax.unstack(adapter, "layers", axis=axis)
+    for i in range(L):  # layer i of the stack, now at layers.<i>
+        chex.assert_trees_all_equal(per_layer["layers"][str(i)], layer(adapter["layers"], i, axis))
+    chex.assert_trees_all_equal(ia3_jax.stack(per_layer, "layers", axis=axis), adapter)
+
+    flat_base = ia3_jax.unstack(base, "layers", axis=axis)
+    ia3_jax.save_peft(tmp_path, per_layer, CONFIG, params=flat_base)
+    tensors = safetensors.numpy.load_file(tmp_path / "adapter_model.safetensors")
+    assert sorted(tensors) == sorted(f"base_model.model.layers.{i}.{m}.ia3_l" for i in range(L) for m in ("up", "down"))
+    np.testing.assert_array_equal(
+        tensors["base_model.model.layers.2.down.ia3_l"][0], per_layer["layers"]["2"]["down"]["ia3_l"]
+    )
+    loaded, _ = ia3_jax.load_peft(tmp_path, flat_base)
+    chex.assert_trees_all_equal(ia3_jax.stack(loaded, "layers", axis=axis), adapter)
+
+
+def test_unstack_refuses_a_root_without_one_layer_axis():
+    model, x = Scanned(), jnp.ones((2, D))
+    params, _ = setup(model, x)
+    with pytest.raises(ia3_jax.StructureError, match="no module 'layer'"):
+        ia3_jax.unstack(params, "layer")
+    with pytest.raises(ia3_jax.StructureError, match="layer axis 2"):
+        ia3_jax.unstack(params, "layers", axis=2)
+    with pytest.raises(ia3_jax.StructureError, match="not the layers"):
+        ia3_jax.stack(params, "layers")

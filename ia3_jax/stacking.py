@@ -1,0 +1,84 @@
+"""Stacked layers (``nn.scan`` / ``nn.vmap``) to one module per layer and back.
+
+Flax stores the params of a scanned module once, every leaf with an extra layer axis at the same
+position (``variable_axes={'params': axis}``), under a path without a layer index. PEFT's files and
+PyTorch models have one module per layer (``layers.0.mlp.down_proj``). `unstack` moves the layer
+axis into the path; `stack` moves it back. Both work on params and on adapters alike.
+
+Example (save a scanned adapter in PEFT's format, load it back)::
+
+    save_peft(path, unstack(adapter, "layers"), config, params=unstack(base, "layers"))
+    loaded, config = load_peft(path, unstack(base, "layers"))
+    adapter = stack(loaded, "layers")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ia3_jax import _tree
+from ia3_jax.partition import StructureError
+
+
+def _node(tree: Mapping[str, Any], root: str) -> tuple[_tree.Path, Mapping[str, Any]]:
+    path = tuple(root.split("."))
+    try:
+        node = _tree.get(tree, path)
+    except (KeyError, TypeError):
+        node = None
+    if not isinstance(node, Mapping):
+        modules = [_tree.dotted(p) for p, _ in _tree.modules(tree)]
+        raise StructureError(f"no module {root!r} in the tree; modules there: {modules[:20]}.")
+    return path, node
+
+
+def unstack(tree: Mapping[str, Any], root: str, *, axis: int = 0) -> dict[str, Any]:
+    """`tree` with the layers stacked under `root` split into modules ``root.0``, ``root.1``, ...
+
+    Args:
+      tree: params or an adapter; every leaf under `root` carries the layer axis.
+      root: '.'-joined path of the scanned module (the ``name`` given to the ``nn.scan`` module).
+      axis: the layer axis, ``variable_axes['params']`` of the scan (Flax's default 0).
+
+    Returns:
+      A new tree; leaves under `root` are bare arrays (Flax boxes are unboxed), the rest untouched.
+      A scanned ``(L, out)`` vector at ``layers.mlp.up.ia3_l`` becomes L vectors ``(out,)`` at
+      ``layers.<i>.mlp.up.ia3_l``.
+    """
+    path, node = _node(tree, root)
+    leaves = [(p, _tree.unbox(leaf)) for p, leaf in _tree.leaves_with_paths(node)]
+    counts = {p: np.shape(x)[axis] if np.ndim(x) > axis else None for p, x in leaves}
+    if len(set(counts.values())) != 1 or None in counts.values():
+        shown = {_tree.dotted(p): np.shape(x) for p, x in leaves[:8]}
+        raise StructureError(
+            f"leaves under {root!r} do not share a layer axis {axis} of one size (shapes: {shown}); give the "
+            "scanned module's path and its variable_axes['params'] as axis."
+        )
+    layers = next(iter(counts.values()))
+    bare = jax.tree.map(_tree.unbox, _tree.to_dict(node), is_leaf=_tree.is_box)
+    split = {str(i): jax.tree.map(lambda x, i=i: jnp.take(x, i, axis=axis), bare) for i in range(layers)}
+    return _tree.updated(_tree.to_dict(tree), {path: split})
+
+
+def stack(tree: Mapping[str, Any], root: str, *, axis: int = 0) -> dict[str, Any]:
+    """The inverse of `unstack`: modules ``root.0 ... root.<L-1>`` stacked into one at `root`.
+
+    Raises `StructureError` when the children of `root` are not the layers ``0 .. L-1`` or the
+    layers differ in structure or shapes.
+    """
+    path, node = _node(tree, root)
+    names = sorted(node, key=lambda k: int(k) if str(k).isdigit() else -1)
+    if names != [str(i) for i in range(len(names))]:
+        raise StructureError(f"{root!r} holds {sorted(node)[:10]}, not the layers '0'..'{len(names) - 1}'.")
+    layers = [_tree.to_dict(node[n]) for n in names]
+    first = jax.tree.structure(layers[0])
+    for i, layer in enumerate(layers[1:], start=1):
+        if jax.tree.structure(layer) != first or jax.tree.map(jnp.shape, layer) != jax.tree.map(jnp.shape, layers[0]):
+            raise StructureError(f"layer {root}.{i} differs from {root}.0 in structure or shapes: cannot stack.")
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs, axis=axis), *layers)
+    return _tree.updated(_tree.to_dict(tree), {path: stacked})
