@@ -113,8 +113,8 @@ def _vector_entries(
         if layout.stack_axes:
             raise LayoutError(
                 f"module {key!r} is stacked by nn.scan/nn.vmap (kernel {kernel_shape}, stacked axes "
-                f"{layout.stack_axes}): PEFT's format has one module per layer. Unstack the layers before "
-                "saving or loading PEFT files."
+                f"{layout.stack_axes}): PEFT's format has one module per layer. Pass params and adapter "
+                "through ia3_jax.unstack(tree, '<scanned module path>', axis=...) first (and stack back after)."
             )
         shape = layout.vector_shape(kernel_shape, feedforward)  # DenseGeneral: several feature axes, flattened
         peft_shape = _peft_vector_shape(int(np.prod(shape)), len(kernel_shape), feedforward)

@@ -470,3 +470,16 @@ def test_save_without_params_matches_save_with_params(pairs, tmp_path):
     loaded, loaded_config = load_peft(tmp_path / "without", base)
     chex.assert_trees_all_equal(loaded, adapter)
     assert loaded_config == config.replace(inference_mode=True)
+
+
+def test_stacked_layers_must_be_unstacked(tmp_path):
+    """An nn.scan kernel (L, in, out) has no PEFT counterpart: a clear error pointing to `unstack`."""
+    base = {"layers": {"k": {"kernel": jnp.zeros((3, 4, 5)), "bias": jnp.zeros((3, 5))}}}
+    layouts = {"layers.k": ia3_jax.KernelLayout(in_axes=(1,), out_axes=(2,), stack_axes=(0,))}
+    config = ia3_jax.IA3Config(target_modules=["k"])
+    adapter, _ = ia3_jax.split(ia3_jax.ia3_init(base, config, layouts=layouts))
+    with pytest.raises(ia3_jax.LayoutError, match=r"'layers\.k' is stacked.*ia3_jax\.unstack"):
+        save_peft(tmp_path / "stacked", adapter, config, params=base, layouts=layouts)
+    with pytest.raises(AdapterMismatchError, match=r"shape \(3, 5\).*Pass params="):
+        save_peft(tmp_path / "stacked", adapter, config)
+    assert not (tmp_path / "stacked").exists()
