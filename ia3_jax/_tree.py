@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -80,7 +80,8 @@ def updated(tree: Mapping[str, Any], changes: Mapping[Path, Any]) -> dict[str, A
     return out
 
 
-def leaves_with_paths(tree: Any) -> list[tuple[Path, Any]]:
-    """All leaves (boxes kept whole) with their string key paths, for any pytree."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_box)
+def leaves_with_paths(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> list[tuple[Path, Any]]:
+    """All leaves (boxes, and nodes that `is_leaf` accepts, kept whole) with their string key paths."""
+    stop = is_box if is_leaf is None else (lambda x: is_box(x) or is_leaf(x))
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=stop)
     return [(tuple(key_str(k) for k in path), leaf) for path, leaf in flat]

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ia3_jax import _tree
+from ia3_jax import _tree, quant
 
 
 class LayoutError(ValueError):
@@ -187,8 +187,8 @@ def _stack_axes(stored: tuple[int, ...], per_layer: tuple[int, ...], key: str) -
 
 def _stored_kernels(tree: Any) -> dict[_tree.Path, tuple[int, ...]]:
     return {
-        path[:-1]: tuple(np.shape(_tree.unbox(leaf)))
-        for path, leaf in _tree.leaves_with_paths(tree)
+        path[:-1]: quant.kernel_shape(leaf)
+        for path, leaf in _tree.leaves_with_paths(tree, is_leaf=quant.is_quantized)
         if path and path[-1] == "kernel"
     }
 
@@ -215,7 +215,7 @@ def infer_layouts(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str
         module = context.module
         if context.method_name != "__call__" or not module.has_variable("params", "kernel"):
             return next_fun(*call_args, **call_kwargs)
-        kernel_shape = tuple(np.shape(_tree.unbox(module.get_variable("params", "kernel"))))
+        kernel_shape = quant.kernel_shape(module.get_variable("params", "kernel"))
         y = next_fun(*call_args, **call_kwargs)
         x = call_args[0] if call_args else next(iter(call_kwargs.values()))
         path = tuple(module.scope.path)

@@ -65,6 +65,19 @@ def _qarray(kernel: Any) -> Any:
     return kernel.array if isinstance(kernel, with_aux) else kernel
 
 
+def _known_qarray(kernel: Any, where: str) -> Any:
+    """The ``QArray`` of a plain qwix PTQ kernel; anything else (AWQ's ``WithAwqScale``, a ``WithAux``
+    around a float array) dequantizes differently, so it raises `UnsupportedKernelError`."""
+    with_aux, qarray_type = _qwix_types()  # type: ignore[misc]
+    qarray = _qarray(kernel)
+    if type(kernel) not in (with_aux, qarray_type) or type(qarray) is not qarray_type:
+        raise UnsupportedKernelError(
+            f"{where} is a {type(kernel).__qualname__} around a {type(qarray).__qualname__}, a quantized kernel "
+            "whose dequantization ia3_jax does not know; keep the IA3 vector unmerged (ia3_jax.apply_fn) instead."
+        )
+    return qarray
+
+
 def _qtype_name(qtype: Any) -> str:
     try:
         return jnp.dtype(qtype).name
@@ -81,7 +94,8 @@ def kernel_shape(kernel: Any) -> tuple[int, ...]:
     """
     kernel = _tree.unbox(kernel)
     if is_quantized(kernel):
-        return tuple(jnp.shape(_tree.unbox(_qarray(kernel).qvalue)))
+        inner = _qarray(kernel)
+        return tuple(jnp.shape(_tree.unbox(getattr(inner, "qvalue", inner))))
     if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(kernel)) or isinstance(kernel, jax.ShapeDtypeStruct):
         return tuple(jnp.shape(kernel))
     raise UnsupportedKernelError(
@@ -127,13 +141,7 @@ def rescale_quantized(
         for a feedforward vector and qwix's per-output-channel scales): exact folding is impossible.
       UnsupportedKernelError: an unknown ``WithAux`` subclass (AWQ, ...) whose dequantization differs.
     """
-    with_aux, qarray_type = _qwix_types()  # type: ignore[misc]
-    if type(kernel) not in (with_aux, qarray_type):
-        raise UnsupportedKernelError(
-            f"kernel at {key!r} is a {type(kernel).__qualname__}, a quantized kernel whose dequantization "
-            "ia3_jax does not know; keep the IA3 vector unmerged (ia3_jax.apply_fn) instead."
-        )
-    qarray = _qarray(kernel)
+    qarray = _known_qarray(kernel, f"kernel at {key!r}")
     boxed_scale = qarray.scale
     scale = _tree.unbox(boxed_scale)
     shape = tuple(jnp.shape(_tree.unbox(qarray.qvalue)))
@@ -142,14 +150,15 @@ def rescale_quantized(
         side = "feedforward (input-side)" if feedforward else "output-side"
         raise QuantizedMergeError(
             f"cannot merge the {side} IA3 vector at {key!r} into its quantized kernel: the kernel {shape} "
-            f"({_qtype_name(qarray.qtype)}) has scale {tuple(scale.shape)}, one value shared along axis {shared[0]} where "
-            "the vector varies, so folding it would re-round the integers (lossy). Keep this vector unmerged "
+            f"({_qtype_name(qarray.qtype)}) has scale {tuple(scale.shape)}, one value shared along axis "
+            f"{shared[0]} where the vector varies, so folding it would re-round the integers (lossy). Keep this "
+            "vector unmerged "
             "(serve with ia3_jax.apply_fn), or merge into dequantized weights: "
             "ia3_jax.merge(ia3_jax.quant.dequantize(params), config), then requantize with qwix if needed."
         )
     new_scale = fold(scale, factor).astype(scale.dtype)
     qarray = qarray.replace(scale=_tree.rebox(boxed_scale, new_scale))
-    return kernel.replace(array=qarray) if isinstance(kernel, with_aux) else qarray
+    return qarray if kernel is _qarray(kernel) else kernel.replace(array=qarray)
 
 
 def dequantize(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -162,21 +171,16 @@ def dequantize(params: Mapping[str, Any]) -> dict[str, Any]:
       >>> merged = ia3_jax.merge(ia3_jax.quant.dequantize(ia3_jax.join(qbase, adapter)), config)
       >>> model.apply({"params": merged}, x)
     """
-    types = _qwix_types()
-    if types is None:
+    if _qwix_types() is None:
         return _tree.to_dict(params)
     import qwix
 
-    def leaf(x: Any) -> Any:
+    def leaf(path: Any, x: Any) -> Any:
         if not is_quantized(x):
             return x
-        if type(x) not in types:
-            raise UnsupportedKernelError(
-                f"{type(x).__qualname__} is a quantized kernel whose dequantization ia3_jax does not know."
-            )
-        return qwix.dequantize(_qarray(x))
+        return qwix.dequantize(_known_qarray(x, f"the leaf at {jax.tree_util.keystr(path)}"))
 
-    return _tree.to_dict(jax.tree.map(leaf, params, is_leaf=is_quantized))
+    return _tree.to_dict(jax.tree_util.tree_map_with_path(leaf, params, is_leaf=is_quantized))
 
 
 def cast_adapter(adapter: Mapping[str, Any], dtype: Any) -> dict[str, Any]:

@@ -155,7 +155,8 @@ def test_int8_base_with_bfloat16_scales_folds_in_float32():
     scale, vec = params["k"]["kernel"].array.scale, params["k"]["ia3_l"]
     assert scale.dtype == jnp.bfloat16 and vec.dtype == jnp.float32
     merged = ia3_jax.merge(params, config)
-    chex.assert_trees_all_equal(merged["k"]["kernel"].array.scale, (scale.astype(jnp.float32) * vec).astype(jnp.bfloat16))
+    folded = (scale.astype(jnp.float32) * vec).astype(jnp.bfloat16)
+    chex.assert_trees_all_equal(merged["k"]["kernel"].array.scale, folded)
     y = ia3_jax.apply_fn(qmodel.apply, config)({"params": params}, x)
     assert y.dtype == jnp.bfloat16
     assert rel(qmodel.apply({"params": merged}, x), y) < TOL["bfloat16"]

@@ -251,3 +251,34 @@ def test_benchmark_cpu_tiny(tmp_path):
     for run in runs.values():
         assert np.isfinite(run["losses"]).all() and run["losses"][-1] < run["losses"][0]
         assert run["tokens_per_s"] > 0 and run["adapter_params"] == runs["bf16"]["adapter_params"]
+
+
+class Heads(nn.Module):
+    """Multi-axis projections: ``nn.DenseGeneral`` kernels (8, 2, 4) and (2, 4, 8)."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.DenseGeneral((2, 4), name="k")(x)
+        return nn.DenseGeneral(8, axis=(-2, -1), name="o")(h)
+
+
+def test_infer_layouts_reads_quantized_dense_general_kernels():
+    model = Heads()
+    qmodel = qwix.quantize_model(model, qwix.PtqProvider([qwix.QuantizationRule(weight_qtype=jnp.int8)]))
+    fp = model.init(jax.random.key(0), X)["params"]
+    qparams = qwix.quantize_params(fp, jax.eval_shape(qmodel.init, jax.random.key(0), X)["params"])
+    layouts = ia3_jax.infer_layouts(qmodel.apply, {"params": qparams}, X)
+    assert layouts == ia3_jax.infer_layouts(model.apply, {"params": fp}, X)
+    config = ia3_jax.IA3Config(target_modules=["k", "o"], feedforward_modules=["o"], init_ia3_weights=False)
+    params = ia3_jax.ia3_init(qparams, config, rng=jax.random.key(1), layouts=layouts)
+    assert params["k"]["ia3_l"].shape == (2, 4) and params["o"]["ia3_l"].shape == (2, 4)
+    y = ia3_jax.apply_fn(qmodel.apply, config)({"params": params}, X)
+    y_deq = ia3_jax.apply_fn(model.apply, config)({"params": quant.dequantize(params)}, X)
+    chex.assert_trees_all_close(y, y_deq, rtol=1e-5, atol=1e-6)
+    # The (2, 4) output vector folds into the (1, 2, 4) scale.
+    out_only = config.replace(target_modules=["k"], feedforward_modules=[])
+    k_only = ia3_jax.join(qparams, {"k": {"ia3_l": params["k"]["ia3_l"]}})
+    merged = ia3_jax.merge(k_only, out_only, layouts=layouts)
+    chex.assert_trees_all_equal(merged["k"]["kernel"].array.qvalue, qparams["k"]["kernel"].array.qvalue)
+    y_k = ia3_jax.apply_fn(qmodel.apply, out_only)({"params": k_only}, X)
+    chex.assert_trees_all_close(qmodel.apply({"params": merged}, X), y_k, rtol=1e-5, atol=1e-6)
