@@ -185,8 +185,8 @@ def test_jax_adapter_loads_in_peft_with_same_logits(pairs, name, tmp_path):
     config = hf.default_config(pair.flax, task_type=pair.arch.task_type, init_ia3_weights=False,
                                modules_to_save=pair.arch.modules_to_save)
     adapter, base = ia3_jax.split(ia3_jax.ia3_init(pair.params, config, rng=jax.random.key(0)), config)
-    # A trained head differs from the base one: perturb the modules_to_save copy.
-    adapter = jax.tree.map(lambda x: x + 0.5, adapter) if pair.arch.modules_to_save else adapter
+    for module in pair.arch.modules_to_save or ():  # a trained head differs from the base one
+        adapter = {**adapter, module: jax.tree.map(lambda x: x + 0.5, adapter[module])}
     save_peft(tmp_path, adapter, config, params=base)
 
     loaded = peft.PeftModel.from_pretrained(pair.torch(), tmp_path).eval()
