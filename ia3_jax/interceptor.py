@@ -47,7 +47,15 @@ def scale(activation: jax.Array, vector: jax.Array) -> jax.Array:
 
     The product is computed in ``promote_types(activation.dtype, vector.dtype)`` (float32 for a bf16
     activation and a float32 vector, as PEFT's autocast) and cast back to the activation's dtype.
+    For the backward pass the activation itself is kept, not its float32 copy (the cast is redone
+    there): under `nn.scan`, whose residuals are fixed before XLA sees them, that halves the bytes
+    that a bf16 model saves for each IA3 vector.
     """
+    return _scale(activation, vector)
+
+
+@functools.partial(jax.checkpoint, prevent_cse=False)
+def _scale(activation: jax.Array, vector: jax.Array) -> jax.Array:
     dtype = jnp.promote_types(activation.dtype, vector.dtype)
     return (activation.astype(dtype) * vector.astype(dtype)).astype(activation.dtype)
 
