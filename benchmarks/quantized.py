@@ -15,12 +15,14 @@ vectors; AdamW) with the base as a non-differentiated jit argument, in its own p
 ``peak_bytes_in_use`` belongs to it alone. The quantized base is made from the bf16 one on the device
 by one jitted, donating ``qwix.quantize_params``; ``setup_peak_bytes`` is the peak before training.
 
-GPU command (one H200; needs jax, flax, optax, numpy, qwix; writes JSON):
+GPU command (one H200, from the repository root; needs jax, flax, optax, numpy and qwix, here qwix from
+the carried wheel installed into /tmp/site as `benchmarks/h200.sh` does; about 5 minutes; writes JSON):
 
-  python benchmarks/quantized.py --out benchmarks/results/quantized.json
+  PYTHONPATH=/tmp/site python3 benchmarks/quantized.py --out "$OUT/quantized.json"
 
-Options: ``--batch 8 --seq 2048 --steps 10 --warmup 2 --remat`` (defaults shown but --remat, which is
-off), ``--variants bf16,int8``. ``--cpu-tiny`` runs a 1-layer model in seconds, all variants in one
+Options: ``--batch 8 --seq 1024 --steps 10 --warmup 2 --attention cudnn`` (the defaults; a variant that
+cuDNN's fused attention refuses is measured again with ``--attention xla``, and says so), ``--remat``,
+``--variants bf16,int8``. ``--cpu-tiny`` runs a 1-layer model in seconds, all variants in one
 process (no peak memory on the CPU); the tests use it.
 """
 
@@ -60,7 +62,7 @@ LEARNING_RATE = 1e-3
 class Workload:
     config: llama.LlamaConfig = llama.LlamaConfig()
     batch: int = 8
-    seq: int = 2048
+    seq: int = 1024
     warmup: int = 2
     steps: int = 10
 
@@ -146,8 +148,12 @@ def bench_variant(variant: str, workload: Workload) -> dict[str, Any]:
         if i >= workload.warmup:
             times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
+    device = jax.devices()[0]
     return {
         "variant": variant,
+        "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
+        "attention": workload.config.attention,
+        "remat": workload.config.remat,
         "base_bytes": _nbytes(base),
         "adapter_params": int(sum(x.size for x in jax.tree.leaves(adapter))),
         "compile_s": compile_s,
@@ -164,7 +170,8 @@ def bench_variant(variant: str, workload: Workload) -> dict[str, Any]:
 def _workload(args: argparse.Namespace) -> Workload:
     if args.cpu_tiny:
         return Workload(config=dataclasses.replace(llama.TINY, num_layers=1), batch=2, seq=16, warmup=1, steps=2)
-    config = dataclasses.replace(llama.LlamaConfig(), remat=args.remat, attention=args.attention)
+    attention = None if args.attention == "none" else args.attention
+    config = dataclasses.replace(llama.LlamaConfig(), remat=args.remat, attention=attention)
     return Workload(config=config, batch=args.batch, seq=args.seq, warmup=args.warmup, steps=args.steps)
 
 
@@ -177,12 +184,11 @@ def _in_subprocess(variant: str, argv: list[str]) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def environment() -> dict[str, Any]:
+def versions() -> dict[str, str]:
+    """Library versions; no device is touched (the parent process must leave the GPU to the variants)."""
     import flax
 
-    device = jax.devices()[0]
-    versions = {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__}
-    return versions | {"qwix": qwix.__version__, "device": f"{device.platform}:{getattr(device, 'device_kind', '')}"}
+    return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__, "qwix": qwix.__version__}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -191,11 +197,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--variants", default="bf16,int8", help="comma-separated: bf16, int8, int4")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant, JSON on stdout
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--remat", action="store_true", help="recompute each layer in the backward pass")
-    parser.add_argument("--attention", default=None, help="jax.nn.dot_product_attention implementation")
+    parser.add_argument("--attention", default="cudnn", help="dot_product_attention implementation: cudnn, xla, none")
     parser.add_argument("--cpu-tiny", action="store_true", help="1-layer model, seconds on a CPU")
     args = parser.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -211,8 +217,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs = [bench_variant(v, workload) for v in variants]
     else:
         runs = [_in_subprocess(v, argv) for v in variants]
+        for i, run in enumerate(runs):  # cuDNN's fused attention may refuse a shape: measure with XLA's
+            if "error" in run and args.attention == "cudnn":
+                runs[i] = {**_in_subprocess(run["variant"], [*argv, "--attention", "xla"]), "cudnn_error": run["error"]}
     results = {
-        "environment": environment(),
+        "versions": versions(),
         "workload": {
             "batch": workload.batch,
             "seq": workload.seq,
