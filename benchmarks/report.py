@@ -99,7 +99,7 @@ def training_table(results: dict[str, dict[str, Any]]) -> str:
         compile_s = f"{r['compile_s']:.0f}" if "compile_s" in r else ""
         lines.append(
             f"| {name} | {r['tokens_per_s']:,.0f} | {1e3 * r['step_s']:.1f} | {_gib(r.get('peak_bytes'))} | "
-            f"{'' if vs is None else f'{vs:.3f}x'} | {r['trainable_params']:,} | {compile_s} |"
+            f"{'' if vs is None else f'{vs:.3f}x'} | {r.get('trainable_params', 0):,} | {compile_s} |"
         )
     return "\n".join(lines)
 

@@ -1,0 +1,140 @@
+"""The benchmark harness on the CPU at tiny sizes: it runs end to end and measures the right things.
+
+No timing is asserted. What is checked: the lean Llama is Hugging Face's Llama (same logits as
+transformers' PyTorch model on converted weights), scanning it changes nothing, the IA3, floor and
+full variants start from the same loss, IA3 trains, PEFT adapts the same modules with as many
+parameters, the merged model matches the unmerged one, and the report judges targets correctly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ia3_jax
+from benchmarks import jax_bench, llama, report, run
+
+F32_TINY = dataclasses.replace(llama.TINY, dtype=jnp.float32, param_dtype=jnp.float32)
+
+
+def _lean_params_from_torch(model, config: llama.LlamaConfig) -> dict:
+    """transformers' LlamaForCausalLM state dict -> the unrolled lean Llama's params (kernels transposed)."""
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    dense = lambda name: {"kernel": jnp.asarray(sd[f"{name}.weight"].T)}  # noqa: E731
+    layers = {}
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}"
+        layers[str(i)] = {
+            "input_layernorm": {"weight": jnp.asarray(sd[f"{p}.input_layernorm.weight"])},
+            "post_attention_layernorm": {"weight": jnp.asarray(sd[f"{p}.post_attention_layernorm.weight"])},
+            "self_attn": {n: dense(f"{p}.self_attn.{n}") for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
+            "mlp": {n: dense(f"{p}.mlp.{n}") for n in ("gate_proj", "up_proj", "down_proj")},
+        }
+    return {
+        "embed_tokens": {"embedding": jnp.asarray(sd["model.embed_tokens.weight"])},
+        "layers": layers,
+        "norm": {"weight": jnp.asarray(sd["model.norm.weight"])},
+        "lm_head": dense("lm_head"),
+    }
+
+
+def test_lean_llama_matches_transformers_llama():
+    torch = pytest.importorskip("torch")
+    from benchmarks import torch_bench
+
+    workload = jax_bench.Workload(config=F32_TINY, batch=2, seq=16)
+    model = torch_bench.build(workload, "cpu")
+    with torch.no_grad():
+        torch.nn.init.normal_(model.model.layers[0].input_layernorm.weight, 1.0, 0.2)  # not all ones
+    ids = np.random.default_rng(0).integers(0, F32_TINY.vocab_size, (2, 16))
+    with torch.no_grad():
+        expected = model(input_ids=torch.as_tensor(ids)).logits.numpy()
+    params = _lean_params_from_torch(model, F32_TINY)
+    got = llama.Llama(F32_TINY).apply({"params": params}, jnp.asarray(ids))
+    chex.assert_trees_all_close(got, expected, atol=2e-5, rtol=2e-5)
+
+
+def test_scanned_lean_llama_equals_unrolled_with_ia3():
+    unrolled = llama.Llama(F32_TINY)
+    scanned = llama.Llama(dataclasses.replace(F32_TINY, scan=True))
+    params = llama.init_params(unrolled, jax.random.key(0))
+    stacked = dict(params, layers=jax.tree.map(lambda *x: jnp.stack(x), *params["layers"].values()))
+    ids = jax.random.randint(jax.random.key(1), (2, 16), 0, F32_TINY.vocab_size)
+    config = jax_bench.IA3_CONFIG
+    layouts = ia3_jax.infer_layouts(scanned.apply, {"params": stacked}, ids)
+    _, base_u = ia3_jax.split(ia3_jax.ia3_init(params, config))
+    adapter_s, base_s = ia3_jax.split(ia3_jax.ia3_init(stacked, config, layouts=layouts))
+    adapter_s = jax.tree.map(lambda v: v + 0.1 * jax.random.normal(jax.random.key(2), v.shape), adapter_s)
+    # the unrolled model gets layer i's row of each stacked vector
+    adapter_u = {"layers": {str(i): jax.tree.map(lambda v: v[i], adapter_s["layers"]) for i in range(2)}}
+
+    def loss(model, base, adapter):
+        logits = ia3_jax.apply_fn(model.apply, config)({"params": ia3_jax.join(base, adapter)}, ids)
+        return llama.causal_lm_loss(logits, ids)
+
+    value_u, grads_u = jax.jit(jax.value_and_grad(lambda a: loss(unrolled, base_u, a)))(adapter_u)
+    value_s, grads_s = jax.jit(jax.value_and_grad(lambda a: loss(scanned, base_s, a)))(adapter_s)
+    chex.assert_trees_all_close(value_s, value_u, rtol=1e-5)
+    restacked = jax.tree.map(lambda *x: jnp.stack(x), *grads_u["layers"].values())
+    chex.assert_trees_all_close(grads_s["layers"], restacked, rtol=1e-4, atol=1e-6)
+
+
+def test_cpu_tiny_run_end_to_end(tmp_path):
+    pytest.importorskip("torch")
+    names = ["jax:lean:ia3", "jax:lean:floor", "infer:lean", "torch:peft:ia3", "torch:peft:floor"]
+    assert run.main(["--cpu-tiny", "--out", str(tmp_path), "--only", ",".join(names)]) == 0
+    results = report.load(tmp_path)
+    assert sorted(results) == sorted(names)
+    for name, r in results.items():
+        assert r["status"] == "ok", (name, r.get("error"))
+    ia3, floor = results["jax:lean:ia3"], results["jax:lean:floor"]
+    # vectors start at one, so IA3 starts exactly where the floor (untouched model) is
+    assert ia3["losses"][0] == pytest.approx(floor["losses"][0], rel=1e-6)
+    assert ia3["losses"][-1] < ia3["losses"][0]  # the vectors train
+    peft_ia3, peft_floor = results["torch:peft:ia3"], results["torch:peft:floor"]
+    assert peft_ia3["losses"][0] == pytest.approx(peft_floor["losses"][0], rel=1e-6)
+    # PEFT adapts the same modules: k_proj, v_proj (2 x 32 per layer), down_proj input (128 per layer)
+    assert ia3["trainable_params"] == peft_ia3["trainable_params"] == 2 * (32 + 32 + 128)
+    assert floor["trainable_params"] == F32_TINY.hidden_size
+    infer = results["infer:lean"]
+    for shape in infer["forward"].values():
+        assert shape["merged_vs_unmerged_rel_err"] < 1e-5  # float32: merge is exact up to rounding
+    merge = infer["merge"]
+    assert merge["targeted_kernels"] == 3 * F32_TINY.num_layers
+    assert merge["floor_bytes"] >= 2 * merge["targeted_bytes"]
+    assert (tmp_path / "plot.png").stat().st_size > 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "lean: IA3 step / floor step" in summary and "jax:lean:ia3" in summary
+
+
+def _train(name: str, step_s: float, peak: float | None = None, tokens: int = 8192) -> dict:
+    return {"name": name, "status": "ok", "step_s": step_s, "tokens_per_s": tokens / step_s, "peak_bytes": peak}
+
+
+def test_report_targets_and_table():
+    results = {
+        r["name"]: r
+        for r in [
+            _train("jax:lean:ia3", 0.080, 10.0),
+            _train("jax:lean:floor", 0.075, 9.0),
+            _train("torch:peft:ia3", 0.140, 20.0),
+            {"name": "pair:lean", "status": "ok", "ia3_over_floor": 1.02,
+             "modes": {"ia3": {"step_s": 0.0765}, "floor": {"step_s": 0.075}}},
+            {"name": "jax:hf:full", "status": "oom", "error": "RESOURCE_EXHAUSTED: out of memory"},
+        ]
+    }
+    rows = {what: (value, verdict) for what, value, verdict in report.target_rows(results)}
+    # the pair (same process, alternating rounds) is preferred over separate processes (0.080 / 0.075)
+    assert rows["lean: IA3 step / floor step <= 1.03 (alternating rounds, one process)"] == ("1.020", "met")
+    assert rows["lean IA3 tokens/s / PEFT IA3 tokens/s >= 1.25"] == ("1.750", "met")
+    assert rows["lean IA3 peak memory / PEFT IA3 peak <= 1.0"] == ("0.500", "met")
+    results["pair:lean"]["ia3_over_floor"] = 1.05
+    rows = {what: verdict for what, _, verdict in report.target_rows(results)}
+    assert rows["lean: IA3 step / floor step <= 1.03 (alternating rounds, one process)"] == "MISSED"
+    table = report.training_table(results)
+    assert "| jax:hf:full | oom |" in table
