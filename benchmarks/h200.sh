@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The GPU run of issue 6 (and the scaling / quantized scripts), as sent to the H200 device machine.
+# The GPU runs of issue 6 (and of issues 5 and 7), as sent to the 2 x H200 device machine.
 #
-#   bash benchmarks/h200.sh OUTDIR [run.py args...]      e.g. bash benchmarks/h200.sh $OUT --suite all
+#   bash benchmarks/h200.sh OUTDIR [run.py args...]             our variants, one lane per GPU
+#   WITH_OTHERS=1 bash benchmarks/h200.sh OUTDIR [run.py args...]
+#       our variants on GPU 0 while benchmarks/quantized.py (issue 7) runs on GPU 1, then
+#       benchmarks/scaling.py (issue 5) on both GPUs
 #
-# Works in /tmp/bench; OUTDIR receives env.txt, results.json, summary.md, plot.png and run.tgz (all
-# per-variant JSON and logs), few files because the device tool returns at most 8.
 # Installs the carried wheels (.whl: transformers 4.57.6, tokenizers 0.22.1, huggingface-hub 0.36.0,
-# qwix 0.1.8) into /tmp/site, used by the JAX processes only; PyTorch keeps the machine's transformers.
+# qwix 0.1.8) into /tmp/site, used by the JAX processes only; PyTorch keeps the machine's own
+# transformers. Works in /tmp/bench; OUTDIR receives env.txt, results.json, run.tgz (every
+# per-variant JSON and log) and the other scripts' JSON and logs: few files, as the tool returns 8.
 set -u
 out=$1; shift
 work=/tmp/bench
@@ -18,9 +21,23 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   date -u
   nvidia-smi --query-gpu=index,name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c 'import sys, jax, flax, torch, peft, transformers; print(sys.version.split()[0], "jax", jax.__version__, "flax", flax.__version__, "torch", torch.__version__, "peft", peft.__version__, "transformers(torch)", transformers.__version__)'
-  PYTHONPATH=/tmp/site python3 -c 'import transformers, qwix; print("transformers(flax)", transformers.__version__, "qwix", qwix.__version__ if hasattr(qwix, "__version__") else "?")'
+  PYTHONPATH=/tmp/site python3 -c 'import transformers, qwix; print("transformers(flax)", transformers.__version__, "qwix", getattr(qwix, "__version__", "0.1.8 (wheel)"))'
 } >"$out/env.txt" 2>&1
 cat "$out/env.txt"
-PYTHONPATH=. python3 benchmarks/run.py --out "$work/run" --gpus 0,1 --flax-site /tmp/site "$@"
+gpus=0,1
+if [ -n "${WITH_OTHERS:-}" ]; then
+  gpus=0
+  (CUDA_VISIBLE_DEVICES=1 PYTHONPATH=/tmp/site:. timeout "${QUANT_TIMEOUT:-300}" \
+    python3 benchmarks/quantized.py --out "$out/quantized.json" >"$out/quantized.log" 2>&1
+   echo "exit $?" >>"$out/quantized.log") &
+fi
+PYTHONPATH=. python3 benchmarks/run.py --out "$work/run" --gpus "$gpus" --flax-site /tmp/site "$@"
+wait
+if [ -n "${WITH_OTHERS:-}" ]; then
+  PYTHONPATH=. timeout "${SCALING_TIMEOUT:-240}" \
+    python3 benchmarks/scaling.py --devices 1,2 --out "$out/scaling.json" >"$out/scaling.log" 2>&1
+  echo "exit $?" >>"$out/scaling.log"
+  tail -n 30 "$out/quantized.log" "$out/scaling.log"
+fi
 tar czf "$out/run.tgz" -C "$work" run
-cp "$work/run/results.json" "$work/run/summary.md" "$work/run/plot.png" "$out/" 2>/dev/null
+cp "$work/run/results.json" "$out/"

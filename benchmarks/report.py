@@ -54,9 +54,8 @@ def target_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]
             continue
         ok = ratio <= bound if sense == "le" else ratio >= bound
         rows.append((f"{what} {sign} {bound}", f"{ratio:.3f}", "met" if ok else "MISSED"))
-    for name in ("infer:lean", "infer:hf"):
-        r = results.get(name)
-        if not _ok(r):
+    for name, r in results.items():
+        if not name.startswith("infer:") or not _ok(r):
             continue
         big = r["forward"].get("8x1024") or next(iter(r["forward"].values()))
         base = big["base"]["latency_s"]
@@ -84,7 +83,7 @@ def _gib(x: Any) -> str:
 
 def training_table(results: dict[str, dict[str, Any]]) -> str:
     lines = [
-        "| variant | tokens/s | step (ms) | peak (GiB) | vs its floor | trainable params | compile (s) |",
+        "| variant | tokens/s | step (ms) | peak (GiB) | step vs its floor | trainable params | compile (s) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, r in results.items():
@@ -94,8 +93,12 @@ def training_table(results: dict[str, dict[str, Any]]) -> str:
             err = str(r.get("error", "")).splitlines()[0][:120] if r.get("error") else ""
             lines.append(f"| {name} | {r.get('status')} | | | | | {err} |")
             continue
-        floor = name.rsplit(":", 1)[0] + ":floor"
-        vs = _ratio(results, name, floor, "step_s")
+        prefix, mode = name.rsplit(":", 1)
+        pair = results.get(f"pair:{prefix.split(':', 1)[1]}")
+        if mode == "ia3" and _ok(pair):  # the alternating-rounds ratio is the one to trust
+            vs = pair["ia3_over_floor"]
+        else:
+            vs = _ratio(results, name, f"{prefix}:floor", "step_s")
         compile_s = f"{r['compile_s']:.0f}" if "compile_s" in r else ""
         lines.append(
             f"| {name} | {r['tokens_per_s']:,.0f} | {1e3 * r['step_s']:.1f} | {_gib(r.get('peak_bytes'))} | "
@@ -197,12 +200,42 @@ def write(folder: Path) -> str:
     return text
 
 
-def combine(folders: list[Path], out: Path, renames: dict[str, str] | None = None) -> None:
-    """Merges the ``results.json`` of several runs into `out` (a later run wins per variant name)."""
+# The first H200 run (results/20261128-2017) used older model names: "lean" was then scanned,
+# "lean-unrolled" is today's "lean".
+FIRST_RUN_NAMES = {
+    "jax:lean:ia3": "jax:lean-scan:ia3",
+    "jax:lean:floor": "jax:lean-scan:floor",
+    "jax:lean:full": "jax:lean-scan:full",
+    "jax:lean-remat:ia3": "jax:lean-scan-remat:ia3",
+    "jax:lean-remat:floor": "jax:lean-scan-remat:floor",
+    "jax:lean-remat:full": "jax:lean-scan-remat:full",
+    "jax:lean-unrolled:ia3": "jax:lean:ia3",
+    "jax:lean-unrolled:floor": "jax:lean:floor",
+    "infer:lean": "infer:lean-scan",
+}
+
+
+def combine(folders: list[Path], out: Path, renames: dict[Path, dict[str, str]] | None = None) -> None:
+    """Merges the ``results.json`` of several runs into `out` (a later run wins per variant name).
+
+    `renames` maps a folder to ``{old name: new name}`` for runs made under older variant names.
+    """
     merged: dict[str, dict[str, Any]] = {}
     for folder in folders:
         for name, r in load(folder).items():
-            name = (renames or {}).get(name, name)
-            merged[name] = {**r, "name": name, "run": str(folder)}
+            new = (renames or {}).get(folder, {}).get(name, name)
+            merged[new] = {**r, "name": new, "run": Path(folder).name}
+            if new != name:
+                merged[new]["name_in_run"] = name
+    kept = [r for r in merged.values() if r.get("status") not in ("skipped", "timeout")]  # cut by a deadline
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"results": list(merged.values())}, indent=1))
+    (out / "results.json").write_text(json.dumps({"results": sorted(kept, key=lambda r: _order(r["name"]))}, indent=1))
+
+
+def _order(name: str) -> tuple:
+    kinds = ["jax", "torch", "pair", "infer"]
+    models = ["lean", "lean-hidden", "lean-scan", "lean-scan-hidden", "lean-scan-remat", "hf", "peft"]
+    modes = ["ia3", "floor", "full"]
+    kind, model, *mode = name.split(":")
+    index = lambda seq, x: seq.index(x) if x in seq else len(seq)  # noqa: E731
+    return index(kinds, kind), index(models, model), index(modes, mode[0] if mode else "")
