@@ -4,7 +4,7 @@
 #   bash benchmarks/h200.sh OUTDIR [run.py args...]             our variants, one lane per GPU
 #   WITH_OTHERS=1 bash benchmarks/h200.sh OUTDIR [run.py args...]
 #       our variants on GPU 0 while benchmarks/quantized.py (issue 7) runs on GPU 1, then
-#       benchmarks/scaling.py (issue 5) on both GPUs
+#       benchmarks/scaling.py (issue 5) on both GPUs, cut at TOTAL_S seconds (default 560) after the start
 #
 # Installs the carried wheels (.whl: transformers 4.57.6, tokenizers 0.22.1, huggingface-hub 0.36.0,
 # qwix 0.1.8) into /tmp/site, used by the JAX processes only; PyTorch keeps the machine's own
@@ -34,7 +34,9 @@ fi
 PYTHONPATH=. python3 benchmarks/run.py --out "$work/run" --gpus "$gpus" --flax-site /tmp/site "$@"
 wait
 if [ -n "${WITH_OTHERS:-}" ]; then
-  PYTHONPATH=. timeout "${SCALING_TIMEOUT:-240}" \
+  left=$(( ${TOTAL_S:-560} - SECONDS ))  # what the device call has left for the last script
+  [ "$left" -gt 30 ] || left=30
+  PYTHONPATH=. timeout "$left" \
     python3 benchmarks/scaling.py --devices 1,2 --out "$out/scaling.json" >"$out/scaling.log" 2>&1
   echo "exit $?" >>"$out/scaling.log"
   tail -n 30 "$out/quantized.log" "$out/scaling.log"
