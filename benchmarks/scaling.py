@@ -252,6 +252,22 @@ def measure(cfg: Config, layout: str, n: int, batch: int, seq: int, steps: int) 
     }
 
 
+def efficiencies(runs: list[dict]) -> dict[str, float]:
+    """``tokens/s(N) / (N * tokens/s(1))`` per layout and N.
+
+    dp/fsdp grow the global batch with N (weak scaling), tp keeps it and wants an N-times faster
+    step: either way the ideal is N times the single device's tokens/s.
+    """
+    single = [r["tokens_per_s"] for r in runs if r["devices"] == 1]
+    if not single:
+        return {}
+    return {
+        f"{r['layout']}_{r['devices']}": r["tokens_per_s"] / (r["devices"] * single[0])
+        for r in runs
+        if r["devices"] > 1
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", default="1,2", help="device counts to measure, e.g. '1,2' (or a single '2')")
@@ -267,37 +283,6 @@ def main(argv: list[str] | None = None) -> dict:
     layouts = args.layouts.split(",")
     available = jax.device_count()
     print(f"jax {jax.__version__}, {available} x {jax.devices()[0].device_kind}; model {cfg}", flush=True)
-
-    # On one device every layout is the same program: measure it once, as the baseline of all.
-    plan = [("single", 1)] * (1 in counts) + [(layout, n) for n in counts if n > 1 for layout in layouts]
-    runs, errors = [], []
-    for layout, n in plan:
-        if n > available:
-            errors.append({"layout": layout, "devices": n, "error": f"only {available} devices"})
-            continue
-        try:
-            run = measure(cfg, layout, n, batch, seq, steps)
-        except Exception as err:  # noqa: BLE001 -- keep measuring the other layouts; the JSON says what failed
-            traceback.print_exc()
-            errors.append({"layout": layout, "devices": n, "error": f"{type(err).__name__}: {err}"[:2000]})
-            continue
-        runs.append(run)
-        print(
-            f"{layout:>6} on {n} device(s): {run['tokens_per_s']:,.0f} tokens/s, step {run['step_s_median'] * 1e3:.1f} ms "
-            f"(compile {run['compile_s']:.0f} s), loss {run['loss_first']:.4f} -> {run['loss_last']:.4f}",
-            flush=True,
-        )
-
-    # dp/fsdp grow the global batch with N (weak scaling), tp keeps it and wants an N-times faster
-    # step: either way the ideal is N times the single device's tokens/s.
-    single = [r["tokens_per_s"] for r in runs if r["devices"] == 1]
-    efficiency = {
-        f"{r['layout']}_{r['devices']}": r["tokens_per_s"] / (r["devices"] * single[0])
-        for r in runs
-        if single and r["devices"] > 1
-    }
-    for key, eff in efficiency.items():
-        print(f"scaling efficiency {key}: {eff:.3f}")
     result = {
         "config": dataclasses.asdict(cfg),
         "batch_per_device": batch,
@@ -305,13 +290,37 @@ def main(argv: list[str] | None = None) -> dict:
         "steps": steps,
         "device_kind": jax.devices()[0].device_kind,
         "jax": jax.__version__,
-        "runs": runs,
-        "errors": errors,
-        "scaling_efficiency": efficiency,
+        "runs": [],
+        "errors": [],
+        "scaling_efficiency": {},
     }
+
+    # On one device every layout is the same program: measure it once, as the baseline of all.
+    plan = [("single", 1)] * (1 in counts) + [(layout, n) for n in counts if n > 1 for layout in layouts]
+    for layout, n in plan:
+        if n > available:
+            result["errors"].append({"layout": layout, "devices": n, "error": f"only {available} devices"})
+            continue
+        try:
+            run = measure(cfg, layout, n, batch, seq, steps)
+        except Exception as err:  # noqa: BLE001 -- keep measuring the other layouts; the JSON says what failed
+            traceback.print_exc()
+            result["errors"].append({"layout": layout, "devices": n, "error": f"{type(err).__name__}: {err}"[:2000]})
+            continue
+        result["runs"].append(run)
+        result["scaling_efficiency"] = efficiencies(result["runs"])
+        eff = result["scaling_efficiency"].get(f"{layout}_{n}")
+        print(
+            f"{layout:>6} on {n} device(s): {run['tokens_per_s']:,.0f} tokens/s, step {run['step_s_median'] * 1e3:.1f} ms "
+            f"(compile {run['compile_s']:.0f} s), loss {run['loss_first']:.4f} -> {run['loss_last']:.4f}"
+            + ("" if eff is None else f", scaling efficiency {eff:.3f}"),
+            flush=True,
+        )
+        with open(args.out, "w") as f:  # after every run: a run cut short by a time limit keeps what it measured
+            json.dump(result, f, indent=2)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    print(f"scaling efficiency: {result['scaling_efficiency']}; wrote {args.out}")
     return result
 
 
