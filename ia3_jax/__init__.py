@@ -36,6 +36,15 @@ from ia3_jax.training import make_train_step, trainable_mask
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # `ia3_jax.hf` imports transformers: load it on first use, not with `import ia3_jax`.
+    if name == "hf":
+        import importlib
+
+        return importlib.import_module("ia3_jax.hf")
+    raise AttributeError(f"module 'ia3_jax' has no attribute {name!r}")
+
 __all__ = [
     "AdapterDtypeError",
     "AdapterExistsError",
