@@ -5,6 +5,12 @@ Defaults need no arguments and no network: the all-MiniLM-L6-v2 encoder shipped 
 (`vaderSentiment`). The job trains a head-only baseline and IA3 plus the head on the same batches,
 reports held-out accuracy for both, saves the adapter (orbax and PEFT format), reloads it, checks
 that the merged model predicts what the unmerged one does, and plots the training curves.
+
+Measured with the defaults (200 steps of 32 words, Adam 3e-2, cosine decay; 2.5 CPU-minutes): IA3 on
+BERT's default targets plus the head trains 16,898 of 22,730,884 parameters (0.074%) and reaches 0.930
+held-out accuracy, the head alone 0.832 on the same batches (0.848 at its best learning rate, 0.1; 0.879
+for a logistic regression trained to convergence on the frozen pooled features); the majority class is
+0.565. Merged and unmerged logits differ by about 5e-6.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from ia3_jax.training import make_train_step
 # Weight files a model directory may hold: Flax's own, or PyTorch's safetensors (read without torch).
 FLAX_WEIGHTS = "flax_model.msgpack"
 SAFETENSORS_WEIGHTS = "model.safetensors"
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 # PEFT adds these to modules_to_save for sequence classification; the first one present is the head.
 HEAD_NAMES = ("classifier", "score")
 MERGE_TOLERANCE = 1e-4  # max |logit difference| merged vs unmerged, float32
@@ -338,7 +345,10 @@ def finetune(options: FinetuneOptions = FinetuneOptions()) -> dict[str, Any]:
 
     train_data, heldout_data = load_data(options)
     model_dir = check_model_dir(options.model_dir or default_model_dir())
-    print(f"data: {len(train_data)} train / {len(heldout_data)} held-out, classes {list(train_data.label_names)}")
+    data_name = "the VADER lexicon" if options.data is None else options.data.name
+    model_name = DEFAULT_MODEL_NAME if options.model_dir is None else model_dir.name
+    classes = list(train_data.label_names)
+    print(f"data: {data_name}, {len(train_data)} train / {len(heldout_data)} held-out, classes {classes}")
     model, params, tokenizer = load_classifier(model_dir, len(train_data.label_names), options.seed)
     config = ia3_config_for(model.config.model_type, params)
     train_rows = tokenize(tokenizer, train_data, options.max_length)
@@ -348,7 +358,7 @@ def finetune(options: FinetuneOptions = FinetuneOptions()) -> dict[str, Any]:
     head_adapter, base = split(params, config)  # no vectors yet: the head copy alone
     ia3_adapter, _ = split(ia3_init(params, config), config)
     count = trainable_parameters(ia3_adapter, base)
-    print(f"model: {model_dir} ({model.config.model_type}); IA3 on {list(config.target_modules)} + head")
+    print(f"model: {model_name} ({model.config.model_type}, {model_dir}); IA3 on {list(config.target_modules)} + head")
     print(count)
 
     plain, with_ia3 = logits_fn(model, None), logits_fn(model, config)
@@ -367,7 +377,7 @@ def finetune(options: FinetuneOptions = FinetuneOptions()) -> dict[str, Any]:
             f"head only (held-out accuracy {head_acc:.3f})": head_losses,
             f"IA3 + head (held-out accuracy {ia3_acc:.3f})": ia3_losses,
         },
-        f"{model_dir.name}: {options.steps} steps x {options.batch_size}",
+        f"{model_name} on {data_name}: {options.steps} steps x {options.batch_size}",
     )
     metrics = {
         "trainable_params": count.trainable,

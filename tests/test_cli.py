@@ -157,35 +157,36 @@ def test_jsonl_with_named_columns_and_integer_labels(tmp_path):
         ("text,label\n", "no records"),
     ],
 )
-def test_bad_csv_fails_before_anything_is_written(tmp_path, torch_model_dir, content, message):
+def test_bad_csv_fails_before_anything_is_written(tmp_path, content, message):
     data = tmp_path / "words.csv"
     data.write_text(content)
-    options = _options(tmp_path, torch_model_dir, data)
+    options = _options(tmp_path, tmp_path / "model_never_read", data)
     with pytest.raises(DataError, match=message.replace("[", r"\[").replace("]", r"\]")):
         cli.finetune(options)
     assert not options.out.exists()
 
 
-def test_bad_jsonl_and_missing_files(tmp_path, torch_model_dir):
+def test_bad_jsonl_and_missing_files(tmp_path):
+    model_dir = tmp_path / "model_never_read"
     bad = tmp_path / "words.jsonl"
     bad.write_text('{"text": "happy", "label": 1}\n{"text": "sad", "label": null}\n')
     with pytest.raises(DataError, match=r"words.jsonl:2: empty label"):
-        cli.finetune(_options(tmp_path, torch_model_dir, bad))
+        cli.finetune(_options(tmp_path, model_dir, bad))
     bad.write_text('{"text": "happy", "label": 1}\n["sad", 0]\n')
     with pytest.raises(DataError, match=r"words.jsonl:2: expected a JSON object"):
-        cli.finetune(_options(tmp_path, torch_model_dir, bad))
+        cli.finetune(_options(tmp_path, model_dir, bad))
     with pytest.raises(DataError, match="does not exist"):
-        cli.finetune(_options(tmp_path, torch_model_dir, tmp_path / "nope.csv"))
+        cli.finetune(_options(tmp_path, model_dir, tmp_path / "nope.csv"))
     other = tmp_path / "words.parquet"
     other.write_text("x")
     with pytest.raises(DataError, match="unknown file type '.parquet'"):
-        cli.finetune(_options(tmp_path, torch_model_dir, other))
+        cli.finetune(_options(tmp_path, model_dir, other))
 
 
-def test_model_dir_without_weights_fails_before_anything_is_written(tmp_path, torch_model_dir, csv_data):
+def test_model_dir_without_weights_fails_before_anything_is_written(tmp_path, csv_data):
     empty = tmp_path / "no_weights"
     empty.mkdir()
-    (empty / "config.json").write_text((torch_model_dir / "config.json").read_text())
+    _tiny_bert_config(32).to_json_file(empty / "config.json")
     options = _options(tmp_path, empty, csv_data)
     expected = r"no weights: expected flax_model.msgpack or model.safetensors, found \['config.json'\]"
     with pytest.raises(cli.ModelDirError, match=expected):
