@@ -3,12 +3,12 @@
 Hugging Face Flax models (transformers 4.57.x, the last line with Flax) name their params as their
 PyTorch twins name their modules, so PEFT's per-architecture defaults carry over unchanged:
 
-  >>> from transformers import FlaxGPT2LMHeadModel
-  >>> model = FlaxGPT2LMHeadModel(gpt2_config)
+  >>> from transformers import FlaxGPT2LMHeadModel, GPT2Config
+  >>> model = FlaxGPT2LMHeadModel(GPT2Config())   # GPT-2 small, 124M
   >>> config = default_config(model)          # c_attn, mlp.c_proj; fan_in_fan_out=True (FlaxConv1D)
   >>> params = ia3_jax.ia3_init(model.params, config)
   >>> print_trainable_parameters(params)
-  trainable params: 36,864 || all params: 124,476,672 || trainable%: 0.0296
+  trainable params: 64,512 || all params: 124,504,320 || trainable%: 0.0518
   >>> logits = ia3_jax.apply_fn(model.__call__, config)(input_ids, params=params).logits
 
 The FlaxT5 fix: transformers 4.57.6's ``FlaxT5Attention._relative_position_bucket`` (and its copies in

@@ -24,11 +24,19 @@ from ia3_jax import _tree, hf
 
 V = 96  # vocabulary
 SMALL = dict(vocab_size=V, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-LAYERS = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
+LAYERS = dict(
+    hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, max_position_embeddings=32
+)
 DECODER = dict(num_key_value_heads=1, **LAYERS)
-T5 = dict(d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2, relative_attention_num_buckets=8,
-          relative_attention_max_distance=16, decoder_start_token_id=0, **SMALL)
-
+T5 = dict(
+    d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2, relative_attention_num_buckets=8,
+    relative_attention_max_distance=16, decoder_start_token_id=0, **SMALL,
+)
+BART = dict(
+    d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+    encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32, decoder_start_token_id=2,
+    forced_eos_token_id=None, **SMALL,
+)
 
 # Tiny models: XLA's backend optimisations cost more compile time than they save run time.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -37,49 +45,60 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 @dataclasses.dataclass(frozen=True)
 class Arch:
     config: tf.PretrainedConfig
-    flax_class: str
-    torch_class: str
+    flax_class: str  # the Flax model tested
+    torch_class: str  # its PyTorch twin, for PEFT
     generative: bool = True
     seq2seq: bool = False
-    overrides: tuple = ()  # IA3Config fields on top of the model type's defaults
+    modules_to_save: tuple[str, ...] | None = None
 
 
 ARCHS = {
-    "gpt2": Arch(tf.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=32, **SMALL), "FlaxGPT2LMHeadModel", "GPT2LMHeadModel"),
+    "gpt2": Arch(
+        tf.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=32, **SMALL),
+        "FlaxGPT2LMHeadModel", "GPT2LMHeadModel",
+    ),
     "gpt_neo": Arch(
-        tf.GPTNeoConfig(hidden_size=16, num_layers=2, num_heads=2, max_position_embeddings=32, window_size=8,
-                        attention_types=[[["global", "local"], 1]], **SMALL),
+        tf.GPTNeoConfig(
+            hidden_size=16, num_layers=2, num_heads=2, max_position_embeddings=32, window_size=8,
+            attention_types=[[["global", "local"], 1]], **SMALL,
+        ),
         "FlaxGPTNeoForCausalLM", "GPTNeoForCausalLM",
     ),
-    "gptj": Arch(tf.GPTJConfig(n_embd=16, n_layer=2, n_head=2, n_positions=32, rotary_dim=4, **SMALL), "FlaxGPTJForCausalLM", "GPTJForCausalLM"),
+    "gptj": Arch(
+        tf.GPTJConfig(n_embd=16, n_layer=2, n_head=2, n_positions=32, rotary_dim=4, **SMALL),
+        "FlaxGPTJForCausalLM", "GPTJForCausalLM",
+    ),
     "opt": Arch(
-        tf.OPTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32, max_position_embeddings=32,
-                     word_embed_proj_dim=16, **SMALL),
+        tf.OPTConfig(
+            hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32, max_position_embeddings=32,
+            word_embed_proj_dim=16, **SMALL,
+        ),
         "FlaxOPTForCausalLM", "OPTForCausalLM",
     ),
-    "bloom": Arch(tf.BloomConfig(hidden_size=16, n_layer=2, n_head=2, **SMALL), "FlaxBloomForCausalLM", "BloomForCausalLM"),
+    "bloom": Arch(
+        tf.BloomConfig(hidden_size=16, n_layer=2, n_head=2, **SMALL), "FlaxBloomForCausalLM", "BloomForCausalLM"
+    ),
     "llama": Arch(tf.LlamaConfig(**DECODER, **SMALL), "FlaxLlamaForCausalLM", "LlamaForCausalLM"),
-    "mistral": Arch(tf.MistralConfig(sliding_window=None, **DECODER, **SMALL), "FlaxMistralForCausalLM", "MistralForCausalLM"),
+    "mistral": Arch(
+        tf.MistralConfig(sliding_window=None, **DECODER, **SMALL), "FlaxMistralForCausalLM", "MistralForCausalLM"
+    ),
     "gemma": Arch(
         tf.GemmaConfig(head_dim=8, hidden_activation="gelu_pytorch_tanh", **DECODER, **SMALL),
         "FlaxGemmaForCausalLM", "GemmaForCausalLM",
     ),
     "bart": Arch(
-        tf.BartConfig(d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
-                      encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32, decoder_start_token_id=2,
-                      forced_eos_token_id=None, **SMALL),
-        "FlaxBartForConditionalGeneration", "BartForConditionalGeneration", seq2seq=True,
+        tf.BartConfig(**BART), "FlaxBartForConditionalGeneration", "BartForConditionalGeneration", seq2seq=True
     ),
     "t5": Arch(tf.T5Config(**T5), "FlaxT5ForConditionalGeneration", "T5ForConditionalGeneration", seq2seq=True),
     "mt5": Arch(tf.MT5Config(**T5), "FlaxMT5ForConditionalGeneration", "MT5ForConditionalGeneration", seq2seq=True),
     "bert": Arch(
         tf.BertConfig(num_labels=3, **LAYERS, **SMALL), "FlaxBertForSequenceClassification",
-        "BertForSequenceClassification", generative=False, overrides=(("modules_to_save", ("classifier",)),),
+        "BertForSequenceClassification", generative=False, modules_to_save=("classifier",),
     ),
     "roberta": Arch(
         tf.RobertaConfig(num_labels=3, **{**LAYERS, "max_position_embeddings": 40}, **SMALL),
         "FlaxRobertaForSequenceClassification", "RobertaForSequenceClassification", generative=False,
-        overrides=(("modules_to_save", ("classifier",)),),
+        modules_to_save=("classifier",),
     ),
 }
 
@@ -92,10 +111,10 @@ def random_base(model) -> dict:
 
 @functools.cache
 def built(name: str):
-    """(model, IA3 config, base params, params with random vectors, inputs) for one architecture, once per worker."""
+    """(model, IA3 config, base params, params with random vectors, inputs) of one architecture, once per worker."""
     arch = ARCHS[name]
     model = getattr(tf, arch.flax_class)(arch.config, _do_init=False)
-    config = hf.default_config(model, init_ia3_weights=False, **dict(arch.overrides))
+    config = hf.default_config(model, init_ia3_weights=False, modules_to_save=arch.modules_to_save)
     base = random_base(model)
     params = ia3_jax.ia3_init(base, config, rng=jax.random.key(1))
     ids = jax.random.randint(jax.random.key(2), (2, 6), 3, V)
@@ -141,7 +160,8 @@ def test_generate_under_apply_fn_equals_merged_model(name):
     got = jax.jit(ia3_jax.apply_fn(greedy, config), compiler_options=FAST_COMPILE)(ids, params)
     merged = jax.jit(greedy, compiler_options=FAST_COMPILE)(ids, ia3_jax.merge(params, config))
     chex.assert_trees_all_equal(got, merged)
-    assert got.shape[1] >= 3
+    prompt = 1 if ARCHS[name].seq2seq else ids.shape[1]  # the decoder start token, or the prompt
+    chex.assert_shape(got, (2, prompt + 3))
 
 
 # --- against PEFT itself, on the PyTorch twin built from the same config ---
@@ -157,7 +177,7 @@ def peft_twin(name: str):
     twin = getattr(tf, arch.torch_class)(arch.config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT's fan_in_fan_out correction for GPT-2's Conv1D
-        return peft.get_peft_model(twin, peft.IA3Config(**dict(arch.overrides)))
+        return peft.get_peft_model(twin, peft.IA3Config(modules_to_save=arch.modules_to_save))
 
 
 def peft_vector_shapes(peft_model) -> dict[str, tuple[int, ...]]:
@@ -172,10 +192,8 @@ def test_vectors_and_parameter_counts_match_peft(name, capsys):
     model, config, base, params, inputs = built(name)
     peft_model = peft_twin(name)
     # PEFT's vectors are (out, 1) when the output is scaled and (1, in) for feedforward layers.
-    ours = {
-        key: (1, n) if config.is_feedforward(key) else (n, 1)
-        for key, (n,) in ((_tree.dotted(p[:-1]), np.shape(v)) for p, v in _tree.leaves_with_paths(params) if p[-1] == "ia3_l")
-    }
+    vectors = {_tree.dotted(p[:-1]): np.size(v) for p, v in _tree.leaves_with_paths(params) if p[-1] == "ia3_l"}
+    ours = {key: (1, n) if config.is_feedforward(key) else (n, 1) for key, n in vectors.items()}
     assert ours == peft_vector_shapes(peft_model)
 
     count = hf.trainable_parameters(params, config=config)
@@ -190,10 +208,13 @@ def test_vectors_and_parameter_counts_match_peft(name, capsys):
 def test_peft_table_and_gpt2_vector_sizes():
     from peft.utils import constants
 
-    assert hf.TARGET_MODULES == {k: tuple(v) for k, v in constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING.items()}
-    assert hf.FEEDFORWARD_MODULES == {
-        k: tuple(v) for k, v in constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.items()
-    }
+    tables = (
+        constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
+        constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
+    )
+    ours = (hf.TARGET_MODULES, hf.FEEDFORWARD_MODULES)
+    for peft_table, table in zip(tables, ours):
+        assert table == {k: tuple(v) for k, v in peft_table.items()}
     assert len(hf.TARGET_MODULES) == 27
     model, config, base, params, inputs = built("gpt2")
     d = ARCHS["gpt2"].config.n_embd
@@ -249,6 +270,7 @@ def test_trainable_parameters_bad_input():
 def test_flax_t5_fix_matches_pytorch_t5_buckets():
     from transformers.models.longt5 import modeling_flax_longt5
     from transformers.models.t5 import modeling_flax_t5, modeling_t5
+    import torch
 
     assert hf.needs_flax_t5_patch()  # jax >= 0.10 has no jnp.clip(a_max=...)
     assert hf.patch_flax_t5() == []  # applied on import, idempotent
@@ -262,7 +284,7 @@ def test_flax_t5_fix_matches_pytorch_t5_buckets():
     ]
     for bidirectional, buckets, distance in [(True, 32, 128), (False, 32, 128), (True, 8, 16), (False, 8, 16)]:
         expected = modeling_t5.T5Attention._relative_position_bucket(
-            __import__("torch").as_tensor(relative), bidirectional, buckets, distance
+            torch.as_tensor(relative), bidirectional, buckets, distance
         ).numpy()
         for cls in classes:
             got = cls._relative_position_bucket(jnp.asarray(relative), bidirectional, buckets, distance)
