@@ -213,14 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = set(variants) - {"bf16", *QTYPES}
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}: choose from bf16, int8, int4")
-    if args.cpu_tiny:
-        runs = [bench_variant(v, workload) for v in variants]
-    else:
-        runs = [_in_subprocess(v, argv) for v in variants]
-        for i, run in enumerate(runs):  # cuDNN's fused attention may refuse a shape: measure with XLA's
-            if "error" in run and args.attention == "cudnn":
-                runs[i] = {**_in_subprocess(run["variant"], [*argv, "--attention", "xla"]), "cudnn_error": run["error"]}
-    results = {
+    results: dict[str, Any] = {
         "versions": versions(),
         "workload": {
             "batch": workload.batch,
@@ -229,14 +222,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "warmup": workload.warmup,
             "config": {k: str(v) for k, v in dataclasses.asdict(workload.config).items()},
         },
-        "runs": runs,
+        "runs": [],
     }
-    text = json.dumps(results, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    else:
-        print(text)
+    for variant in variants:
+        if args.cpu_tiny:
+            run = bench_variant(variant, workload)
+        else:
+            run = _in_subprocess(variant, argv)
+            if "error" in run and args.attention == "cudnn":  # cuDNN may refuse a shape: measure with XLA's
+                run = {**_in_subprocess(variant, [*argv, "--attention", "xla"]), "cudnn_error": run["error"]}
+        results["runs"].append(run)
+        summary = {k: run.get(k) for k in ("tokens_per_s", "peak_bytes", "base_bytes", "attention")}
+        print(f"{variant}: {summary if 'error' not in run else 'error'}", file=sys.stderr)
+        if args.out:  # after every variant: a run cut by a time limit keeps what it measured
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=2))
+    if not args.out:
+        print(json.dumps(results, indent=2))
     return results
 
 
