@@ -30,14 +30,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import serialization, traverse_util
+from safetensors import safe_open
+from safetensors.numpy import load_file
+from tqdm.auto import tqdm
 
 from ia3_jax import data as data_lib
+from ia3_jax.checkpoint import load_adapter, save_adapter
 from ia3_jax.config import IA3Config
 from ia3_jax.init import ia3_init
 from ia3_jax.interceptor import apply_fn
 from ia3_jax.merge import merge
 from ia3_jax.partition import join, split
+from ia3_jax.peft_io import load_peft, save_peft
 from ia3_jax.training import make_train_step
+
+# transformers, and ia3_jax.hf which imports it, are imported where used: `main` first sets the
+# environment (offline, no PyTorch) that transformers reads once, at import.
 
 # Weight files a model directory may hold: Flax's own, or PyTorch's safetensors (read without torch).
 FLAX_WEIGHTS = "flax_model.msgpack"
@@ -156,9 +164,6 @@ def load_classifier(model_dir: Path, num_labels: int, seed: int) -> tuple[Any, d
 
 def _read_weights(model: Any, model_dir: Path) -> dict[str, Any]:
     """The checkpoint's params, nested by Flax module path (possibly without the head)."""
-    from safetensors import safe_open
-    from safetensors.numpy import load_file
-
     if (model_dir / FLAX_WEIGHTS).is_file():
         state = serialization.msgpack_restore((model_dir / FLAX_WEIGHTS).read_bytes())
     else:
@@ -229,8 +234,6 @@ def train(
     desc: str,
 ) -> tuple[dict[str, Any], list[float]]:
     """Adam over the adapter tree only, one step per batch; returns the adapter and the losses."""
-    from tqdm.auto import tqdm
-
     def loss_fn(params, batch):
         return optax.softmax_cross_entropy_with_integer_labels(logits(params, batch), batch["labels"]).mean()
 
@@ -282,9 +285,6 @@ def save_and_reload(out: Path, adapter: dict[str, Any], config: IA3Config, base:
 
     Returns the adapter read from the orbax checkpoint. A rerun replaces the previous files.
     """
-    from ia3_jax.checkpoint import load_adapter, save_adapter
-    from ia3_jax.peft_io import load_peft, save_peft
-
     save_adapter(out / "adapter_orbax", adapter, config, overwrite=True)
     save_peft(out / "adapter_peft", adapter, config, params=base)
     restored, restored_config = load_adapter(out / "adapter_orbax", params=base)
