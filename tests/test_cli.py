@@ -13,7 +13,7 @@ import pytest
 
 import ia3_jax
 from ia3_jax import cli
-from ia3_jax.data import DataError, heldout_split, read_table
+from ia3_jax.data import DataError, heldout_split, read_table, vader_lexicon
 
 WORDS = {
     "positive": ["good", "great", "happy", "love", "nice", "fine", "win", "joy", "best", "calm", "glad", "kind"],
@@ -232,3 +232,14 @@ def test_parse_args_defaults_and_options():
     assert (options.steps, options.lr, options.data, options.text_column) == (7, 0.1, Path("d.jsonl"), "t")
     with pytest.raises(SystemExit):
         cli.parse_args(["finetune", "--steps", "0"])
+
+
+def test_vader_lexicon_polarity_and_fixed_split():
+    data = vader_lexicon()
+    assert len(data) == 6817 and np.bincount(data.labels).tolist() == [3817, 3000]
+    rating = dict(zip(data.texts, data.labels))
+    assert rating["good"] == 1 and rating["bad"] == 0 and rating[":)"] == 1
+    assert "grrr" not in rating  # mean -0.4: no clear polarity, dropped
+    train, heldout = heldout_split(data)
+    assert (len(train), len(heldout)) == (5407, 1410)
+    assert not set(train.texts) & set(heldout.texts)
