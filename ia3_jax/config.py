@@ -185,6 +185,14 @@ class IA3Config:
         return cls.from_dict(data)
 
 
+def suffix_regex(names: Iterable[str]) -> str:
+    """The regex (for `re.fullmatch`) of PEFT's `feedforward_modules` list rule: the path ends with a name.
+
+    Lets a feedforward list that is no subset of `target_modules` keep PEFT's meaning in a valid config.
+    """
+    return ".*(?:" + "|".join(re.escape(n) for n in names) + ")"
+
+
 def _matches(patterns: PatternSpec, key: str) -> bool:
     if patterns is None:
         return False

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import re
 import warnings
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -32,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ia3_jax import _tree
-from ia3_jax.config import IA3Config, IA3ConfigError
+from ia3_jax.config import IA3Config, IA3ConfigError, suffix_regex
 from ia3_jax.partition import split
 
 # PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING (peft 0.21), as data.
@@ -148,7 +147,7 @@ def _feedforward_pattern(feedforward: tuple[str, ...], targets: Any) -> tuple[st
     feedforward = tuple(f for f in feedforward if any(t.endswith(f) or f.endswith(t) for t in targets))
     if set(feedforward) <= set(targets):
         return feedforward
-    return ".*(?:" + "|".join(re.escape(f) for f in feedforward) + ")"
+    return suffix_regex(feedforward)
 
 
 def resolve(config: IA3Config, model_or_config: Any) -> IA3Config:

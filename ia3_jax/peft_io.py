@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -38,7 +37,7 @@ import safetensors.numpy
 
 from ia3_jax import _tree
 from ia3_jax.checkpoint import AdapterMismatchError  # the adapter does not fit the params
-from ia3_jax.config import IA3Config, IA3ConfigError
+from ia3_jax.config import IA3Config, IA3ConfigError, suffix_regex
 from ia3_jax.layout import KernelLayout, LayoutError, layout_for
 from ia3_jax.partition import split
 from ia3_jax.targets import TargetError, modules_to_save_roots, resolve_targets
@@ -169,11 +168,6 @@ def _check_fits(have: Mapping[str, tuple[int, ...]], want: Mapping[str, tuple[in
 # --- writing ----------------------------------------------------------------------------------
 
 
-def _suffix_regex(names) -> str:
-    """The regex (full match) of PEFT's `feedforward_modules` list rule: the module path ends with a name."""
-    return ".*(?:" + "|".join(re.escape(n) for n in names) + ")"
-
-
 def _adapter_config(config: IA3Config, vector_keys: list[str]) -> dict[str, Any]:
     """The JSON object PEFT writes: its keys, `target_modules` resolved, ``inference_mode`` true."""
     targets = config.target_modules
@@ -182,7 +176,7 @@ def _adapter_config(config: IA3Config, vector_keys: list[str]) -> dict[str, Any]
         targets = tuple(sorted(k.removesuffix("." + _tree.VECTOR) for k in vector_keys))
     feedforward = config.feedforward_modules
     if isinstance(targets, tuple) and isinstance(feedforward, tuple) and not set(feedforward) <= set(targets):
-        feedforward = _suffix_regex(feedforward)  # else PEFT's subset check rejects the file (as its own)
+        feedforward = suffix_regex(feedforward)  # else PEFT's subset check rejects the file (as its own)
     out = config.replace(target_modules=targets, feedforward_modules=feedforward, inference_mode=True).to_dict()
     out["peft_version"] = PEFT_FORMAT_VERSION
     return out
@@ -317,7 +311,7 @@ def read_peft_config(path: str | os.PathLike) -> IA3Config:
     if isinstance(targets, list) and isinstance(feedforward, list) and not set(feedforward) <= set(targets):
         # PEFT writes this itself ("all-linear" materialised next to the default feedforward suffixes)
         # and then rejects it; the regex of PEFT's suffix rule means the same and is accepted.
-        data = {**data, "feedforward_modules": _suffix_regex(feedforward)}
+        data = {**data, "feedforward_modules": suffix_regex(feedforward)}
     try:
         return IA3Config.from_dict(data)
     except (IA3ConfigError, TypeError) as err:

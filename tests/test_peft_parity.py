@@ -12,7 +12,6 @@ import copy
 import dataclasses
 import json
 import types
-import warnings
 
 import chex
 import flax.linen as nn
