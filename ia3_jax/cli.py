@@ -368,11 +368,12 @@ def finetune(options: FinetuneOptions = FinetuneOptions()) -> dict[str, Any]:
     head_acc = accuracy(predict_logits(plain, join(base, head_adapter), heldout_rows), labels)
     ia3_acc = accuracy(predict_logits(with_ia3, join(base, ia3_adapter), heldout_rows), labels)
 
-    options.out.mkdir(parents=True, exist_ok=True)
-    restored = save_and_reload(options.out, ia3_adapter, config, base)
+    out = options.out.absolute()  # orbax wants absolute paths
+    out.mkdir(parents=True, exist_ok=True)
+    restored = save_and_reload(out, ia3_adapter, config, base)
     merge_diff = check_merge(with_ia3, plain, base, restored, config, heldout_rows)
     plot_curves(
-        options.out / "training_curves.png",
+        out / "training_curves.png",
         {
             f"head only (held-out accuracy {head_acc:.3f})": head_losses,
             f"IA3 + head (held-out accuracy {ia3_acc:.3f})": ia3_losses,
@@ -390,7 +391,7 @@ def finetune(options: FinetuneOptions = FinetuneOptions()) -> dict[str, Any]:
         "final_loss_ia3_head": float(np.mean(ia3_losses[-20:])),
         "merged_vs_unmerged_max_abs_logit_diff": merge_diff,
     }
-    (options.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 

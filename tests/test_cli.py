@@ -71,14 +71,14 @@ def _options(tmp_path: Path, model_dir: Path, data: Path, **changes) -> cli.Fine
     return cli.FinetuneOptions(model_dir=model_dir, data=data, **settings)
 
 
-def test_finetune_end_to_end_and_peft_reads_the_adapter(tmp_path, torch_model_dir, csv_data):
+def test_finetune_end_to_end_and_peft_reads_the_adapter(tmp_path, torch_model_dir, csv_data, monkeypatch):
     import torch
     from peft import PeftModel
     from transformers import BertForSequenceClassification
 
-    options = _options(tmp_path, torch_model_dir, csv_data)
-    metrics = cli.finetune(options)
-    out = options.out
+    monkeypatch.chdir(tmp_path)  # --out relative to the working directory, as the default is
+    metrics = cli.finetune(_options(tmp_path, torch_model_dir, csv_data, out=Path("out")))
+    out = tmp_path / "out"
     written = ("training_curves.png", "metrics.json", "adapter_peft/adapter_config.json", "adapter_peft/adapter_model.safetensors")
     for name in written:
         assert (out / name).is_file(), name
