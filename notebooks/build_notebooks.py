@@ -285,7 +285,9 @@ def build(name: str, cells: list[str]) -> None:
     if len(cells) % 2:
         raise ValueError(f"{name}: cells must come in (markdown, code) pairs.")
     notebook = new_notebook(
-        cells=[new_markdown_cell(c) if i % 2 == 0 else new_code_cell(c) for i, c in enumerate(cells)],
+        cells=[  # fixed cell ids: rebuilding an unchanged notebook changes no byte
+            (new_markdown_cell if i % 2 == 0 else new_code_cell)(c, id=f"cell-{i}") for i, c in enumerate(cells)
+        ],
         metadata={
             "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
             "language_info": {"name": "python"},
