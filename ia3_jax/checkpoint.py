@@ -128,7 +128,7 @@ def save_adapter(
       ...     save_adapter("ckpt/run", adapter, config, step=step, max_to_keep=3, opt_state=opt_state)
     """
     args = _save_args(adapter, config, opt_state)
-    path = epath.Path(path)
+    path = epath.Path(path).absolute()  # orbax refuses relative paths
     if step is None:
         if max_to_keep is not None:
             raise ValueError("max_to_keep applies to step checkpoints: pass step= as well.")
@@ -218,7 +218,7 @@ def checkpoint_directory(path: epath.PathLike, step: int | None = None) -> epath
 
     Raises `CheckpointError` for a missing, empty, temporary (interrupted) or incomplete directory.
     """
-    path = epath.Path(path)
+    path = epath.Path(path).absolute()
     if not path.exists():
         raise CheckpointError(f"no adapter checkpoint at {path}: the directory does not exist.{_leftovers(path)}")
     if not path.is_dir():

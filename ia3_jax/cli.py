@@ -368,7 +368,7 @@ def finetune(options: FinetuneOptions = FinetuneOptions()) -> dict[str, Any]:
     head_acc = accuracy(predict_logits(plain, join(base, head_adapter), heldout_rows), labels)
     ia3_acc = accuracy(predict_logits(with_ia3, join(base, ia3_adapter), heldout_rows), labels)
 
-    out = options.out.absolute()  # orbax wants absolute paths
+    out = options.out.absolute()  # reported in full
     out.mkdir(parents=True, exist_ok=True)
     restored = save_and_reload(out, ia3_adapter, config, base)
     merge_diff = check_merge(with_ia3, plain, base, restored, config, heldout_rows)

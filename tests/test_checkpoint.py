@@ -384,3 +384,13 @@ def test_bad_save_input_writes_nothing(tmp_path):
     with pytest.raises(CheckpointError, match="single adapter checkpoint; step checkpoints need"):
         ia3_jax.save_adapter(target, adapter, CONFIG, step=0)
     np.testing.assert_array_equal(ia3_jax.load_adapter(target)[0]["k"]["ia3_l"], adapter["k"]["ia3_l"])
+
+
+def test_relative_paths(tmp_path, monkeypatch):
+    adapter, _ = _setup()
+    monkeypatch.chdir(tmp_path)
+    path = ia3_jax.save_adapter("runs/ckpt", adapter, CONFIG)
+    assert path == tmp_path / "runs" / "ckpt"
+    loaded, config = ia3_jax.load_adapter("runs/ckpt")
+    chex.assert_trees_all_equal(loaded, adapter)
+    assert config == CONFIG
