@@ -52,6 +52,22 @@ class Workload:
     def tokens(self) -> int:
         return self.batch * self.seq
 
+    def hf_llama_kwargs(self) -> dict[str, Any]:
+        """The model as transformers' ``LlamaConfig`` arguments, for the Flax and the PyTorch HF model."""
+        c = self.config
+        return dict(
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.num_layers,
+            num_attention_heads=c.num_heads,
+            num_key_value_heads=c.num_kv_heads,
+            rms_norm_eps=c.rms_norm_eps,
+            rope_theta=c.rope_theta,
+            max_position_embeddings=self.seq,  # FlaxLlama builds a (max_pos, max_pos) mask
+            tie_word_embeddings=False,
+        )
+
 
 @dataclasses.dataclass
 class Model:
@@ -101,18 +117,7 @@ def build_hf(workload: Workload) -> Model:
     from transformers import FlaxLlamaForCausalLM, LlamaConfig
 
     c = workload.config
-    hf_config = LlamaConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers,
-        num_attention_heads=c.num_heads,
-        num_key_value_heads=c.num_kv_heads,
-        rms_norm_eps=c.rms_norm_eps,
-        rope_theta=c.rope_theta,
-        max_position_embeddings=workload.seq,  # FlaxLlama builds a (max_pos, max_pos) mask
-        tie_word_embeddings=False,
-    )
+    hf_config = LlamaConfig(**workload.hf_llama_kwargs())
     model = FlaxLlamaForCausalLM(hf_config, dtype=c.dtype, _do_init=False)
     init = lambda key: jax.tree.map(lambda x: x.astype(c.param_dtype), model.init_weights(key, (1, 8)))
     params = jax.jit(init)(jax.random.key(0))

@@ -49,28 +49,9 @@ import qwix
 
 import ia3_jax
 from benchmarks import llama
+from benchmarks.jax_bench import IA3_CONFIG, LEARNING_RATE, Workload
 
 QTYPES = {"int8": jnp.int8, "int4": jnp.int4}
-# PEFT's default IA3 targets for llama (TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING).
-IA3_CONFIG = ia3_jax.IA3Config(
-    target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], task_type="CAUSAL_LM"
-)
-LEARNING_RATE = 1e-3
-
-
-@dataclasses.dataclass(frozen=True)
-class Workload:
-    config: llama.LlamaConfig = llama.LlamaConfig()
-    batch: int = 8
-    seq: int = 1024
-    warmup: int = 2
-    steps: int = 10
-
-    @property
-    def tokens(self) -> int:
-        return self.batch * self.seq
-
-
 def quantized_model(model: llama.Llama, params: dict[str, Any], qtype: Any) -> tuple[Any, dict[str, Any]]:
     """``(qwix PTQ model, quantized params)``: every Dense weight-only quantized, per output channel.
 

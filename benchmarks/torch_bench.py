@@ -20,18 +20,7 @@ def build(workload: Workload, device: str) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     c = workload.config
-    config = LlamaConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers,
-        num_attention_heads=c.num_heads,
-        num_key_value_heads=c.num_kv_heads,
-        rms_norm_eps=c.rms_norm_eps,
-        max_position_embeddings=workload.seq,
-        tie_word_embeddings=False,
-        attn_implementation="sdpa",
-    )
+    config = LlamaConfig(**workload.hf_llama_kwargs(), attn_implementation="sdpa")
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, jnp.dtype(c.param_dtype).name))  # bfloat16 or float32
