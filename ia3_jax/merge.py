@@ -96,6 +96,11 @@ def merge(
     ``kernel * l`` is computed in the promoted dtype and cast back to the kernel's dtype. The result
     is a plain base param tree: the model runs it at full speed without the interceptor.
 
+    Called eagerly, only the targeted kernels are computed and every other leaf is shared with
+    `params`. Under `jax.jit` every output leaf is a new buffer unless the input is donated
+    (``jax.jit(merge, static_argnums=1, donate_argnums=0)``), which is what makes a jitted merge of
+    a large tree cost more than its targeted kernels (benchmarks/RESULTS.md).
+
     Args:
       params: a joined param tree (``join(base, adapter)``).
       config: decides feedforward vs output; without it, the vector's shape decides.
