@@ -52,6 +52,11 @@ def vector_modules(tree: Mapping[str, Any]) -> dict[Path, Mapping[str, Any]]:
     return {path: node for path, node in modules(tree) if VECTOR in node}
 
 
+def vectors(tree: Mapping[str, Any]) -> dict[Path, Any]:
+    """The IA3 vectors (boxes kept) by module path."""
+    return {path: node[VECTOR] for path, node in vector_modules(tree).items()}
+
+
 def get(tree: Mapping[str, Any], path: Path) -> Any:
     node: Any = tree
     for name in path:

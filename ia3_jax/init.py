@@ -11,8 +11,8 @@ from flax.core import meta
 
 from ia3_jax import _tree
 from ia3_jax.config import IA3Config
-from ia3_jax.layout import KernelLayout, layout_for
-from ia3_jax.quant import check_vector_dtype, kernel_shape
+from ia3_jax.layout import KernelLayout, module_layout
+from ia3_jax.quant import check_vector_dtype
 from ia3_jax.targets import resolve_targets
 
 
@@ -74,9 +74,7 @@ def ia3_init(
     for key, (path, feedforward) in zip(keys, targets.items()):
         module = _tree.get(params, path)
         kernel = module["kernel"]
-        shape = kernel_shape(kernel)  # quantized kernels: their logical shape
-        bias_shape = jnp.shape(_tree.unbox(module["bias"])) if "bias" in module else None
-        layout = layout_for(path, shape, config.fan_in_fan_out, layouts, bias_shape=bias_shape)
+        layout, shape = module_layout(path, module, config.fan_in_fan_out, layouts)
         vector_shape = layout.vector_shape(shape, feedforward)
         if config.init_ia3_weights:
             vector = jnp.ones(vector_shape, dtype)

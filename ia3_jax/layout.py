@@ -146,6 +146,21 @@ def layout_for(
     return layout
 
 
+def module_layout(
+    path: _tree.Path,
+    module: Mapping[str, Any],
+    fan_in_fan_out: bool,
+    layouts: Mapping[str, KernelLayout] | None,
+) -> tuple[KernelLayout, tuple[int, ...]]:
+    """``(layout, kernel shape)`` of the module at `path`: `layout_for` on its kernel and bias.
+
+    The kernel shape is the logical one (quantized kernels included), so every caller reads it alike.
+    """
+    kernel_shape = quant.kernel_shape(module["kernel"])
+    bias_shape = tuple(np.shape(_tree.unbox(module["bias"]))) if "bias" in module else None
+    return layout_for(path, kernel_shape, fan_in_fan_out, layouts, bias_shape=bias_shape), kernel_shape
+
+
 def _per_layer_layout(module: nn.Module, kernel_shape: tuple[int, ...], x_shape, y_shape) -> KernelLayout:
     ndim = len(kernel_shape)
     path = _tree.dotted(tuple(module.scope.path))

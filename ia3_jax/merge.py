@@ -14,7 +14,7 @@ import numpy as np
 
 from ia3_jax import _tree, quant
 from ia3_jax.config import IA3Config
-from ia3_jax.layout import KernelLayout, LayoutError, layout_for
+from ia3_jax.layout import KernelLayout, LayoutError, module_layout
 from ia3_jax.partition import StructureError, _without_vectors
 from ia3_jax.quant import UnsupportedKernelError
 
@@ -55,11 +55,10 @@ def _rescale(
         )
     vector = _tree.unbox(vector)
     quant.check_vector_dtype(vector.dtype, f"IA3 vector at {key!r}")
-    bias_shape = jnp.shape(_tree.unbox(node["bias"])) if "bias" in node else None
-    layout = layout_for(path, kernel.shape, bool(config and config.fan_in_fan_out), layouts, bias_shape=bias_shape)
-    feedforward = _direction(key, vector.shape, kernel.shape, layout, config)
+    layout, kernel_shape = module_layout(path, node, bool(config and config.fan_in_fan_out), layouts)
+    feedforward = _direction(key, vector.shape, kernel_shape, layout, config)
     try:
-        factor = layout.scale_for_kernel(vector, kernel.shape, feedforward)
+        factor = layout.scale_for_kernel(vector, kernel_shape, feedforward)
     except LayoutError as err:
         raise LayoutError(f"module {key!r}: {err}") from None
     op = (lambda w, s: w / (s + UNMERGE_EPS)) if divide else (lambda w, s: w * s)
@@ -105,25 +104,32 @@ def merge(
       params: a joined param tree (``join(base, adapter)``).
       config: decides feedforward vs output; without it, the vector's shape decides.
       safe_merge: raise `NonFiniteMergeError` naming the module if a merged kernel holds NaN or inf.
-        The check reads values, so call it outside `jax.jit` (the merge itself is jit-compiled).
+        The check reads values (one device-to-host transfer of a flag per module), so call it
+        outside `jax.jit`.
       layouts: the same per-module layouts given to `ia3_init`, if any.
 
     Example:
       >>> serving_params = merge(join(base, adapter), config)
       >>> model.apply({"params": serving_params}, x)   # no interceptor needed
     """
-    vectors = {path: node[_tree.VECTOR] for path, node in _tree.vector_modules(params).items()}
+    vectors = _tree.vectors(params)
     merged = _rescaled_tree(params, vectors, config, layouts, divide=False)
     if safe_merge:
-        for path in vectors:
-            kernel = _tree.unbox(_tree.get(merged, path)["kernel"])
-            floats = [x for x in jax.tree.leaves(kernel) if jnp.issubdtype(x.dtype, jnp.inexact)]  # quantized: scale
-            if not all(bool(jnp.isfinite(x).all()) for x in floats):
-                raise NonFiniteMergeError(
-                    f"NaNs or infs in the merged kernel of {_tree.dotted(path)!r}: the adapter seems broken "
-                    "(check its vector there); nothing was merged."
-                )
+        finite = jax.device_get({path: _all_finite(_tree.get(merged, path)["kernel"]) for path in vectors})
+        broken = [path for path, ok in finite.items() if not ok]
+        if broken:
+            raise NonFiniteMergeError(
+                f"NaNs or infs in the merged kernel of {_tree.dotted(broken[0])!r}"
+                + (f" (and {len(broken) - 1} more modules)" if len(broken) > 1 else "")
+                + ": the adapter seems broken (check its vector there); nothing was merged."
+            )
     return merged
+
+
+def _all_finite(kernel: Any) -> jax.Array:
+    """One device-side flag: every float leaf of the kernel (a quantized kernel: its scale) is finite."""
+    floats = [x for x in jax.tree.leaves(_tree.unbox(kernel)) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack([jnp.isfinite(x).all() for x in floats]).all()
 
 
 def unmerge(
@@ -138,8 +144,7 @@ def unmerge(
     Approximate (warns, as PEFT): entries of ``l`` near zero lose information, and low-precision
     kernels round twice. ``modules_to_save`` params stay as merged (the originals are not in it).
     """
-    warnings.warn("Unmerge result can be inaccurate for (IA)^3.", stacklevel=2)
-    vectors = {path: node[_tree.VECTOR] for path, node in _tree.vector_modules(adapter).items()}
+    vectors = _tree.vectors(adapter)
     for path in vectors:
         try:
             node = _tree.get(merged, path)
@@ -147,12 +152,8 @@ def unmerge(
             node = None
         if not isinstance(node, Mapping) or "kernel" not in node:
             raise StructureError(f"adapter vector at {_tree.dotted(path)!r} has no kernel in the merged params.")
+    warnings.warn("Unmerge result can be inaccurate for (IA)^3.", stacklevel=2)
     return _rescaled_tree(merged, vectors, config, layouts, divide=True)
-
-
-def _adapter_parts(adapter: Mapping[str, Any]) -> tuple[dict[_tree.Path, Any], dict[str, Any]]:
-    vectors = {path: node[_tree.VECTOR] for path, node in _tree.vector_modules(adapter).items()}
-    return vectors, _without_vectors(adapter)
 
 
 def _has_leaves(tree: Any) -> bool:
@@ -162,7 +163,7 @@ def _has_leaves(tree: Any) -> bool:
 def _fold(adapters: Sequence[Mapping[str, Any]], combine_fn, what: str) -> dict[str, Any]:
     if not adapters:
         raise ValueError(f"{what}: pass at least one adapter.")
-    parts = [_adapter_parts(a) for a in adapters]
+    parts = [(_tree.vectors(a), _without_vectors(a)) for a in adapters]
     first = parts[0][0]
     for i, (vectors, _) in enumerate(parts[1:], start=1):
         if vectors.keys() != first.keys():

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import numpy as np
+
 from ia3_jax import _tree
 from ia3_jax.config import IA3Config
 from ia3_jax.targets import modules_to_save_roots
@@ -23,6 +26,11 @@ def _without_vectors(tree: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _shapes(leaf: Any) -> Any:
+    """Shapes of a leaf's arrays (a box or a quantized kernel may hold several)."""
+    return jax.tree.map(np.shape, _tree.unbox(leaf))
+
+
 def split(params: Mapping[str, Any], config: IA3Config | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Splits params into ``(adapter, base)``.
 
@@ -34,7 +42,7 @@ def split(params: Mapping[str, Any], config: IA3Config | None = None) -> tuple[d
       >>> adapter, base = split(ia3_init(params, config), config)
       >>> grads = jax.grad(lambda a: loss(join(base, a), batch))(adapter)
     """
-    vectors = {path + (_tree.VECTOR,): node[_tree.VECTOR] for path, node in _tree.vector_modules(params).items()}
+    vectors = {path + (_tree.VECTOR,): vector for path, vector in _tree.vectors(params).items()}
     saved = {}
     if config is not None and config.modules_to_save:
         saved = {path: _tree.to_dict(_tree.get(params, path)) for path in modules_to_save_roots(params, config)}
@@ -65,6 +73,11 @@ def join(base: Mapping[str, Any], adapter: Mapping[str, Any]) -> dict[str, Any]:
                 )
             elif isinstance(child, Mapping):
                 out[name] = lay(base_node[name], child, path + (name,))
+            elif _shapes(child) != _shapes(base_node[name]):
+                raise StructureError(
+                    f"adapter leaf {_tree.dotted(path + (name,))!r} has shape {_shapes(child)} but the base has "
+                    f"{_shapes(base_node[name])}: the adapter is for another model size."
+                )
             else:
                 out[name] = child
         return out

@@ -154,12 +154,9 @@ def test_jit_grad_vmap_remat_compose():
     g_plain = jax.jit(jax.grad(loss(model)))(adapter)
     g_remat = jax.jit(jax.grad(loss(remat_model)))(adapter)
     chex.assert_trees_all_close(g_plain, g_remat, rtol=1e-5)
-    # and against finite differences of the merged model on one coordinate.
-    eps = 1e-3
-    bump = jax.tree.map(lambda v: v.at[0].add(eps), adapter)
+    # and against the gradient taken through the merged kernels (another computation of the same function).
     merged_loss = lambda a: model.apply({"params": ia3_jax.merge(ia3_jax.join(base, a), config)}, x).sum()  # noqa: E731
-    fd = (merged_loss(bump) - merged_loss(adapter)) / eps
-    assert abs(float(fd) - float(g_plain["lin0"]["ia3_l"][0] + g_plain["lin1"]["ia3_l"][0])) < 2e-2 * (1 + abs(float(fd)))
+    chex.assert_trees_all_close(g_plain, jax.grad(merged_loss)(adapter), rtol=1e-5, atol=1e-6)
 
 
 def test_vector_never_applied_is_an_error():

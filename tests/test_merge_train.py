@@ -58,9 +58,6 @@ def test_gradients_only_on_adapter_and_sgd_changes_only_it():
     grads = jax.jit(jax.grad(loss))(adapter)
     for leaf in jax.tree.leaves(grads):
         assert float(jnp.abs(leaf).max()) > 0
-    # Gradient of the full joined tree: zero exactly where the adapter does not reach.
-    full_grads = jax.grad(lambda p: loss_fn(model, CONFIG, p)({}))(ia3_jax.join(base, adapter))
-    assert float(jnp.abs(full_grads["lin0"]["ia3_l"]).max()) > 0
 
     opt = optax.sgd(0.1)
     state = opt.init(adapter)
@@ -157,7 +154,7 @@ def test_low_precision_bases(dtype, rtol):
     # float32 reference of the same computation.
     ref_model = models.MLP()
     ref = ia3_jax.apply_fn(ref_model.apply, CONFIG)({"params": jax.tree.map(lambda v: v.astype(jnp.float32), adapted)}, X)
-    chex.assert_trees_all_close(got.astype(jnp.float32), ref, rtol=10 * rtol, atol=10 * rtol)
+    chex.assert_trees_all_close(got.astype(jnp.float32), ref, rtol=rtol, atol=rtol)  # measured: 2.8e-3 bf16, 5.4e-4 f16
     adapter, _ = ia3_jax.split(adapted, CONFIG)
     with pytest.warns(UserWarning):
         restored = ia3_jax.unmerge(merged, adapter, CONFIG)
@@ -207,3 +204,11 @@ def test_combine_is_merging_one_after_the_other():
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+def test_join_rejects_a_modules_to_save_copy_of_another_size():
+    _, params, adapted = setup()
+    adapter, base = ia3_jax.split(adapted, CONFIG)
+    adapter["lin2"]["kernel"] = jnp.ones((5, 3))
+    with pytest.raises(ia3_jax.StructureError, match=r"'lin2.kernel' has shape \(5, 3\) but the base has \(12, 3\)"):
+        ia3_jax.join(base, adapter)
