@@ -23,8 +23,6 @@ TASK_TYPES = (
     "FEATURE_EXTRACTION",
 )
 
-# Keys PEFT writes into adapter_config.json that carry no IA3 semantics; accepted and kept on load.
-_PEFT_META_KEYS = ("base_model_name_or_path", "revision", "inference_mode", "auto_mapping")
 # Keys PEFT writes that we recompute on save.
 _PEFT_DERIVED_KEYS = ("peft_type", "peft_version")
 
