@@ -28,8 +28,8 @@ import numpy as np
 import optax
 
 import ia3_jax
-from ia3_jax import _tree
 from benchmarks import llama
+from ia3_jax import _tree
 
 # PEFT's default IA3 targets for llama (TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING).
 IA3_CONFIG = ia3_jax.IA3Config(
@@ -211,12 +211,14 @@ def hlo_stats(compiled: Any) -> dict[str, Any]:
 
 
 def peak_bytes() -> int | None:
+    """The device's ``peak_bytes_in_use`` (None where the backend keeps no statistics, as the CPU)."""
     stats = jax.local_devices()[0].memory_stats()
     return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
-def _nbytes(tree: Any) -> int:
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+def nbytes(tree: Any) -> int:
+    """Bytes as stored, int4 counted as half a byte."""
+    return int(sum(x.size * jax.dtypes.itemsize_bits(x.dtype) for x in jax.tree.leaves(tree))) // 8
 
 
 def _timed(fn: Callable[[], Any], n: int) -> list[float]:
@@ -226,6 +228,28 @@ def _timed(fn: Callable[[], Any], n: int) -> list[float]:
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
     return times
+
+
+def timed_steps(
+    compiled: Callable, state: tuple[Any, Any], frozen: Any, ids: jax.Array, workload: Workload
+) -> tuple[list[float], list[float]]:
+    """``workload.warmup`` then ``workload.steps`` timed calls of a compiled `train_step`.
+
+    Returns the timed calls' durations and the losses of all calls. `state` (trainable, optimizer
+    state) is donated to the first call.
+    """
+    losses = []
+
+    def one_step():
+        nonlocal state
+        trainable, opt_state, value = compiled(*state, frozen, ids)
+        state = (trainable, opt_state)
+        losses.append(value)
+        return value, trainable, opt_state
+
+    _timed(one_step, workload.warmup)
+    times = _timed(one_step, workload.steps)
+    return times, [float(v) for v in losses]
 
 
 def bench_train(model_name: str, mode: str, workload: Workload, attention: str | None) -> dict[str, Any]:
@@ -240,29 +264,18 @@ def bench_train(model_name: str, mode: str, workload: Workload, attention: str |
     start = time.perf_counter()
     compiled = step.lower(trainable, opt_state, frozen, ids).compile()
     compile_s = time.perf_counter() - start
-    losses = []
-    state = (trainable, opt_state)
-
-    def one_step():
-        nonlocal state
-        trainable, opt_state, value = compiled(*state, frozen, ids)
-        state = (trainable, opt_state)
-        losses.append(value)
-        return value, trainable, opt_state
-
-    _timed(one_step, workload.warmup)
-    times = _timed(one_step, workload.steps)
+    times, losses = timed_steps(compiled, (trainable, opt_state), frozen, ids, workload)
     step_s = statistics.median(times)
     return {
         **model.info,
         "trainable_params": int(sum(x.size for x in jax.tree.leaves(trainable))),
-        "frozen_bytes": _nbytes(frozen),
+        "frozen_bytes": nbytes(frozen),
         "compile_s": compile_s,
         "step_s": step_s,
         "step_s_all": times,
         "tokens_per_s": workload.tokens / step_s,
         "peak_bytes": peak_bytes(),
-        "losses": [float(v) for v in losses],
+        "losses": losses,
         "hlo": hlo_stats(compiled),
     }
 
@@ -304,8 +317,11 @@ def bench_pair(
             times[mode] += _timed(lambda: one_step(mode), per_round)
     out: dict[str, Any] = {**model.info, "modes": {}}
     for mode, t in times.items():
-        out["modes"][mode] = {"step_s": statistics.median(t), "tokens_per_s": workload.tokens / statistics.median(t),
-                              "step_s_all": t}
+        out["modes"][mode] = {
+            "step_s": statistics.median(t),
+            "tokens_per_s": workload.tokens / statistics.median(t),
+            "step_s_all": t,
+        }
     out["ia3_over_floor"] = out["modes"]["ia3"]["step_s"] / out["modes"]["floor"]["step_s"]
     return out
 
@@ -360,7 +376,7 @@ def bench_inference(
         } | {"merged_vs_unmerged_rel_err": _relative_error(logits["merged"], logits["unmerged"])}
         del logits
     targeted = [_tree.get(base, path)["kernel"] for path in _tree.vector_modules(joined)]
-    floor_bytes = 2 * _nbytes(targeted) + _nbytes(adapter)  # each targeted kernel read once and written once
+    floor_bytes = 2 * nbytes(targeted) + nbytes(adapter)  # each targeted kernel read once and written once
     bandwidth = copy_bandwidth(copy_bytes, max(5, workload.steps))
     merge_times = _timed(lambda: merge(joined), max(10, 3 * workload.steps))
     donated_times = _donated_times(model.layouts, joined, max(5, workload.steps))
@@ -384,7 +400,7 @@ def bench_inference(
     aliased = _buffer(embed_in) == _buffer(embed_out)
     out["merge"] = {
         "targeted_kernels": len(targeted),
-        "targeted_bytes": _nbytes(targeted),
+        "targeted_bytes": nbytes(targeted),
         "floor_bytes": floor_bytes,
         "copy_bandwidth_Bps": bandwidth,
         "floor_s": floor_bytes / bandwidth,
@@ -422,7 +438,7 @@ def _donated_times(layouts: Any, joined: Any, repeats: int) -> list[float]:
 def _buffer(x: jax.Array) -> int | None:
     try:
         return x.unsafe_buffer_pointer()
-    except Exception:  # noqa: BLE001 - some backends expose no pointer; then we cannot tell
+    except Exception:
         return None
 
 

@@ -59,6 +59,10 @@ class LlamaConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON-ready values, dtypes by name: ``TINY.to_dict()["dtype"] == "bfloat16"``."""
+        return {k: jnp.dtype(v).name if k.endswith("dtype") else v for k, v in dataclasses.asdict(self).items()}
+
 
 # `nn.remat` policies by name (LlamaConfig.remat_policy); None: jax.checkpoint's default, nothing saved.
 REMAT_POLICIES = {
@@ -66,6 +70,7 @@ REMAT_POLICIES = {
     "mlp_hidden": jax.checkpoint_policies.save_anything_except_these_names("mlp_hidden"),
 }
 TINY = LlamaConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
+TINY_F32 = dataclasses.replace(TINY, dtype=jnp.float32, param_dtype=jnp.float32)  # CPU checks: exact, and fast there
 
 
 class RMSNorm(nn.Module):

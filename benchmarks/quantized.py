@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import statistics
 import subprocess
@@ -48,10 +47,12 @@ import optax
 import qwix
 
 import ia3_jax
-from benchmarks import llama
+from benchmarks import jax_bench, llama
 from benchmarks.jax_bench import IA3_CONFIG, LEARNING_RATE, Workload
 
 QTYPES = {"int8": jnp.int8, "int4": jnp.int4}
+
+
 def quantized_model(model: llama.Llama, params: dict[str, Any], qtype: Any) -> tuple[Any, dict[str, Any]]:
     """``(qwix PTQ model, quantized params)``: every Dense weight-only quantized, per output channel.
 
@@ -64,17 +65,6 @@ def quantized_model(model: llama.Llama, params: dict[str, Any], qtype: Any) -> t
     return qmodel, quantize(params)
 
 
-def _nbytes(tree: Any) -> int:
-    """Bytes as stored, int4 counted as half a byte."""
-    return int(sum(x.size * jax.dtypes.itemsize_bits(x.dtype) for x in jax.tree.leaves(tree))) // 8
-
-
-def peak_bytes() -> int | None:
-    """The device's ``peak_bytes_in_use`` (None where the backend keeps no statistics, as the CPU)."""
-    stats = jax.local_devices()[0].memory_stats()
-    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
-
-
 def memory_analysis(compiled: Any) -> dict[str, int]:
     """XLA's static memory plan of the compiled step (arguments, outputs, temporaries), any backend."""
     memory = compiled.memory_analysis()
@@ -82,18 +72,6 @@ def memory_analysis(compiled: Any) -> dict[str, int]:
         return {}
     fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes")
     return {f: int(getattr(memory, f)) for f in fields}
-
-
-def train_step(loss: Any, optimizer: optax.GradientTransformation) -> Any:
-    """One AdamW step on the adapter; the adapter and optimizer state are donated, the base is not."""
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(adapter, opt_state, base, ids):
-        value, grads = jax.value_and_grad(loss)(adapter, base, ids)
-        updates, opt_state = optimizer.update(grads, opt_state, adapter)
-        return optax.apply_updates(adapter, updates), opt_state, value
-
-    return step
 
 
 def bench_variant(variant: str, workload: Workload) -> dict[str, Any]:
@@ -112,22 +90,13 @@ def bench_variant(variant: str, workload: Workload) -> dict[str, Any]:
         return llama.causal_lm_loss(logits, ids)
 
     optimizer = optax.adamw(LEARNING_RATE)
-    state = (adapter, optimizer.init(adapter))
-    ids = jax.random.randint(jax.random.key(1), (workload.batch, workload.seq), 0, workload.config.vocab_size)
-    step = train_step(loss, optimizer)
+    opt_state = optimizer.init(adapter)
+    ids = jax_bench.batch(workload)
     start = time.perf_counter()
-    compiled = step.lower(*state, base, ids).compile()
+    compiled = jax_bench.train_step(loss, optimizer).lower(adapter, opt_state, base, ids).compile()
     compile_s = time.perf_counter() - start
-    setup_peak = peak_bytes()
-    losses, times = [], []
-    for i in range(workload.warmup + workload.steps):
-        start = time.perf_counter()
-        adapter, opt_state, value = compiled(*state, base, ids)
-        jax.block_until_ready(value)
-        state = (adapter, opt_state)
-        losses.append(float(value))
-        if i >= workload.warmup:
-            times.append(time.perf_counter() - start)
+    setup_peak = jax_bench.peak_bytes()
+    times, losses = jax_bench.timed_steps(compiled, (adapter, opt_state), base, ids, workload)
     step_s = statistics.median(times)
     device = jax.devices()[0]
     return {
@@ -135,14 +104,14 @@ def bench_variant(variant: str, workload: Workload) -> dict[str, Any]:
         "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",
         "attention": workload.config.attention,
         "remat": workload.config.remat,
-        "base_bytes": _nbytes(base),
+        "base_bytes": jax_bench.nbytes(base),
         "adapter_params": int(sum(x.size for x in jax.tree.leaves(adapter))),
         "compile_s": compile_s,
         "step_s": step_s,
         "step_s_all": times,
         "tokens_per_s": workload.tokens / step_s,
         "setup_peak_bytes": setup_peak,
-        "peak_bytes": peak_bytes(),
+        "peak_bytes": jax_bench.peak_bytes(),
         "losses": losses,
         "memory_analysis": memory_analysis(compiled),
     }
@@ -159,7 +128,7 @@ def _workload(args: argparse.Namespace) -> Workload:
 def _in_subprocess(variant: str, argv: list[str]) -> dict[str, Any]:
     """One variant in a fresh process; a failure is recorded, not raised, so the others still run."""
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--variant", variant]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         return {"variant": variant, "error": proc.stderr[-4000:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -201,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "seq": workload.seq,
             "steps": workload.steps,
             "warmup": workload.warmup,
-            "config": {k: str(v) for k, v in dataclasses.asdict(workload.config).items()},
+            "config": workload.config.to_dict(),
         },
         "runs": [],
     }

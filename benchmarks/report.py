@@ -239,5 +239,5 @@ def _order(name: str) -> tuple:
     models = ["lean", "lean-hidden", "lean-scan", "lean-scan-hidden", "lean-scan-remat", "hf", "peft"]
     modes = ["ia3", "floor", "full"]
     kind, model, *mode = name.split(":")
-    index = lambda seq, x: seq.index(x) if x in seq else len(seq)  # noqa: E731
+    index = lambda seq, x: seq.index(x) if x in seq else len(seq)
     return index(kinds, kind), index(models, model), index(modes, mode[0] if mode else "")

@@ -101,13 +101,10 @@ TINY_VARIANTS = [
 
 
 def workload(cpu_tiny: bool, steps: int | None):
-    import jax.numpy as jnp
-
     from benchmarks import jax_bench, llama
 
     if cpu_tiny:  # float32: exact checks, and the CPU has no fast bf16
-        config = dataclasses.replace(llama.TINY, dtype=jnp.float32, param_dtype=jnp.float32)
-        w = jax_bench.Workload(config=config, batch=2, seq=32, warmup=1, steps=3)
+        w = jax_bench.Workload(config=llama.TINY_F32, batch=2, seq=32, warmup=1, steps=3)
     else:
         w = jax_bench.Workload()
     return dataclasses.replace(w, steps=steps) if steps else w
@@ -149,9 +146,7 @@ def run_variant(
 
 
 def _workload_dict(w) -> dict[str, Any]:
-    d = dataclasses.asdict(w)
-    d["config"] = {k: str(v) if not isinstance(v, int | float | bool | None) else v for k, v in d["config"].items()}
-    return d
+    return dataclasses.asdict(w) | {"config": w.config.to_dict()}
 
 
 def _child_env(name: str, gpu: str | None, flax_site: str | None) -> dict[str, str]:
@@ -174,8 +169,14 @@ def _spawn(name: str, out: Path, gpu: str | None, args, attention: str | None, t
     start = time.perf_counter()
     with open(out / f"{name.replace(':', '_')}.log", "w") as log:
         try:
-            proc = subprocess.run(cmd, env=_child_env(name, gpu, args.flax_site), stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=timeout, check=False)
+            proc = subprocess.run(
+                cmd,
+                env=_child_env(name, gpu, args.flax_site),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+                check=False,
+            )
             code = proc.returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
@@ -238,8 +239,10 @@ def _line(r: dict[str, Any]) -> str:
         return f"{r['name']:26s} {r.get('status')}: {str(r.get('error', ''))[:300]}"
     if "ia3_over_floor" in r:
         m = r["modes"]
-        return (f"{r['name']:26s} ia3 {1e3 * m['ia3']['step_s']:.1f} ms, floor {1e3 * m['floor']['step_s']:.1f} ms: "
-                f"{r['ia3_over_floor']:.3f}x")
+        return (
+            f"{r['name']:26s} ia3 {1e3 * m['ia3']['step_s']:.1f} ms, floor {1e3 * m['floor']['step_s']:.1f} ms: "
+            f"{r['ia3_over_floor']:.3f}x"
+        )
     if "tokens_per_s" in r:
         peak = r.get("peak_bytes")
         peak_s = f"{peak / 2**30:6.2f} GiB" if peak else "   n/a"
@@ -272,8 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     attention = None if args.attention == "none" else args.attention
     if args.variant:
         hlo_dir = str(args.json.parent) if args.json else None
-        result = run_variant(args.variant, cpu_tiny=args.cpu_tiny, attention=attention, steps=args.steps,
-                             hlo_dir=hlo_dir)
+        result = run_variant(
+            args.variant, cpu_tiny=args.cpu_tiny, attention=attention, steps=args.steps, hlo_dir=hlo_dir
+        )
         args.json.write_text(json.dumps(result, indent=1))
         print(_line(result))
         return 0 if result["status"] == "ok" else 1

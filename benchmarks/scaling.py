@@ -1,11 +1,11 @@
 """IA3 training throughput on 1 device against 2 (or more): tokens/s and scaling efficiency.
 
-The workload: a Llama-style decoder of about 1.1B parameters defined here in plain Flax (hidden
-2048, 22 layers stacked with ``nn.scan`` and rematerialised with ``nn.remat``, 32 query / 4 KV
-heads, SwiGLU 5632, vocab 32000, RoPE, ``jax.nn.dot_product_attention``), random bfloat16
-weights, IA3 on PEFT's llama targets (k_proj, v_proj, down_proj; down_proj feedforward) with
-float32 vectors and AdamW, next-token loss on random tokens. Only jax, flax, optax, numpy and
-ia3_jax are needed (no transformers).
+The workload: the ~1.1B Llama of `benchmarks.llama` (hidden 2048, 22 layers stacked with ``nn.scan``
+and rematerialised with ``nn.remat``, 32 query / 4 KV heads, SwiGLU 5632, vocab 32000, RoPE,
+``jax.nn.dot_product_attention``), random bfloat16 weights, IA3 on PEFT's llama targets
+(`benchmarks.jax_bench.IA3_CONFIG`: k_proj, v_proj, down_proj; down_proj feedforward) with float32
+vectors and AdamW, next-token loss on random tokens. Only jax, flax, optax, numpy and ia3_jax are
+needed (no transformers).
 
 Each layout runs on a mesh of 1 device and then on a mesh of N devices, in one process, with the
 same per-device batch (weak scaling), so the scaling efficiency is
@@ -49,7 +49,6 @@ import statistics
 import time
 import traceback
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,90 +58,13 @@ from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a bare checkout too
 import ia3_jax
+from benchmarks import llama
+from benchmarks.jax_bench import IA3_CONFIG
 
+# The ~1.1B model under nn.scan + full nn.remat; the tiny one in float32 for the CPU check.
+MODEL = dataclasses.replace(llama.LlamaConfig(), scan=True, remat=True)
+TINY = dataclasses.replace(llama.TINY_F32, scan=True, remat=True)
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    vocab: int = 32000
-    hidden: int = 2048
-    layers: int = 22
-    heads: int = 32
-    kv_heads: int = 4
-    intermediate: int = 5632
-    dtype: str = "bfloat16"
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
-
-TINY = Config(vocab=256, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, dtype="float32")
-
-
-def rope(x: jax.Array) -> jax.Array:
-    """Rotary position embedding over (batch, seq, heads, head_dim)."""
-    seq, dim = x.shape[1], x.shape[-1]
-    freqs = 1.0 / (10000.0 ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-    angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * freqs[None, :]
-    cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
-
-
-class Attention(nn.Module):
-    cfg: Config
-
-    @nn.compact
-    def __call__(self, x):
-        c, dense = self.cfg, lambda n, name: nn.Dense(n, use_bias=False, dtype=c.dtype, param_dtype=c.dtype, name=name)
-        b, t, _ = x.shape
-        q = dense(c.heads * c.head_dim, "q_proj")(x).reshape(b, t, c.heads, c.head_dim)
-        k = dense(c.kv_heads * c.head_dim, "k_proj")(x).reshape(b, t, c.kv_heads, c.head_dim)
-        v = dense(c.kv_heads * c.head_dim, "v_proj")(x).reshape(b, t, c.kv_heads, c.head_dim)
-        o = jax.nn.dot_product_attention(rope(q), rope(k), v, is_causal=True)
-        return dense(c.hidden, "o_proj")(o.reshape(b, t, c.hidden))
-
-
-class MLP(nn.Module):
-    cfg: Config
-
-    @nn.compact
-    def __call__(self, x):
-        c, dense = self.cfg, lambda n, name: nn.Dense(n, use_bias=False, dtype=c.dtype, param_dtype=c.dtype, name=name)
-        return dense(c.hidden, "down_proj")(
-            nn.silu(dense(c.intermediate, "gate_proj")(x)) * dense(c.intermediate, "up_proj")(x)
-        )
-
-
-class Block(nn.Module):
-    cfg: Config
-
-    @nn.compact
-    def __call__(self, x, _):
-        norm = lambda name: nn.RMSNorm(dtype=self.cfg.dtype, param_dtype=self.cfg.dtype, name=name)
-        x = x + Attention(self.cfg, name="self_attn")(norm("input_layernorm")(x))
-        return x + MLP(self.cfg, name="mlp")(norm("post_attention_layernorm")(x)), None
-
-
-class Llama(nn.Module):
-    cfg: Config
-
-    @nn.compact
-    def __call__(self, tokens):
-        c = self.cfg
-        x = nn.Embed(c.vocab, c.hidden, dtype=c.dtype, param_dtype=c.dtype, name="embed_tokens")(tokens)
-        layers = nn.scan(
-            nn.remat(Block, prevent_cse=False),
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            length=c.layers,
-        )
-        x, _ = layers(c, name="layers")(x, None)
-        x = nn.RMSNorm(dtype=c.dtype, param_dtype=c.dtype, name="norm")(x)
-        return nn.Dense(c.vocab, use_bias=False, dtype=c.dtype, param_dtype=c.dtype, name="lm_head")(x)
-
-
-IA3 = ia3_jax.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
 _TP_BY_OUTPUT = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
 _TP_BY_INPUT = ("o_proj", "down_proj")
 
@@ -179,10 +101,10 @@ def loss_fn(forward, adapter, base, tokens):
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), tokens[:, 1:]).mean()
 
 
-def measure(cfg: Config, layout: str, n: int, batch: int, seq: int, steps: int) -> dict:
+def measure(cfg: llama.LlamaConfig, layout: str, n: int, batch: int, seq: int, steps: int) -> dict:
     """One training run: compile, warm up, then `steps` timed steps; tokens/s from the median."""
     mesh = make_mesh(n, layout)
-    model = Llama(cfg)
+    model = llama.Llama(cfg)
     global_batch = batch if layout == "tp" else batch * n
     tokens_shape = jax.ShapeDtypeStruct((global_batch, seq + 1), jnp.int32)
     abstract = jax.eval_shape(model.init, jax.random.key(0), tokens_shape)["params"]
@@ -194,8 +116,8 @@ def measure(cfg: Config, layout: str, n: int, batch: int, seq: int, steps: int) 
         jax.random.key(0)
     )
     layouts = ia3_jax.infer_layouts(model.apply, {"params": abstract}, tokens_shape)
-    adapter, _ = ia3_jax.split(ia3_jax.ia3_init(base, IA3, layouts=layouts))
-    adapter_sh = ia3_jax.adapter_shardings(adapter, base, None, IA3, layouts=layouts)
+    adapter, _ = ia3_jax.split(ia3_jax.ia3_init(base, IA3_CONFIG, layouts=layouts))
+    adapter_sh = ia3_jax.adapter_shardings(adapter, base, None, IA3_CONFIG, layouts=layouts)
     adapter = jax.device_put(adapter, adapter_sh)
 
     tx = optax.adamw(1e-3)
@@ -204,9 +126,9 @@ def measure(cfg: Config, layout: str, n: int, batch: int, seq: int, steps: int) 
     opt_state = jax.jit(tx.init, out_shardings=opt_sh)(adapter)
     tokens_sh = NamedSharding(mesh, P("data", None))
     rng = np.random.default_rng(0)
-    tokens = jax.device_put(rng.integers(0, cfg.vocab, (global_batch, seq + 1), dtype=np.int32), tokens_sh)
+    tokens = jax.device_put(rng.integers(0, cfg.vocab_size, (global_batch, seq + 1), dtype=np.int32), tokens_sh)
 
-    forward = ia3_jax.apply_fn(model.apply, IA3)
+    forward = ia3_jax.apply_fn(model.apply, IA3_CONFIG)
 
     def step(adapter, opt_state, base, tokens):
         loss, grads = jax.value_and_grad(loss_fn, argnums=1)(forward, adapter, base, tokens)
@@ -278,13 +200,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="scaling_results.json")
     parser.add_argument("--cpu-tiny", action="store_true", help="tiny model on 2 simulated CPU devices")
     args = parser.parse_args(argv)
-    cfg, batch, seq, steps = (TINY, 2, 16, 2) if args.cpu_tiny else (Config(), args.batch, args.seq, args.steps)
+    cfg, batch, seq, steps = (TINY, 2, 16, 2) if args.cpu_tiny else (MODEL, args.batch, args.seq, args.steps)
     counts = [int(n) for n in args.devices.split(",")]
     layouts = args.layouts.split(",")
     available = jax.device_count()
     print(f"jax {jax.__version__}, {available} x {jax.devices()[0].device_kind}; model {cfg}", flush=True)
     result = {
-        "config": dataclasses.asdict(cfg),
+        "config": cfg.to_dict(),
         "batch_per_device": batch,
         "seq": seq,
         "steps": steps,

@@ -19,13 +19,11 @@ import pytest
 import ia3_jax
 from benchmarks import jax_bench, llama, report, run
 
-F32_TINY = dataclasses.replace(llama.TINY, dtype=jnp.float32, param_dtype=jnp.float32)
-
 
 def _lean_params_from_torch(model, config: llama.LlamaConfig) -> dict:
     """transformers' LlamaForCausalLM state dict -> the unrolled lean Llama's params (kernels transposed)."""
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    dense = lambda name: {"kernel": jnp.asarray(sd[f"{name}.weight"].T)}  # noqa: E731
+    dense = lambda name: {"kernel": jnp.asarray(sd[f"{name}.weight"].T)}
     layers = {}
     for i in range(config.num_layers):
         p = f"model.layers.{i}"
@@ -47,24 +45,24 @@ def test_lean_llama_matches_transformers_llama():
     torch = pytest.importorskip("torch")
     from benchmarks import torch_bench
 
-    workload = jax_bench.Workload(config=F32_TINY, batch=2, seq=16)
+    workload = jax_bench.Workload(config=llama.TINY_F32, batch=2, seq=16)
     model = torch_bench.build(workload, "cpu")
     with torch.no_grad():
         torch.nn.init.normal_(model.model.layers[0].input_layernorm.weight, 1.0, 0.2)  # not all ones
-    ids = np.random.default_rng(0).integers(0, F32_TINY.vocab_size, (2, 16))
+    ids = np.random.default_rng(0).integers(0, llama.TINY_F32.vocab_size, (2, 16))
     with torch.no_grad():
         expected = model(input_ids=torch.as_tensor(ids)).logits.numpy()
-    params = _lean_params_from_torch(model, F32_TINY)
-    got = llama.Llama(F32_TINY).apply({"params": params}, jnp.asarray(ids))
+    params = _lean_params_from_torch(model, llama.TINY_F32)
+    got = llama.Llama(llama.TINY_F32).apply({"params": params}, jnp.asarray(ids))
     chex.assert_trees_all_close(got, expected, atol=2e-5, rtol=2e-5)
 
 
 def test_scanned_lean_llama_equals_unrolled_with_ia3():
-    unrolled = llama.Llama(F32_TINY)
-    scanned = llama.Llama(dataclasses.replace(F32_TINY, scan=True))
+    unrolled = llama.Llama(llama.TINY_F32)
+    scanned = llama.Llama(dataclasses.replace(llama.TINY_F32, scan=True))
     params = llama.init_params(unrolled, jax.random.key(0))
     stacked = dict(params, layers=jax.tree.map(lambda *x: jnp.stack(x), *params["layers"].values()))
-    ids = jax.random.randint(jax.random.key(1), (2, 16), 0, F32_TINY.vocab_size)
+    ids = jax.random.randint(jax.random.key(1), (2, 16), 0, llama.TINY_F32.vocab_size)
     config = jax_bench.IA3_CONFIG
     layouts = ia3_jax.infer_layouts(scanned.apply, {"params": stacked}, ids)
     _, base_u = ia3_jax.split(ia3_jax.ia3_init(params, config))
@@ -100,12 +98,13 @@ def test_cpu_tiny_run_end_to_end(tmp_path):
     assert peft_ia3["losses"][0] == pytest.approx(peft_floor["losses"][0], rel=1e-6)
     # PEFT adapts the same modules: k_proj, v_proj (2 x 32 per layer), down_proj input (128 per layer)
     assert ia3["trainable_params"] == peft_ia3["trainable_params"] == 2 * (32 + 32 + 128)
-    assert floor["trainable_params"] == F32_TINY.hidden_size
+    assert floor["trainable_params"] == llama.TINY_F32.hidden_size
+    assert ia3["workload"]["config"]["dtype"] == "float32"  # dtypes by name in the JSON
     infer = results["infer:lean"]
     for shape in infer["forward"].values():
         assert shape["merged_vs_unmerged_rel_err"] < 1e-5  # float32: merge is exact up to rounding
     merge = infer["merge"]
-    assert merge["targeted_kernels"] == 3 * F32_TINY.num_layers
+    assert merge["targeted_kernels"] == 3 * llama.TINY_F32.num_layers
     assert merge["floor_bytes"] >= 2 * merge["targeted_bytes"]
     assert (tmp_path / "plot.png").stat().st_size > 0
     summary = (tmp_path / "summary.md").read_text()
@@ -123,8 +122,12 @@ def test_report_targets_and_table():
             _train("jax:lean:ia3", 0.080, 10.0),
             _train("jax:lean:floor", 0.075, 9.0),
             _train("torch:peft:ia3", 0.140, 20.0),
-            {"name": "pair:lean", "status": "ok", "ia3_over_floor": 1.02,
-             "modes": {"ia3": {"step_s": 0.0765}, "floor": {"step_s": 0.075}}},
+            {
+                "name": "pair:lean",
+                "status": "ok",
+                "ia3_over_floor": 1.02,
+                "modes": {"ia3": {"step_s": 0.0765}, "floor": {"step_s": 0.075}},
+            },
             {"name": "jax:hf:full", "status": "oom", "error": "RESOURCE_EXHAUSTED: out of memory"},
         ]
     }
