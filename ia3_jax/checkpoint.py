@@ -32,8 +32,8 @@ from ia3_jax import _tree
 from ia3_jax.config import IA3Config
 from ia3_jax.init import ia3_init
 from ia3_jax.layout import KernelLayout
-from ia3_jax.partition import StructureError, split
-from ia3_jax.targets import TargetError
+from ia3_jax.partition import StructureError, _without_vectors, split
+from ia3_jax.targets import TargetError, modules_to_save_roots
 
 ADAPTER_ITEM = "adapter"
 CONFIG_ITEM = "config"
@@ -47,6 +47,7 @@ _COMPLETE_MARKERS = (
 )
 _STAGING = ".ia3-staging-"
 _REPLACED = ".ia3-replaced-"
+
 
 class CheckpointError(ValueError):
     """A path is not a complete adapter checkpoint, or a save would clobber something."""
@@ -74,13 +75,13 @@ def _save_args(adapter: Mapping[str, Any], config: IA3Config, opt_state: Any) ->
         raise StructureError(
             f"adapter must be a non-empty nested dict (the first result of ia3_jax.split), got {adapter!r:.80}."
         )
+    roots = modules_to_save_roots(adapter, config)
     arrays = {}
     for path, leaf in _tree.leaves_with_paths(adapter):
         value = _tree.unbox(leaf)  # boxes carry sharding names only; the checkpoint holds arrays
         if not isinstance(value, (jax.Array, np.ndarray)):
             raise StructureError(f"adapter leaf {_tree.dotted(path)!r} is a {type(value).__name__}, not an array.")
-        saved_module = any(config.is_module_to_save(_tree.dotted(path[:i])) for i in range(1, len(path)))
-        if path[-1] != _tree.VECTOR and not saved_module:
+        if path[-1] != _tree.VECTOR and not any(path[: len(r)] == r for r in roots):
             raise StructureError(
                 f"adapter leaf {_tree.dotted(path)!r} is neither an IA3 vector nor in config.modules_to_save="
                 f"{config.modules_to_save}: these look like base params. Save the first result of "
@@ -154,11 +155,8 @@ def _save_single(path: epath.Path, args: ocp.args.Composite, overwrite: bool) ->
     with _checkpointer() as checkpointer:
         checkpointer.save(staging, args=args)
     if path.exists():
-        replaced = path.parent / f"{path.name}{_REPLACED}{tag}"
-        path.rename(replaced)
-        staging.rename(path)
-    else:
-        staging.rename(path)
+        path.rename(path.parent / f"{path.name}{_REPLACED}{tag}")
+    staging.rename(path)
     # Leftovers of earlier interrupted saves of this path (and the replaced checkpoint) go now.
     for leftover in (*path.parent.glob(f"{path.name}{_STAGING}*"), *path.parent.glob(f"{path.name}{_REPLACED}*")):
         leftover.rmtree()
@@ -263,7 +261,7 @@ def check_adapter(
     init_config = config.replace(init_ia3_weights=True)  # same shapes, no rng needed
 
     def expected_adapter(base: Mapping[str, Any]) -> dict[str, Any]:
-        return split(ia3_init(split(base)[1], init_config, layouts=layouts), config)[0]
+        return split(ia3_init(_without_vectors(base), init_config, layouts=layouts), config)[0]
 
     try:
         expected = jax.eval_shape(expected_adapter, params)
@@ -339,7 +337,6 @@ def load_adapter(
         target = ocp.args.StandardRestore(_restore_target(abstract, shardings))
         restored = checkpointer.restore(directory, args=ocp.args.Composite(**{ADAPTER_ITEM: target}))
     return _tree.to_dict(restored[ADAPTER_ITEM]), config
-
 
 
 def load_opt_state(path: epath.PathLike, like: Any, *, step: int | None = None) -> Any:

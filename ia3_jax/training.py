@@ -48,7 +48,7 @@ def trainable_mask(params: Mapping[str, Any], config: IA3Config | None = None) -
     Raises:
       ValueError: nothing in `params` is trainable (no ``ia3_l`` leaf, no ``modules_to_save``).
     """
-    roots = modules_to_save_roots(params, config) if config is not None and config.modules_to_save else []
+    roots = modules_to_save_roots(params, config) if config is not None else []
 
     def flag(path: jax.tree_util.KeyPath, leaf: Any) -> Any:
         keys = tuple(_tree.key_str(k) for k in path)

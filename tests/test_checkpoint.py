@@ -22,7 +22,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 import ia3_jax
-from ia3_jax import CheckpointError, AdapterMismatchError, StructureError
+from ia3_jax import AdapterMismatchError, CheckpointError, StructureError
 
 
 class Block(nn.Module):
@@ -69,7 +69,7 @@ def _step_names(root):
 
 
 def test_round_trip(tmp_path):
-    adapter, base = _setup()
+    adapter, _ = _setup()
     adapter["k"]["ia3_l"] = adapter["k"]["ia3_l"].astype(jnp.bfloat16)
     path = ia3_jax.save_adapter(tmp_path / "ckpt", adapter, CONFIG)
     assert path == tmp_path / "ckpt" and _step_names(tmp_path) == ["ckpt"]  # no temporary left behind
@@ -98,7 +98,7 @@ def test_boxed_adapter_is_saved_as_arrays(tmp_path):
 def test_load_checks_params_and_joins(tmp_path):
     adapter, base = _setup()
     ia3_jax.save_adapter(tmp_path / "ckpt", adapter, CONFIG)
-    loaded, config = ia3_jax.load_adapter(tmp_path / "ckpt", params=base)
+    loaded, _ = ia3_jax.load_adapter(tmp_path / "ckpt", params=base)
     chex.assert_trees_all_close(_predict(base, loaded), _predict(base, adapter), rtol=0, atol=0)
     # Full params (vectors already inside) are accepted too, and abstract ones.
     ia3_jax.load_adapter(tmp_path / "ckpt", params=ia3_jax.join(base, adapter))
@@ -164,7 +164,7 @@ def test_restore_with_shardings(tmp_path):
     shardings["head"] = jax.tree.map(lambda _: replicated, adapter["head"])
     loaded, _ = ia3_jax.load_adapter(tmp_path / "ckpt", params=base, shardings=shardings)
     chex.assert_trees_all_equal(loaded, adapter)
-    for leaf, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(shardings)):
+    for leaf, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(shardings), strict=True):
         assert leaf.sharding == want
     assert len(loaded["wo"]["ia3_l"].addressable_shards) == len(devices)
     assert loaded["wo"]["ia3_l"].addressable_shards[0].data.shape == (32 // len(devices),)

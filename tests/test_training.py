@@ -99,7 +99,7 @@ def test_three_sgd_steps_change_only_the_adapter():
     chex.assert_trees_all_close(adapter, expected, rtol=1e-5, atol=1e-6)
 
     trained = ia3_jax.join(base, adapter)
-    changed = {p for p, leaf in _tree.leaves_with_paths(adapter)}
+    changed = _paths(adapter)
     before = dict(_tree.leaves_with_paths(params))
     for path, leaf in _tree.leaves_with_paths(trained):
         if path in changed:
@@ -181,7 +181,7 @@ def test_trainable_mask_with_optax_matches_split(style):
 class _Sharded(nn.Module):
     @nn.compact
     def __call__(self, x):
-        dense = lambda n, name: nn.Dense(  # noqa: E731
+        dense = lambda n, name: nn.Dense(
             n, name=name, kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
         )
         return nn.Dense(2, name="head")(dense(8, "wo")(nn.relu(dense(8, "k")(x))))
