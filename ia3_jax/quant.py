@@ -152,8 +152,7 @@ def rescale_quantized(
             f"cannot merge the {side} IA3 vector at {key!r} into its quantized kernel: the kernel {shape} "
             f"({_qtype_name(qarray.qtype)}) has scale {tuple(scale.shape)}, one value shared along axis "
             f"{shared[0]} where the vector varies, so folding it would re-round the integers (lossy). Keep this "
-            "vector unmerged "
-            "(serve with ia3_jax.apply_fn), or merge into dequantized weights: "
+            "vector unmerged (serve with ia3_jax.apply_fn), or merge into dequantized weights: "
             "ia3_jax.merge(ia3_jax.quant.dequantize(params), config), then requantize with qwix if needed."
         )
     new_scale = fold(scale, factor).astype(scale.dtype)

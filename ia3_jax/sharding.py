@@ -52,12 +52,11 @@ def _sharding_tree(base: Mapping[str, Any], shardings: Any) -> dict[_tree.Path, 
     """`shardings` by leaf path, checked against `base` leaf for leaf."""
     if shardings is None:
         return {path: _leaf_sharding(leaf) for path, leaf in _tree.leaves_with_paths(base)}
-    flat, _ = jax.tree_util.tree_flatten_with_path(shardings, is_leaf=_is_spec_leaf)
-    by_path = {tuple(_tree.key_str(k) for k in path): s for path, s in flat}
-    base_paths = [path for path, _ in _tree.leaves_with_paths(base)]
-    if set(by_path) != set(base_paths):
-        missing = sorted(set(base_paths) - set(by_path))
-        extra = sorted(set(by_path) - set(base_paths))
+    by_path = dict(_tree.leaves_with_paths(shardings, is_leaf=_is_spec_leaf))
+    base_paths = {path for path, _ in _tree.leaves_with_paths(base)}
+    if set(by_path) != base_paths:
+        missing = sorted(base_paths - set(by_path))
+        extra = sorted(set(by_path) - base_paths)
         first = missing[0] if missing else extra[0]
         raise StructureError(
             f"the shardings are for a different tree than the base params: {len(missing)} base leaves have no "
@@ -174,7 +173,6 @@ def adapter_shardings(
     """
     by_path = _sharding_tree(base, shardings)
     fan_in_fan_out = bool(config and config.fan_in_fan_out)
-    vectors = _tree.vector_modules(adapter)
     out: dict[_tree.Path, Any] = {}
     for path, leaf in _tree.leaves_with_paths(adapter):
         if path[-1] != _tree.VECTOR:  # a modules_to_save copy: sharded as the original
@@ -189,7 +187,7 @@ def adapter_shardings(
         kernel_shape = tuple(np.shape(_tree.unbox(node["kernel"])))
         bias_shape = np.shape(_tree.unbox(node["bias"])) if "bias" in node else None
         layout = layout_for(module, kernel_shape, fan_in_fan_out, layouts, bias_shape=bias_shape)
-        vector_shape = tuple(np.shape(_tree.unbox(vectors[module][_tree.VECTOR])))
+        vector_shape = tuple(np.shape(_tree.unbox(leaf)))
         feedforward = _direction(key, vector_shape, kernel_shape, layout, config)
         kernel_sharding = by_path[module + ("kernel",)]
         spec, kernel_mesh = _spec_and_mesh(kernel_sharding, mesh, f"kernel of {key!r}")

@@ -72,13 +72,13 @@ def stack(tree: Mapping[str, Any], root: str, *, axis: int = 0) -> dict[str, Any
     layers differ in structure or shapes.
     """
     path, node = _node(tree, root)
-    names = sorted(node, key=lambda k: int(k) if str(k).isdigit() else -1)
-    if names != [str(i) for i in range(len(names))]:
+    names = [str(i) for i in range(len(node))]
+    if set(map(str, node)) != set(names):
         raise StructureError(f"{root!r} holds {sorted(node)[:10]}, not the layers '0'..'{len(names) - 1}'.")
     layers = [_tree.to_dict(node[n]) for n in names]
-    first = jax.tree.structure(layers[0])
+    shapes = jax.tree.map(jnp.shape, layers[0])  # nested dicts of shapes: == compares structure too
     for i, layer in enumerate(layers[1:], start=1):
-        if jax.tree.structure(layer) != first or jax.tree.map(jnp.shape, layer) != jax.tree.map(jnp.shape, layers[0]):
+        if jax.tree.map(jnp.shape, layer) != shapes:
             raise StructureError(f"layer {root}.{i} differs from {root}.0 in structure or shapes: cannot stack.")
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs, axis=axis), *layers)
     return _tree.updated(_tree.to_dict(tree), {path: stacked})

@@ -200,3 +200,7 @@ def test_unstack_refuses_a_root_without_one_layer_axis():
         ia3_jax.unstack(params, "layers", axis=2)
     with pytest.raises(ia3_jax.StructureError, match="not the layers"):
         ia3_jax.stack(params, "layers")
+    per_layer = ia3_jax.unstack(params, "layers")
+    per_layer["layers"]["1"]["up"]["kernel"] = per_layer["layers"]["1"]["up"]["kernel"][:, :1]
+    with pytest.raises(ia3_jax.StructureError, match=r"layer layers\.1 differs from layers\.0"):
+        ia3_jax.stack(per_layer, "layers")
