@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
 from ia3_jax import _tree
 from ia3_jax.config import IA3Config
-from ia3_jax.layout import KernelLayout, layout_for
+from ia3_jax.layout import KernelLayout, module_layout
 from ia3_jax.merge import _direction
 from ia3_jax.partition import StructureError
 
@@ -184,9 +184,7 @@ def adapter_shardings(
         if module + ("kernel",) not in by_path:
             raise StructureError(f"adapter vector at {key!r} has no kernel in the base params.")
         node = _tree.get(base, module)
-        kernel_shape = tuple(np.shape(_tree.unbox(node["kernel"])))
-        bias_shape = np.shape(_tree.unbox(node["bias"])) if "bias" in node else None
-        layout = layout_for(module, kernel_shape, fan_in_fan_out, layouts, bias_shape=bias_shape)
+        layout, kernel_shape = module_layout(module, node, fan_in_fan_out, layouts)
         vector_shape = tuple(np.shape(_tree.unbox(leaf)))
         feedforward = _direction(key, vector_shape, kernel_shape, layout, config)
         kernel_sharding = by_path[module + ("kernel",)]
