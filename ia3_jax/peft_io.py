@@ -16,7 +16,7 @@ rule inverted: a Flax ``kernel`` is torch's ``weight`` with the feature axes swa
 ``(in, out)`` -> ``(out, in)``; conv ``(*spatial, in, out)`` -> ``(out, in, *spatial)``), ``scale``
 and ``embedding`` are ``weight``, every other name is kept. Everything is stored float32.
 
-Neither direction needs PyTorch (``safetensors.numpy``).
+Neither direction needs PyTorch; files in any float dtype (bf16 from a bf16 model) are read as float32.
 """
 
 from __future__ import annotations
@@ -33,13 +33,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors
+import safetensors.flax
 import safetensors.numpy
 
 from ia3_jax import _tree
 from ia3_jax.checkpoint import AdapterMismatchError  # the adapter does not fit the params
 from ia3_jax.config import IA3Config, IA3ConfigError, suffix_regex
-from ia3_jax.layout import KernelLayout, LayoutError, layout_for
-from ia3_jax.partition import split
+from ia3_jax.layout import KernelLayout, LayoutError, module_layout
+from ia3_jax.partition import _without_vectors
 from ia3_jax.targets import TargetError, modules_to_save_roots, resolve_targets
 
 CONFIG_NAME = "adapter_config.json"
@@ -104,10 +106,7 @@ def _vector_entries(
     """``{torch key: _Entry}`` for the vector of every module `config` targets in `params`."""
     entries = {}
     for path, feedforward in resolve_targets(params, config).items():
-        node = _tree.get(params, path)
-        kernel_shape = tuple(np.shape(_tree.unbox(node["kernel"])))
-        bias_shape = np.shape(_tree.unbox(node["bias"])) if "bias" in node else None
-        layout = layout_for(path, kernel_shape, config.fan_in_fan_out, layouts, bias_shape=bias_shape)
+        layout, kernel_shape = module_layout(path, _tree.get(params, path), config.fan_in_fan_out, layouts)
         key = _tree.dotted(path)
         if layout.stack_axes:
             raise LayoutError(
@@ -135,7 +134,9 @@ def _saved_entries(params: Mapping[str, Any], config: IA3Config) -> dict[str, _E
     return entries
 
 
-def _entries(params: Mapping[str, Any], config: IA3Config, layouts) -> dict[str, _Entry]:
+def _entries(
+    params: Mapping[str, Any], config: IA3Config, layouts: Mapping[str, KernelLayout] | None
+) -> dict[str, _Entry]:
     """Every tensor PEFT's file holds for an adapter made with `config` on `params`, by torch key."""
     return {**_vector_entries(params, config, layouts), **_saved_entries(params, config)}
 
@@ -263,7 +264,7 @@ def save_peft(
     adapter = _tree.to_dict(adapter)
     if not _tree.vector_modules(adapter):
         raise AdapterMismatchError("the adapter holds no IA3 vector (`ia3_l` leaf): nothing to save.")
-    want = _entries(split(params)[1], config, layouts) if params is not None else _free_entries(adapter, config)
+    want = _entries(_without_vectors(params), config, layouts) if params is not None else _free_entries(adapter, config)
     have = _adapter_leaves(adapter)
     _check_fits({k: np.shape(leaf) for k, leaf in have.items()}, {k: e.shape for k, e in want.items()}, "the adapter")
     tensors = {PEFT_KEY_PREFIX + key: entry.to_peft(have[key]) for key, entry in want.items()}
@@ -331,13 +332,14 @@ def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
             )
         )
     try:
-        tensors = safetensors.numpy.load_file(file)
-    except Exception as err:  # safetensors raises its own error types for corrupt headers and data
+        # The flax reader, as numpy's has no bfloat16: PEFT saves a bf16 model's adapter in bf16.
+        tensors = safetensors.flax.load_file(file)
+    except safetensors.SafetensorError as err:
         raise PeftFormatError(f"{str(file)!r} is not a readable safetensors file: {err}") from None
     if not tensors:
         raise PeftFormatError(f"{str(file)!r} holds no tensors.")
     # PeftModel writes the `base_model.model.` prefix; `inject_adapter_in_model` + state dict does not.
-    return {k.removeprefix(PEFT_KEY_PREFIX): v for k, v in tensors.items()}
+    return {k.removeprefix(PEFT_KEY_PREFIX): np.asarray(v, np.float32) for k, v in tensors.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,9 +372,9 @@ def _prefix_candidates(params: Mapping[str, Any], keys: list[str]) -> list[_Pref
 
 def _targeted_config(config: IA3Config, view: Mapping[str, Any]) -> IA3Config:
     """`config` without the modules_to_save entries that PEFT adds for the task and that `view` lacks."""
-    auto = _AUTO_MODULES_TO_SAVE.get(config.task_type or "", ())
     if not config.modules_to_save:
         return config
+    auto = _AUTO_MODULES_TO_SAVE.get(config.task_type or "", ())
     kept = [
         m for m in config.modules_to_save
         if m not in auto or modules_to_save_roots(view, config.replace(modules_to_save=[m]))
@@ -380,7 +382,9 @@ def _targeted_config(config: IA3Config, view: Mapping[str, Any]) -> IA3Config:
     return config.replace(modules_to_save=kept or None)
 
 
-def _choose_prefix(params, config: IA3Config, keys: list[str], layouts) -> tuple[_Prefix, dict[str, _Entry], IA3Config]:
+def _choose_prefix(
+    params: Mapping[str, Any], config: IA3Config, keys: list[str], layouts: Mapping[str, KernelLayout] | None
+) -> tuple[_Prefix, dict[str, _Entry], IA3Config]:
     """The head prefix under which most keys name entries of `params` (identity first, and on ties).
 
     Raises `AdapterMismatchError` when the config targets nothing in `params` under any prefix.
@@ -442,7 +446,7 @@ def load_peft(
     directory = Path(path)
     config = read_peft_config(directory)
     tensors = _read_tensors(directory)
-    prefix, entries, config = _choose_prefix(split(params)[1], config, sorted(tensors), layouts)
+    prefix, entries, config = _choose_prefix(_without_vectors(params), config, sorted(tensors), layouts)
     _check_fits({k: t.shape for k, t in tensors.items()}, {k: e.peft_shape for k, e in entries.items()},
                 repr(str(directory / WEIGHTS_NAME)))
     changes = {prefix.to_flax(e.path): e.to_flax(tensors[key]) for key, e in entries.items()}
