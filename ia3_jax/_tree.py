@@ -57,6 +57,11 @@ def vectors(tree: Mapping[str, Any]) -> dict[Path, Any]:
     return {path: node[VECTOR] for path, node in vector_modules(tree).items()}
 
 
+def under(path: Path, roots) -> bool:
+    """Whether `path` is one of `roots` or lies below one."""
+    return any(path[: len(r)] == r for r in roots)
+
+
 def get(tree: Mapping[str, Any], path: Path) -> Any:
     node: Any = tree
     for name in path:

@@ -81,7 +81,7 @@ def _save_args(adapter: Mapping[str, Any], config: IA3Config, opt_state: Any) ->
         value = _tree.unbox(leaf)  # boxes carry sharding names only; the checkpoint holds arrays
         if not isinstance(value, (jax.Array, np.ndarray)):
             raise StructureError(f"adapter leaf {_tree.dotted(path)!r} is a {type(value).__name__}, not an array.")
-        if path[-1] != _tree.VECTOR and not any(path[: len(r)] == r for r in roots):
+        if path[-1] != _tree.VECTOR and not _tree.under(path, roots):
             raise StructureError(
                 f"adapter leaf {_tree.dotted(path)!r} is neither an IA3 vector nor in config.modules_to_save="
                 f"{config.modules_to_save}: these look like base params. Save the first result of "

@@ -119,6 +119,11 @@ class IA3Config:
 
     # --- matching (PEFT's rules, on '.'-joined module paths) ---
 
+    @property
+    def is_all_linear(self) -> bool:
+        """``target_modules="all-linear"`` (any case, as PEFT): every 2-D kernel but the output layer."""
+        return isinstance(self.target_modules, str) and self.target_modules.lower() == "all-linear"
+
     def is_excluded(self, key: str) -> bool:
         return _matches(self.exclude_modules, key)
 

@@ -172,7 +172,7 @@ def _check_fits(have: Mapping[str, tuple[int, ...]], want: Mapping[str, tuple[in
 def _adapter_config(config: IA3Config, vector_keys: list[str]) -> dict[str, Any]:
     """The JSON object PEFT writes: its keys, `target_modules` resolved, ``inference_mode`` true."""
     targets = config.target_modules
-    if isinstance(targets, str) and targets.lower() == "all-linear":
+    if config.is_all_linear:
         # PEFT materialises "all-linear" as the full names of the modules it adapted.
         targets = tuple(sorted(k.removesuffix("." + _tree.VECTOR) for k in vector_keys))
     feedforward = config.feedforward_modules
@@ -185,7 +185,7 @@ def _adapter_config(config: IA3Config, vector_keys: list[str]) -> dict[str, Any]
 
 def _free_entries(adapter: Mapping[str, Any], config: IA3Config) -> dict[str, _Entry]:
     """The entries of an adapter saved without params: 1-D vectors of 2-D kernels that `config` targets."""
-    linear = isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear"
+    linear = config.is_all_linear
     entries = {}
     for path, node in _tree.vector_modules(adapter).items():
         key, shape = _tree.dotted(path), tuple(np.shape(_tree.unbox(node[_tree.VECTOR])))

@@ -47,7 +47,7 @@ def resolve_targets(params: Mapping[str, Any], config: IA3Config) -> dict[_tree.
         )
     all_modules = dict(_tree.modules(params))
     layers = {p: node for p, node in all_modules.items() if "kernel" in node}
-    if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
+    if config.is_all_linear:
         chosen = {
             p for p in _all_linear(layers, config) if not config.is_excluded(_tree.dotted(p))
             and not config.is_module_to_save(_tree.dotted(p))
@@ -93,7 +93,7 @@ def modules_to_save_roots(params: Mapping[str, Any], config: IA3Config) -> list[
     """The outermost modules that `config.modules_to_save` selects."""
     roots: list[_tree.Path] = []
     for path, _ in _tree.modules(params):
-        if any(path[: len(r)] == r for r in roots):
+        if _tree.under(path, roots):
             continue
         if config.is_module_to_save(_tree.dotted(path)):
             roots.append(path)

@@ -52,7 +52,7 @@ def trainable_mask(params: Mapping[str, Any], config: IA3Config | None = None) -
 
     def flag(path: jax.tree_util.KeyPath, leaf: Any) -> Any:
         keys = tuple(_tree.key_str(k) for k in path)
-        trainable = keys[-1] == _tree.VECTOR or any(keys[: len(r)] == r for r in roots)
+        trainable = keys[-1] == _tree.VECTOR or _tree.under(keys, roots)
         return _tree.rebox(leaf, trainable)
 
     mask = jax.tree_util.tree_map_with_path(flag, params, is_leaf=_tree.is_box)
