@@ -116,7 +116,7 @@ def default_layout(kernel_shape: Sequence[int], fan_in_fan_out: bool) -> KernelL
     return KernelLayout((ndim - 2,), (ndim - 1,))
 
 
-def layout_for(
+def _layout_for(
     path: _tree.Path,
     kernel_shape: Sequence[int],
     fan_in_fan_out: bool,
@@ -152,13 +152,13 @@ def module_layout(
     fan_in_fan_out: bool,
     layouts: Mapping[str, KernelLayout] | None,
 ) -> tuple[KernelLayout, tuple[int, ...]]:
-    """``(layout, kernel shape)`` of the module at `path`: `layout_for` on its kernel and bias.
+    """``(layout, kernel shape)`` of the module at `path`: `_layout_for` on its kernel and bias.
 
     The kernel shape is the logical one (quantized kernels included), so every caller reads it alike.
     """
     kernel_shape = quant.kernel_shape(module["kernel"])
     bias_shape = tuple(np.shape(_tree.unbox(module["bias"]))) if "bias" in module else None
-    return layout_for(path, kernel_shape, fan_in_fan_out, layouts, bias_shape=bias_shape), kernel_shape
+    return _layout_for(path, kernel_shape, fan_in_fan_out, layouts, bias_shape=bias_shape), kernel_shape
 
 
 def _per_layer_layout(module: nn.Module, kernel_shape: tuple[int, ...], x_shape, y_shape) -> KernelLayout:
