@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 import re
 import statistics
 import time
@@ -22,14 +23,32 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 
 import ia3_jax
 from benchmarks import llama
-from ia3_jax import _tree
+
+
+def _at(tree, path):
+    """The node of a nested dict at a key path."""
+    return functools.reduce(operator.getitem, path, tree)
+
+
+def _with(tree, path, value):
+    """A copy of nested dict `tree` with the node at `path` set to `value` (missing levels created)."""
+    head, *rest = path
+    return {**tree, head: _with(tree.get(head, {}), rest, value) if rest else value}
+
+
+def _vector_modules(tree):
+    """Key paths of the modules that hold an IA3 vector."""
+    return [path[:-1] for path in traverse_util.flatten_dict(tree) if path[-1] == "ia3_l"]
+
 
 # PEFT's default IA3 targets for llama (TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING).
 IA3_CONFIG = ia3_jax.IA3Config(
@@ -123,7 +142,7 @@ def build_hf(workload: Workload) -> Model:
     params = jax.jit(init)(jax.random.key(0))
     return Model(
         apply=lambda p, x: model(x, params=p).logits,
-        params=_tree.to_dict(params),
+        params=flax.core.unfreeze(params),
         layouts=None,
         floor_path=("model", "layers", "0", "input_layernorm", "weight"),
         floor_stacked=False,
@@ -158,13 +177,13 @@ def loss_fns(model: Model, mode: str) -> tuple[Callable, Any, Any]:
 
         return loss, adapter, base
     if mode == "floor":
-        stacked = _tree.get(model.params, model.floor_path)
+        stacked = _at(model.params, model.floor_path)
         first = jnp.copy(stacked[0] if model.floor_stacked else stacked)  # donated: not the base's buffer
 
         def loss(weight, params, ids):
-            full = _tree.get(params, model.floor_path)
+            full = _at(params, model.floor_path)
             new = full.at[0].set(weight) if model.floor_stacked else weight
-            return llama.causal_lm_loss(model.apply(_tree.updated(params, {model.floor_path: new}), ids), ids)
+            return llama.causal_lm_loss(model.apply(_with(params, model.floor_path, new), ids), ids)
 
         return loss, first, model.params
     if mode == "full":
@@ -375,7 +394,7 @@ def bench_inference(
             for name, t in times.items()
         } | {"merged_vs_unmerged_rel_err": _relative_error(logits["merged"], logits["unmerged"])}
         del logits
-    targeted = [_tree.get(base, path)["kernel"] for path in _tree.vector_modules(joined)]
+    targeted = [_at(base, path)["kernel"] for path in _vector_modules(joined)]
     floor_bytes = 2 * nbytes(targeted) + nbytes(adapter)  # each targeted kernel read once and written once
     bandwidth = copy_bandwidth(copy_bytes, max(5, workload.steps))
     merge_times = _timed(lambda: merge(joined), max(10, 3 * workload.steps))
@@ -385,14 +404,14 @@ def bench_inference(
     touch = jax.jit(lambda p: jax.tree.leaves(p)[0][0])
     dispatch_times = _timed(lambda: touch(joined), max(10, 3 * workload.steps))
     # Only the targeted modules (kernel + vector) go through jit; the rest of the tree is reused as is.
-    paths = list(_tree.vector_modules(joined))
-    targeted_tree = _tree.updated({}, {path: _tree.get(joined, path) for path in paths})
+    paths = _vector_modules(joined)
+    targeted_tree = functools.reduce(lambda tree, path: _with(tree, path, _at(joined, path)), paths, {})
     merge_targeted = jax.jit(lambda t: ia3_jax.merge(t, IA3_CONFIG, layouts=model.layouts))
     jax.block_until_ready(merge_targeted(targeted_tree))
 
     def targeted_then_assembled():
         merged_part = merge_targeted(targeted_tree)
-        return _tree.updated(base, {path: _tree.get(merged_part, path) for path in paths})
+        return functools.reduce(lambda tree, path: _with(tree, path, _at(merged_part, path)), paths, base)
 
     targeted_times = _timed(targeted_then_assembled, max(10, 3 * workload.steps))
     embed_in = jax.tree.leaves(joined)[0]

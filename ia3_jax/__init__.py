@@ -3,47 +3,51 @@
 Pure functions over param trees: `ia3_init` inserts ``ia3_l`` vectors, `apply_fn` / `intercept`
 apply them inside module calls, `split` / `join` separate the trainable adapter from the frozen
 base, and `merge` / `unmerge` / `add_weighted_adapter` / `combine` are tree operations.
+
+Everything public is re-exported here; the implementation lives in ``ia3_jax._src`` (private).
+``ia3_jax.hf`` (Hugging Face Flax models, needs transformers) and ``ia3_jax.quant`` (qwix kernels)
+are imported on their own.
 """
 
-from ia3_jax.checkpoint import (
-    AdapterMismatchError,
-    CheckpointError,
+from ia3_jax._src.checkpoint import (
     check_adapter,
     checkpoint_directory,
     load_adapter,
     load_opt_state,
     save_adapter,
 )
-from ia3_jax.config import IA3Config, IA3ConfigError
-from ia3_jax.init import AdapterExistsError, ia3_init
-from ia3_jax.interceptor import NotAppliedError, VectorShapeError, apply_fn, intercept, scale
-from ia3_jax.layout import KernelLayout, LayoutError, default_layout, infer_layouts
-from ia3_jax.merge import (
+from ia3_jax._src.config import IA3Config
+from ia3_jax._src.dtypes import cast_adapter
+from ia3_jax._src.errors import (
+    AdapterDtypeError,
+    AdapterExistsError,
+    AdapterMismatchError,
+    CheckpointError,
+    IA3ConfigError,
+    IA3Error,
+    LayoutError,
     NonFiniteMergeError,
+    NotAppliedError,
+    PeftFormatError,
+    QuantizedMergeError,
+    ShardingError,
+    StructureError,
+    TargetError,
     UnsupportedKernelError,
-    add_weighted_adapter,
-    combine,
-    merge,
-    unmerge,
+    VectorShapeError,
 )
-from ia3_jax.partition import StructureError, join, split
-from ia3_jax.peft_io import PeftFormatError, load_peft, read_peft_config, save_peft
-from ia3_jax.quant import AdapterDtypeError, QuantizedMergeError
-from ia3_jax.sharding import ShardingError, adapter_shardings, optimizer_shardings
-from ia3_jax.stacking import stack, unstack
-from ia3_jax.targets import TargetError, resolve_targets
-from ia3_jax.training import make_train_step, trainable_mask
+from ia3_jax._src.init import ia3_init
+from ia3_jax._src.interceptor import apply_fn, intercept, scale
+from ia3_jax._src.layout import KernelLayout, default_layout, infer_layouts
+from ia3_jax._src.merge import add_weighted_adapter, combine, merge, unmerge
+from ia3_jax._src.partition import Split, join, split
+from ia3_jax._src.peft_io import load_peft, read_peft_config, save_peft
+from ia3_jax._src.sharding import adapter_shardings, optimizer_shardings
+from ia3_jax._src.stacking import stack, unstack
+from ia3_jax._src.targets import Target, resolve_targets
+from ia3_jax._src.training import make_train_step, trainable_mask
 
 __version__ = "0.1.0"
-
-
-def __getattr__(name: str):
-    # `ia3_jax.hf` imports transformers: load it on first use, not with `import ia3_jax`.
-    if name == "hf":
-        import importlib
-
-        return importlib.import_module("ia3_jax.hf")
-    raise AttributeError(f"module 'ia3_jax' has no attribute {name!r}")
 
 __all__ = [
     "AdapterDtypeError",
@@ -52,6 +56,7 @@ __all__ = [
     "CheckpointError",
     "IA3Config",
     "IA3ConfigError",
+    "IA3Error",
     "KernelLayout",
     "LayoutError",
     "NonFiniteMergeError",
@@ -59,13 +64,16 @@ __all__ = [
     "PeftFormatError",
     "QuantizedMergeError",
     "ShardingError",
+    "Split",
     "StructureError",
+    "Target",
     "TargetError",
     "UnsupportedKernelError",
     "VectorShapeError",
     "adapter_shardings",
     "add_weighted_adapter",
     "apply_fn",
+    "cast_adapter",
     "check_adapter",
     "checkpoint_directory",
     "combine",

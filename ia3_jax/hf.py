@@ -30,9 +30,10 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from ia3_jax import _tree
-from ia3_jax.config import IA3Config, IA3ConfigError, suffix_regex
-from ia3_jax.partition import split
+from ia3_jax._src import tree as _tree
+from ia3_jax._src.config import IA3Config, suffix_regex
+from ia3_jax._src.errors import IA3ConfigError
+from ia3_jax._src.partition import split
 
 # PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING (peft 0.21), as data.
 TARGET_MODULES: dict[str, tuple[str, ...]] = {

@@ -1,209 +1,23 @@
-"""Kernels that are not plain float arrays (qwix's weight-only quantized kernels) and vector dtypes.
+"""qwix-quantized bases, public: `dequantize` a param tree, test a leaf with `is_quantized`.
 
-qwix post-training quantization (PTQ) stores a quantized kernel as
-``WithAux(array=QArray(qvalue, scale, zero_point, qtype), how)``: ``qvalue`` holds the integers in the
-kernel's logical shape, ``scale`` (same rank, each axis 1, a tile count, or the full size) multiplies
-them back, ``dequantized = (qvalue - zero_point) * scale``. qwix's ``dot_general`` multiplies the
-integers first and the scale after, so the IA3 interceptor (which scales a module's input or output)
-composes with it unchanged: only `ia3_init` and `merge` have to look inside the kernel.
-
-An output (attention-type) vector ``l`` folds exactly into a per-output-channel scale:
-``(q - z) * s * l = (q - z) * (s * l)``; the integers never change. A feedforward (input) vector
-varies along the input axis, where the scale is shared: folding it would mean re-rounding the
-integers, so `rescale_quantized` refuses and says what to do instead.
+IA3 composes with qwix's weight-only quantization: `ia3_init` reads a quantized kernel's logical
+shape, the interceptor scales around qwix's integer matmul, and `merge` folds output vectors into
+the per-channel scale. See ``ia3_jax._src.quant`` for the arithmetic.
 
 Example:
-  >>> qmodel = qwix.quantize_model(model, qwix.PtqProvider(rules))
-  >>> qparams = qwix.quantize_params(params, jax.eval_shape(qmodel.init, key, x)["params"])
-  >>> adapter, base = ia3_jax.split(ia3_jax.ia3_init(qparams, config))
-  >>> logits = ia3_jax.apply_fn(qmodel.apply, config)({"params": ia3_jax.join(base, adapter)}, x)
+  >>> merged = ia3_jax.merge(ia3_jax.quant.dequantize(ia3_jax.join(qbase, adapter)), config)
 """
 
-from __future__ import annotations
+from ia3_jax._src.dtypes import cast_adapter
+from ia3_jax._src.errors import AdapterDtypeError, QuantizedMergeError, UnsupportedKernelError
+from ia3_jax._src.quant import dequantize, is_quantized, kernel_shape
 
-import sys
-from collections.abc import Callable, Mapping
-from typing import Any
-
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from ia3_jax import _tree
-
-
-class UnsupportedKernelError(TypeError):
-    """A kernel is not a plain array nor a quantized kernel that ia3_jax can rescale exactly."""
-
-
-class QuantizedMergeError(UnsupportedKernelError):
-    """An IA3 vector cannot be folded into a quantized kernel without changing its integers."""
-
-
-class AdapterDtypeError(TypeError):
-    """IA3 vectors of a dtype that cannot hold them (integers, or a float that overflows)."""
-
-
-def _qwix_types() -> tuple[type, type] | None:
-    """(WithAux, QArray), or None when qwix was never imported (then no leaf can be a qwix type)."""
-    if "qwix" not in sys.modules:  # keeps `import ia3_jax` free of qwix for users who do not quantize
-        return None
-    from qwix import QArray
-    from qwix._src.providers.ptq import WithAux
-
-    return WithAux, QArray
-
-
-def is_quantized(leaf: Any) -> bool:
-    """True for a qwix quantized kernel: a ``WithAux`` (any subclass) or a bare ``QArray``."""
-    types = _qwix_types()
-    return types is not None and isinstance(leaf, types)
-
-
-def _qarray(kernel: Any) -> Any:
-    with_aux, _ = _qwix_types()  # type: ignore[misc]
-    return kernel.array if isinstance(kernel, with_aux) else kernel
-
-
-def _known_qarray(kernel: Any, where: str) -> Any:
-    """The ``QArray`` of a plain qwix PTQ kernel; anything else (AWQ's ``WithAwqScale``, a ``WithAux``
-    around a float array) dequantizes differently, so it raises `UnsupportedKernelError`."""
-    with_aux, qarray_type = _qwix_types()  # type: ignore[misc]
-    qarray = _qarray(kernel)
-    if type(kernel) not in (with_aux, qarray_type) or type(qarray) is not qarray_type:
-        raise UnsupportedKernelError(
-            f"{where} is a {type(kernel).__qualname__} around a {type(qarray).__qualname__}, a quantized kernel "
-            "whose dequantization ia3_jax does not know; keep the IA3 vector unmerged (ia3_jax.apply_fn) instead."
-        )
-    return qarray
-
-
-def _qtype_name(qtype: Any) -> str:
-    try:
-        return jnp.dtype(qtype).name
-    except TypeError:  # qwix's string qtypes ("nf4", "mxfp8")
-        return str(qtype)
-
-
-def kernel_shape(kernel: Any) -> tuple[int, ...]:
-    """The logical shape of a kernel: an array's shape, a quantized kernel's ``qvalue`` shape.
-
-    `kernel` may be boxed (``nn.Partitioned``). Raises `UnsupportedKernelError` naming the type for a
-    kernel that is a container of arrays ia3_jax does not know (another quantization scheme), since
-    its shape and its meaning cannot be told apart safely.
-    """
-    kernel = _tree.unbox(kernel)
-    if is_quantized(kernel):
-        inner = _qarray(kernel)
-        return tuple(jnp.shape(_tree.unbox(getattr(inner, "qvalue", inner))))
-    if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(kernel)) or isinstance(kernel, jax.ShapeDtypeStruct):
-        return tuple(jnp.shape(kernel))
-    raise UnsupportedKernelError(
-        f"kernel of type {type(kernel).__module__}.{type(kernel).__qualname__} is neither an array nor a qwix "
-        "quantized kernel (WithAux/QArray); ia3_jax does not know this quantization scheme. Quantize with "
-        "qwix.PtqProvider, or pass dequantized params."
-    )
-
-
-def check_vector_dtype(dtype: Any, where: str) -> None:
-    """Raises `AdapterDtypeError` unless `dtype` is a floating dtype (vectors need gradients and fractions).
-
-    `where` names the vector for the message, e.g. ``"IA3 vector at 'layers_0.k'"``.
-    """
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise AdapterDtypeError(
-            f"{where} has dtype {jnp.dtype(dtype).name}; IA3 vectors must be floating point "
-            "(float32 by default, as PEFT). Cast the adapter with ia3_jax.quant.cast_adapter(adapter, jnp.float32)."
-        )
-
-
-def rescale_quantized(
-    kernel: Any,
-    factor: jax.Array,
-    fold: Callable[[jax.Array, jax.Array], jax.Array],
-    *,
-    key: str,
-    feedforward: bool,
-) -> Any:
-    """`kernel` with ``fold(scale, factor)`` as its scale; its integers are left untouched.
-
-    Args:
-      kernel: a qwix ``WithAux`` or ``QArray`` of logical shape ``K``.
-      factor: the IA3 vector broadcast to the kernel's rank (size 1 on the axes it does not vary on),
-        as `KernelLayout.scale_for_kernel` gives it.
-      fold: ``lambda s, f: s * f`` (merge) or its inverse (unmerge); computed in the promoted dtype
-        and cast back to the scale's dtype.
-      key: the module path, for messages.
-      feedforward: whether the vector scales the input side (only for the message).
-
-    Raises:
-      QuantizedMergeError: the scale is shared along an axis where the vector varies (always the case
-        for a feedforward vector and qwix's per-output-channel scales): exact folding is impossible.
-      UnsupportedKernelError: an unknown ``WithAux`` subclass (AWQ, ...) whose dequantization differs.
-    """
-    qarray = _known_qarray(kernel, f"kernel at {key!r}")
-    boxed_scale = qarray.scale
-    scale = _tree.unbox(boxed_scale)
-    shape = tuple(jnp.shape(_tree.unbox(qarray.qvalue)))
-    shared = [a for a, (f, s, n) in enumerate(zip(factor.shape, scale.shape, shape)) if f != 1 and s != n]
-    if shared:
-        side = "feedforward (input-side)" if feedforward else "output-side"
-        raise QuantizedMergeError(
-            f"cannot merge the {side} IA3 vector at {key!r} into its quantized kernel: the kernel {shape} "
-            f"({_qtype_name(qarray.qtype)}) has scale {tuple(scale.shape)}, one value shared along axis "
-            f"{shared[0]} where the vector varies, so folding it would re-round the integers (lossy). Keep this "
-            "vector unmerged (serve with ia3_jax.apply_fn), or merge into dequantized weights: "
-            "ia3_jax.merge(ia3_jax.quant.dequantize(params), config), then requantize with qwix if needed."
-        )
-    new_scale = fold(scale, factor).astype(scale.dtype)
-    qarray = qarray.replace(scale=_tree.rebox(boxed_scale, new_scale))
-    return qarray if kernel is _qarray(kernel) else kernel.replace(array=qarray)
-
-
-def dequantize(params: Mapping[str, Any]) -> dict[str, Any]:
-    """`params` with every qwix quantized kernel replaced by its float array ``(q - z) * s``.
-
-    The result runs in the original (unquantized) model, and `merge` can fold any vector into it.
-    Other leaves (``ia3_l`` vectors, biases, norms) are kept as they are.
-
-    Example:
-      >>> merged = ia3_jax.merge(ia3_jax.quant.dequantize(ia3_jax.join(qbase, adapter)), config)
-      >>> model.apply({"params": merged}, x)
-    """
-    if _qwix_types() is None:
-        return _tree.to_dict(params)
-    import qwix
-
-    def leaf(path: Any, x: Any) -> Any:
-        if not is_quantized(x):
-            return x
-        return qwix.dequantize(_known_qarray(x, f"the leaf at {jax.tree_util.keystr(path)}"))
-
-    return _tree.to_dict(jax.tree_util.tree_map_with_path(leaf, params, is_leaf=is_quantized))
-
-
-def cast_adapter(adapter: Mapping[str, Any], dtype: Any) -> dict[str, Any]:
-    """The adapter's ``ia3_l`` vectors cast to the floating `dtype`, checked to be representable.
-
-    Raises `AdapterDtypeError` naming the module if `dtype` is not floating, or if a finite entry of a
-    vector exceeds ``finfo(dtype).max`` (a float16 cast of a vector entry above 65504 would be inf).
-    Reads values, so call it outside `jax.jit`.
-
-    Example:
-      >>> adapter16 = cast_adapter(adapter, jnp.float16)   # e.g. to ship next to a float16 base
-    """
-    target = jnp.dtype(dtype)
-    check_vector_dtype(target, "cast_adapter's dtype argument")
-    out = {}
-    for path, node in _tree.vector_modules(adapter).items():
-        key = _tree.dotted(path)
-        vector = _tree.unbox(node[_tree.VECTOR])
-        biggest = float(np.max(np.abs(np.asarray(vector, np.float64)), initial=0.0))
-        if np.isfinite(biggest) and biggest > float(jnp.finfo(target).max):
-            raise AdapterDtypeError(
-                f"IA3 vector at {key!r} has an entry of magnitude {biggest:.4g}, beyond {target.name}'s maximum "
-                f"{float(jnp.finfo(target).max):.4g}: the cast would give inf. Keep the adapter in float32 (the "
-                "interceptor computes in the promoted dtype anyway)."
-            )
-        out[path + (_tree.VECTOR,)] = _tree.rebox(node[_tree.VECTOR], vector.astype(target))
-    return _tree.updated(_tree.to_dict(adapter), out)
+__all__ = [
+    "AdapterDtypeError",
+    "QuantizedMergeError",
+    "UnsupportedKernelError",
+    "cast_adapter",
+    "dequantize",
+    "is_quantized",
+    "kernel_shape",
+]

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import ia3_jax
-from ia3_jax import cli
-from ia3_jax.data import DataError, heldout_split, read_table, vader_lexicon
+from ia3_jax.cli import finetune as cli
+from ia3_jax.cli.data import DataError, heldout_split, read_table, vader_lexicon
 
 WORDS = {
     "positive": ["good", "great", "happy", "love", "nice", "fine", "win", "joy", "best", "calm", "glad", "kind"],

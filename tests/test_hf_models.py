@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers as tf
+from flax import traverse_util
 
 import ia3_jax
-from ia3_jax import _tree, hf
+from ia3_jax import hf
 
 V = 96  # vocabulary
 SMALL = dict(vocab_size=V, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -192,7 +193,7 @@ def test_vectors_and_parameter_counts_match_peft(name, capsys):
     model, config, base, params, inputs = built(name)
     peft_model = peft_twin(name)
     # PEFT's vectors are (out, 1) when the output is scaled and (1, in) for feedforward layers.
-    vectors = {_tree.dotted(p[:-1]): np.size(v) for p, v in _tree.leaves_with_paths(params) if p[-1] == "ia3_l"}
+    vectors = {".".join(p[:-1]): np.size(v) for p, v in traverse_util.flatten_dict(params).items() if p[-1] == "ia3_l"}
     ours = {key: (1, n) if config.is_feedforward(key) else (n, 1) for key, n in vectors.items()}
     assert ours == peft_vector_shapes(peft_model)
 
@@ -268,9 +269,9 @@ def test_trainable_parameters_bad_input():
 
 
 def test_flax_t5_fix_matches_pytorch_t5_buckets():
+    import torch
     from transformers.models.longt5 import modeling_flax_longt5
     from transformers.models.t5 import modeling_flax_t5, modeling_t5
-    import torch
 
     assert hf.needs_flax_t5_patch()  # jax >= 0.10 has no jnp.clip(a_max=...)
     assert hf.patch_flax_t5() == []  # applied on import, idempotent

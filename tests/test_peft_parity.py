@@ -28,8 +28,9 @@ from flax import traverse_util
 from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
 
 import ia3_jax
-from ia3_jax import hf
-from ia3_jax.peft_io import CONFIG_NAME, WEIGHTS_NAME, AdapterMismatchError, PeftFormatError, load_peft, save_peft
+from ia3_jax import AdapterMismatchError, PeftFormatError, hf, load_peft, save_peft
+
+CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"  # PEFT's file names
 
 RTOL = 1e-5
 SMALL = {"vocab_size": 64, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}

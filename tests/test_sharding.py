@@ -289,7 +289,7 @@ def test_stacked_vector_with_another_layer_count_is_refused():
     deeper, x = Model(layers=3), jnp.ones((B, D))
     base3 = deeper.init(jax.random.key(0), x)["params"]
     layouts3 = ia3_jax.infer_layouts(deeper.apply, {"params": base3}, x)
-    with pytest.raises(ia3_jax.ShardingError, match=r"'layers\.(up|down)' has 2 layers.*stacks 3"):
+    with pytest.raises(ia3_jax.VectorShapeError, match=r"'layers\.(up|down)' has 2 layers.*stacks 3"):
         ia3_jax.adapter_shardings(adapter, base3, {"layers": LAYOUTS["tp"][0]}, CONFIG, layouts=layouts3)
 
 

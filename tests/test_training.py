@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import traverse_util
 
 import ia3_jax
-from ia3_jax import _tree
 from tests.models import MLP
 
 CONFIG = ia3_jax.IA3Config(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"], modules_to_save=["lin2"])
@@ -32,7 +32,7 @@ def _random_like(tree, seed=0):
     rng = np.random.default_rng(seed)
 
     def fill(path, s):
-        if _tree.key_str(path[-1]) == _tree.VECTOR:
+        if path[-1].key == "ia3_l":
             return jnp.asarray(rng.uniform(0.5, 1.5, s.shape), s.dtype)
         return jnp.asarray(rng.normal(0.0, 0.5, s.shape), s.dtype)
 
@@ -63,7 +63,7 @@ def _merged_grad(adapter, base):
 
 
 def _paths(tree):
-    return {path for path, _ in _tree.leaves_with_paths(tree)}
+    return set(traverse_util.flatten_dict(tree))
 
 
 def test_grad_is_over_the_adapter_only_and_matches_merged_model():
@@ -74,7 +74,7 @@ def test_grad_is_over_the_adapter_only_and_matches_merged_model():
     assert _paths(grads) == {
         ("lin0", "ia3_l"), ("lin1", "ia3_l"), ("lin2", "kernel"), ("lin2", "bias")
     }
-    for path, g in _tree.leaves_with_paths(grads):
+    for path, g in traverse_util.flatten_dict(grads).items():
         assert float(jnp.abs(g).max()) > 1e-4, f"zero gradient at {path}"
     reference = _merged_grad(adapter, base)
     chex.assert_trees_all_close(grads, reference, rtol=1e-5, atol=1e-7)
@@ -100,8 +100,8 @@ def test_three_sgd_steps_change_only_the_adapter():
 
     trained = ia3_jax.join(base, adapter)
     changed = _paths(adapter)
-    before = dict(_tree.leaves_with_paths(params))
-    for path, leaf in _tree.leaves_with_paths(trained):
+    before = traverse_util.flatten_dict(params)
+    for path, leaf in traverse_util.flatten_dict(trained).items():
         if path in changed:
             assert not jnp.array_equal(leaf, before[path]), f"{path} did not train"
         else:
@@ -136,11 +136,11 @@ def test_trainable_mask_marks_exactly_the_split_adapter():
     mask = ia3_jax.trainable_mask(params, CONFIG)
     chex.assert_trees_all_equal_structs(mask, params)
     adapter, _ = ia3_jax.split(params, CONFIG)
-    assert {p for p, m in _tree.leaves_with_paths(mask) if m} == _paths(adapter)
+    assert {p for p, m in traverse_util.flatten_dict(mask).items() if m} == _paths(adapter)
     with pytest.raises(ValueError, match="hold no IA3 vector.*ia3_init"):
         ia3_jax.trainable_mask(ia3_jax.split(params)[1])
     # Without a config, modules_to_save are not known: vectors only.
-    assert {p for p, m in _tree.leaves_with_paths(ia3_jax.trainable_mask(params)) if m} == {
+    assert {p for p, m in traverse_util.flatten_dict(ia3_jax.trainable_mask(params)).items() if m} == {
         ("lin0", "ia3_l"), ("lin1", "ia3_l")
     }
 
@@ -171,9 +171,9 @@ def test_trainable_mask_with_optax_matches_split(style):
         one_tree, state = whole_step(one_tree, state)
         adapter, adapter_state, _ = split_step(adapter, adapter_state, base, X, Y)
     chex.assert_trees_all_close(one_tree, ia3_jax.join(base, adapter), rtol=1e-6, atol=1e-7)
-    frozen_paths = {p for p, m in _tree.leaves_with_paths(mask) if not m}
-    before = dict(_tree.leaves_with_paths(params))
-    for path, leaf in _tree.leaves_with_paths(one_tree):
+    frozen_paths = {p for p, m in traverse_util.flatten_dict(mask).items() if not m}
+    before = traverse_util.flatten_dict(params)
+    for path, leaf in traverse_util.flatten_dict(one_tree).items():
         if path in frozen_paths:
             chex.assert_trees_all_equal(leaf, before[path])
 
@@ -203,5 +203,5 @@ def test_trainable_mask_keeps_boxed_structure():
     )
     grads = jax.tree.map(jnp.ones_like, params)
     updates, _ = tx.update(grads, tx.init(params), params)
-    chex.assert_trees_all_equal(_tree.unbox(updates["k"]["kernel"]), jnp.zeros((4, 8)))
-    chex.assert_trees_all_equal(_tree.unbox(updates["k"]["ia3_l"]), jnp.full((8,), -0.1))
+    chex.assert_trees_all_equal(nn.unbox(updates["k"]["kernel"]), jnp.zeros((4, 8)))
+    chex.assert_trees_all_equal(nn.unbox(updates["k"]["ia3_l"]), jnp.full((8,), -0.1))

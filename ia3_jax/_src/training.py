@@ -18,10 +18,10 @@ from typing import Any
 import jax
 import optax
 
-from ia3_jax import _tree
-from ia3_jax.config import IA3Config
-from ia3_jax.partition import join
-from ia3_jax.targets import modules_to_save_roots
+from ia3_jax._src import tree as _tree
+from ia3_jax._src.config import IA3Config
+from ia3_jax._src.partition import is_trainable, join
+from ia3_jax._src.targets import modules_to_save_roots
 
 
 def trainable_mask(params: Mapping[str, Any], config: IA3Config | None = None) -> Any:
@@ -51,9 +51,7 @@ def trainable_mask(params: Mapping[str, Any], config: IA3Config | None = None) -
     roots = modules_to_save_roots(params, config) if config is not None else []
 
     def flag(path: jax.tree_util.KeyPath, leaf: Any) -> Any:
-        keys = tuple(_tree.key_str(k) for k in path)
-        trainable = keys[-1] == _tree.VECTOR or _tree.under(keys, roots)
-        return _tree.rebox(leaf, trainable)
+        return _tree.rebox(leaf, is_trainable(tuple(_tree.key_str(k) for k in path), roots))
 
     mask = jax.tree_util.tree_map_with_path(flag, params, is_leaf=_tree.is_box)
     if not any(jax.tree.leaves(mask)):

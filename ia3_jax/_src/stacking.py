@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ia3_jax import _tree
-from ia3_jax.partition import StructureError
+from ia3_jax._src import tree as _tree
+from ia3_jax._src.errors import StructureError
 
 
 def _node(tree: Mapping[str, Any], root: str) -> tuple[_tree.Path, Mapping[str, Any]]:

@@ -34,15 +34,20 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 from tqdm.auto import tqdm
 
-from ia3_jax import data as data_lib
-from ia3_jax.checkpoint import load_adapter, save_adapter
-from ia3_jax.config import IA3Config
-from ia3_jax.init import ia3_init
-from ia3_jax.interceptor import apply_fn
-from ia3_jax.merge import merge
-from ia3_jax.partition import join, split
-from ia3_jax.peft_io import load_peft, save_peft
-from ia3_jax.training import make_train_step
+from ia3_jax import (
+    IA3Config,
+    apply_fn,
+    ia3_init,
+    join,
+    load_adapter,
+    load_peft,
+    make_train_step,
+    merge,
+    save_adapter,
+    save_peft,
+    split,
+)
+from ia3_jax.cli import data as data_lib
 
 # transformers, and ia3_jax.hf which imports it, are imported where used: `main` first sets the
 # environment (offline, no PyTorch) that transformers reads once, at import.

@@ -12,28 +12,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ia3_jax import _tree, quant
-from ia3_jax.config import IA3Config
-from ia3_jax.layout import KernelLayout, LayoutError, module_layout
-from ia3_jax.partition import StructureError, _without_vectors
-from ia3_jax.quant import UnsupportedKernelError
+from ia3_jax._src import quant
+from ia3_jax._src import tree as _tree
+from ia3_jax._src.config import IA3Config
+from ia3_jax._src.dtypes import check_vector_dtype
+from ia3_jax._src.errors import NonFiniteMergeError, StructureError, UnsupportedKernelError, VectorShapeError
+from ia3_jax._src.layout import KernelLayout
+from ia3_jax._src.partition import without_vectors
+from ia3_jax._src.targets import vector_target
 
 UNMERGE_EPS = 1e-8  # PEFT's guard against division by zero in unmerge
-
-
-class NonFiniteMergeError(ValueError):
-    """`safe_merge` found NaN or inf in a merged kernel."""
-
-
-def _direction(key: str, vector_shape, kernel_shape, layout: KernelLayout, config: IA3Config | None) -> bool:
-    """True when the module is feedforward (its vector scales the kernel's input side)."""
-    if config is not None:
-        return config.is_feedforward(key)
-    fits_in = layout.vector_shape(kernel_shape, True) == tuple(vector_shape)
-    fits_out = layout.vector_shape(kernel_shape, False) == tuple(vector_shape)
-    if fits_in and fits_out:
-        raise LayoutError(f"IA3 vector at {key!r} fits both sides of a square kernel: pass the IA3Config.")
-    return fits_in
 
 
 def _rescale(
@@ -54,13 +42,10 @@ def _rescale(
             "ia3_jax will not rescale its contents blindly: keep the vector unmerged."
         )
     vector = _tree.unbox(vector)
-    quant.check_vector_dtype(vector.dtype, f"IA3 vector at {key!r}")
-    layout, kernel_shape = module_layout(path, node, bool(config and config.fan_in_fan_out), layouts)
-    feedforward = _direction(key, vector.shape, kernel_shape, layout, config)
-    try:
-        factor = layout.scale_for_kernel(vector, kernel_shape, feedforward)
-    except LayoutError as err:
-        raise LayoutError(f"module {key!r}: {err}") from None
+    check_vector_dtype(vector.dtype, f"IA3 vector at {key!r}")
+    target = vector_target(path, node, vector.shape, config, layouts)
+    feedforward = target.feedforward
+    factor = target.kernel_factor(vector)
     op = (lambda w, s: w / (s + UNMERGE_EPS)) if divide else (lambda w, s: w * s)
     out = dict(node)
     if quant.is_quantized(kernel):  # the scale absorbs the vector; the integers stay
@@ -71,7 +56,9 @@ def _rescale(
     if not feedforward and "bias" in node:
         bias = _tree.unbox(node["bias"])
         if bias.shape != vector.shape:
-            raise LayoutError(f"module {key!r}: bias {bias.shape} does not match the output vector {vector.shape}.")
+            raise VectorShapeError(
+                f"module {key!r}: bias {bias.shape} does not match the output vector {vector.shape}."
+            )
         out["bias"] = _tree.rebox(node["bias"], op(bias, vector).astype(bias.dtype))
     return out
 
@@ -80,7 +67,7 @@ def _rescaled_tree(tree, vectors, config, layouts, divide):
     changes = {
         path: _rescale(_tree.get(tree, path), path, vector, config, layouts, divide) for path, vector in vectors.items()
     }
-    return _without_vectors(_tree.updated(_tree.to_dict(tree), changes))
+    return without_vectors(_tree.updated(_tree.to_dict(tree), changes))
 
 
 def merge(
@@ -163,7 +150,7 @@ def _has_leaves(tree: Any) -> bool:
 def _fold(adapters: Sequence[Mapping[str, Any]], combine_fn, what: str) -> dict[str, Any]:
     if not adapters:
         raise ValueError(f"{what}: pass at least one adapter.")
-    parts = [(_tree.vectors(a), _without_vectors(a)) for a in adapters]
+    parts = [(_tree.vectors(a), without_vectors(a)) for a in adapters]
     first = parts[0][0]
     for i, (vectors, _) in enumerate(parts[1:], start=1):
         if vectors.keys() != first.keys():

@@ -26,17 +26,13 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
 
-from ia3_jax import _tree
-from ia3_jax.config import IA3Config
-from ia3_jax.layout import KernelLayout, module_layout
-from ia3_jax.merge import _direction
-from ia3_jax.partition import StructureError
+from ia3_jax._src import tree as _tree
+from ia3_jax._src.config import IA3Config
+from ia3_jax._src.errors import ShardingError, StructureError
+from ia3_jax._src.layout import KernelLayout
+from ia3_jax._src.targets import Target, vector_target
 
 SpecOrSharding = PartitionSpec | NamedSharding
-
-
-class ShardingError(ValueError):
-    """A sharding does not fit the vector or tree it is meant for."""
 
 
 def _is_spec_leaf(x: Any) -> bool:
@@ -87,38 +83,12 @@ def _mesh_axes_size(entry: Any, mesh: Mesh) -> int:
     return math.prod(mesh.shape[n] for n in names)
 
 
-def _check_vector(key: str, vector_shape, kernel_shape, layout: KernelLayout, feedforward: bool) -> None:
-    expected = layout.vector_shape(kernel_shape, feedforward)
-    if tuple(vector_shape) == expected:
-        return
-    labels = layout.vector_labels(kernel_shape, feedforward)
-    for pos, (axis, n) in enumerate(labels):
-        if axis in layout.stack_axes and pos < len(vector_shape) and vector_shape[pos] != n:
-            raise ShardingError(
-                f"stacked IA3 vector at {key!r} has {vector_shape[pos]} layers (axis {pos} of {tuple(vector_shape)}) "
-                f"but its kernel {tuple(kernel_shape)} stacks {n} (axis {axis}): the adapter is for a model "
-                "with another number of layers."
-            )
-    raise ShardingError(
-        f"IA3 vector at {key!r} has shape {tuple(vector_shape)} but its kernel {tuple(kernel_shape)} "
-        f"with {layout} expects {expected}."
-    )
-
-
-def _vector_spec(
-    key: str,
-    vector_shape: tuple[int, ...],
-    kernel_shape: tuple[int, ...],
-    kernel_spec: PartitionSpec,
-    layout: KernelLayout,
-    feedforward: bool,
-    mesh: Mesh | None,
-) -> PartitionSpec:
+def _vector_spec(target: Target, kernel_spec: PartitionSpec, mesh: Mesh | None) -> PartitionSpec:
     """The kernel's mesh axes, read at the kernel axes that the vector's axes follow."""
-    _check_vector(key, vector_shape, kernel_shape, layout, feedforward)
-    padded = tuple(kernel_spec) + (None,) * (len(kernel_shape) - len(kernel_spec))
+    key, vector_shape = target.key, target.vector_shape
+    padded = tuple(kernel_spec) + (None,) * (len(target.kernel_shape) - len(kernel_spec))
     # A grouped conv's input vector (kernel axis None) spans all groups: replicate it.
-    entries = [None if axis is None else padded[axis] for axis, _ in layout.vector_labels(kernel_shape, feedforward)]
+    entries = [None if axis is None else padded[axis] for axis in target.vector_axes]
     if mesh is not None:
         for pos, (entry, n) in enumerate(zip(entries, vector_shape)):
             if entry is not None and n % _mesh_axes_size(entry, mesh):
@@ -162,8 +132,8 @@ def adapter_shardings(
 
     Raises:
       StructureError: `shardings` is not a tree of `base`'s leaves, or a vector has no base kernel.
-      ShardingError: a mesh axis does not divide the vector axis it shards, or a vector (e.g. a stacked
-        one with another layer count) does not fit its kernel.
+      ShardingError: a mesh axis does not divide the vector axis it shards.
+      VectorShapeError: a vector (e.g. a stacked one with another layer count) does not fit its kernel.
 
     Example (Megatron MLP: ``up`` split by output, ``down`` by input features over 'model')::
 
@@ -172,7 +142,6 @@ def adapter_shardings(
       >>> specs  # {'up': {'ia3_l': P('model')}, 'down': {'ia3_l': P('model')}} with down feedforward
     """
     by_path = _sharding_tree(base, shardings)
-    fan_in_fan_out = bool(config and config.fan_in_fan_out)
     out: dict[_tree.Path, Any] = {}
     for path, leaf in _tree.leaves_with_paths(adapter):
         if path[-1] != _tree.VECTOR:  # a modules_to_save copy: sharded as the original
@@ -183,13 +152,10 @@ def adapter_shardings(
         module, key = path[:-1], _tree.dotted(path[:-1])
         if module + ("kernel",) not in by_path:
             raise StructureError(f"adapter vector at {key!r} has no kernel in the base params.")
-        node = _tree.get(base, module)
-        layout, kernel_shape = module_layout(module, node, fan_in_fan_out, layouts)
-        vector_shape = tuple(np.shape(_tree.unbox(leaf)))
-        feedforward = _direction(key, vector_shape, kernel_shape, layout, config)
+        target = vector_target(module, _tree.get(base, module), np.shape(_tree.unbox(leaf)), config, layouts)
         kernel_sharding = by_path[module + ("kernel",)]
         spec, kernel_mesh = _spec_and_mesh(kernel_sharding, mesh, f"kernel of {key!r}")
-        vector_spec = _vector_spec(key, vector_shape, kernel_shape, spec, layout, feedforward, kernel_mesh)
+        vector_spec = _vector_spec(target, spec, kernel_mesh)
         out[path] = (
             NamedSharding(kernel_mesh, vector_spec) if isinstance(kernel_sharding, NamedSharding) else vector_spec
         )

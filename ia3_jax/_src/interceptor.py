@@ -18,18 +18,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ia3_jax import _tree, quant
-from ia3_jax.config import IA3Config
+from ia3_jax._src import quant
+from ia3_jax._src import tree as _tree
+from ia3_jax._src.config import IA3Config
+from ia3_jax._src.dtypes import check_vector_dtype
+from ia3_jax._src.errors import NotAppliedError, VectorShapeError
+from ia3_jax._src.targets import feedforward_side
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class VectorShapeError(ValueError):
-    """An IA3 vector does not fit the activation it scales."""
-
-
-class NotAppliedError(RuntimeError):
-    """IA3 vectors in the arguments were never applied: a silent no-op was caught."""
 
 
 @dataclasses.dataclass
@@ -70,21 +66,15 @@ def _check_fits(key: str, vector: jax.Array, activation: Any, side: str) -> None
         )
 
 
-def _feedforward_from_shapes(key: str, vector_shape, x_shape, kernel_shape) -> bool:
-    """Without a config: a vector that fits the input features, and not the output ones, is feedforward."""
-    n = len(vector_shape)
-    if tuple(x_shape[len(x_shape) - n :]) != tuple(vector_shape):
-        return False
+def _trailing(shape: tuple[int, ...], n: int) -> tuple[int, ...]:
+    return tuple(shape[len(shape) - n :]) if n <= len(shape) else ()
+
+
+def _output_features(kernel_shape: tuple[int, ...], x_shape: tuple[int, ...], n: int) -> tuple[int, ...]:
+    """The layer's output features as the kernel seen inside the call shows them (no config needed)."""
     if len(kernel_shape) == 2:  # (in, out) or (out, in): the output is the axis that the input is not
-        out_shape = (kernel_shape[1] if kernel_shape[0] == x_shape[-1] else kernel_shape[0],)
-    else:
-        out_shape = tuple(kernel_shape[len(kernel_shape) - n :])
-    if out_shape == tuple(vector_shape):
-        raise VectorShapeError(
-            f"IA3 vector at {key!r} fits both the input and the output of a square layer: pass the IA3Config "
-            "to apply_fn/intercept so that feedforward_modules decides."
-        )
-    return True
+        return (kernel_shape[1] if kernel_shape[0] == x_shape[-1] else kernel_shape[0],)
+    return _trailing(kernel_shape, n)
 
 
 def _interceptor(config: IA3Config | None, applied: Applied):
@@ -95,17 +85,18 @@ def _interceptor(config: IA3Config | None, applied: Applied):
         path = tuple(module.scope.path)
         key = _tree.dotted(path)
         vector = _tree.unbox(module.get_variable("params", _tree.VECTOR))
-        quant.check_vector_dtype(vector.dtype, f"IA3 vector at {key!r}")
+        check_vector_dtype(vector.dtype, f"IA3 vector at {key!r}")
         if args:
             x, call = args[0], lambda x_: next_fun(x_, *args[1:], **kwargs)
         else:  # input passed by keyword
             name = next(iter(kwargs))
             x, call = kwargs[name], lambda x_: next_fun(**{**kwargs, name: x_})
-        if config is not None:
-            feedforward = config.is_feedforward(key)
-        else:
+        fits_input = fits_output = False
+        if config is None:  # only then do the shapes decide the side
             kernel_shape = quant.kernel_shape(module.get_variable("params", "kernel"))
-            feedforward = _feedforward_from_shapes(key, vector.shape, jnp.shape(x), kernel_shape)
+            fits_input = _trailing(jnp.shape(x), vector.ndim) == vector.shape
+            fits_output = _output_features(kernel_shape, jnp.shape(x), vector.ndim) == vector.shape
+        feedforward = feedforward_side(key, config, fits_input, fits_output)
         if feedforward:
             _check_fits(key, vector, x, "input")
             out = call(scale(x, vector))
@@ -175,7 +166,8 @@ def apply_fn(fn: F, config: IA3Config | None = None, *, strict: bool = True) -> 
             if missed:
                 names = sorted({_tree.dotted(p[1:]) for p in missed})
                 raise NotAppliedError(
-                    f"{len(missed)} IA3 vectors in the arguments were never applied by {getattr(fn, '__name__', fn)!r}: "
+                    f"{len(missed)} IA3 vectors in the arguments were never applied by "
+                    f"{getattr(fn, '__name__', fn)!r}: "
                     f"{names[:10]}{' ...' if len(names) > 10 else ''}. Those modules were not called with these "
                     "params (pass strict=False if that is intended), or a module reads its kernel without "
                     "its __call__."

@@ -9,24 +9,20 @@ import jax
 import jax.numpy as jnp
 from flax.core import meta
 
-from ia3_jax import _tree
-from ia3_jax.config import IA3Config
-from ia3_jax.layout import KernelLayout, module_layout
-from ia3_jax.quant import check_vector_dtype
-from ia3_jax.targets import resolve_targets
+from ia3_jax._src import tree as _tree
+from ia3_jax._src.config import IA3Config
+from ia3_jax._src.dtypes import check_vector_dtype
+from ia3_jax._src.errors import AdapterExistsError
+from ia3_jax._src.layout import KernelLayout
+from ia3_jax._src.targets import Target, targets
 
 
-class AdapterExistsError(ValueError):
-    """The params already hold IA3 vectors."""
-
-
-def _boxed_like(kernel: Any, vector: jax.Array, layout: KernelLayout, feedforward: bool) -> Any:
+def _boxed_like(kernel: Any, vector: jax.Array, target: Target) -> Any:
     """The vector in the kernel's box, its axis names taken from the kernel axes it follows."""
     if not isinstance(kernel, meta.Partitioned):
         return vector
     names = kernel.names
-    axes = [a for a, _ in layout.vector_labels(jnp.shape(kernel.value), feedforward)]
-    return kernel.replace(value=vector, names=tuple(None if a is None else names[a] for a in axes))
+    return kernel.replace(value=vector, names=tuple(None if a is None else names[a] for a in target.vector_axes))
 
 
 def ia3_init(
@@ -68,17 +64,13 @@ def ia3_init(
             f"params already hold IA3 vectors (e.g. at {_tree.dotted(next(iter(existing)))!r}); "
             "split them off with ia3_jax.split(params) first, or merge them."
         )
-    targets = resolve_targets(params, config)
-    keys = jax.random.split(rng, len(targets)) if rng is not None else [None] * len(targets)
+    resolved = targets(params, config, layouts)
+    keys = jax.random.split(rng, len(resolved)) if rng is not None else [None] * len(resolved)
     changes = {}
-    for key, (path, feedforward) in zip(keys, targets.items()):
-        module = _tree.get(params, path)
-        kernel = module["kernel"]
-        layout, shape = module_layout(path, module, config.fan_in_fan_out, layouts)
-        vector_shape = layout.vector_shape(shape, feedforward)
+    for key, (path, target) in zip(keys, resolved.items()):
         if config.init_ia3_weights:
-            vector = jnp.ones(vector_shape, dtype)
+            vector = jnp.ones(target.vector_shape, dtype)
         else:
-            vector = jax.random.normal(key, vector_shape, dtype)
-        changes[path + (_tree.VECTOR,)] = _boxed_like(kernel, vector, layout, feedforward)
+            vector = jax.random.normal(key, target.vector_shape, dtype)
+        changes[path + (_tree.VECTOR,)] = _boxed_like(_tree.get(params, path)["kernel"], vector, target)
     return _tree.updated(_tree.to_dict(params), changes)

@@ -28,12 +28,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from ia3_jax import _tree
-from ia3_jax.config import IA3Config
-from ia3_jax.init import ia3_init
-from ia3_jax.layout import KernelLayout
-from ia3_jax.partition import StructureError, _without_vectors, split
-from ia3_jax.targets import TargetError, modules_to_save_roots
+from ia3_jax._src import tree as _tree
+from ia3_jax._src.config import IA3Config
+from ia3_jax._src.errors import AdapterMismatchError, CheckpointError, StructureError, TargetError
+from ia3_jax._src.init import ia3_init
+from ia3_jax._src.layout import KernelLayout
+from ia3_jax._src.partition import is_trainable, split, without_vectors
+from ia3_jax._src.targets import modules_to_save_roots
 
 ADAPTER_ITEM = "adapter"
 CONFIG_ITEM = "config"
@@ -47,14 +48,6 @@ _COMPLETE_MARKERS = (
 )
 _STAGING = ".ia3-staging-"
 _REPLACED = ".ia3-replaced-"
-
-
-class CheckpointError(ValueError):
-    """A path is not a complete adapter checkpoint, or a save would clobber something."""
-
-
-class AdapterMismatchError(StructureError):
-    """A checkpoint's adapter or config does not fit the params it is to be joined to."""
 
 
 def _checkpointer() -> ocp.Checkpointer:
@@ -81,7 +74,7 @@ def _save_args(adapter: Mapping[str, Any], config: IA3Config, opt_state: Any) ->
         value = _tree.unbox(leaf)  # boxes carry sharding names only; the checkpoint holds arrays
         if not isinstance(value, (jax.Array, np.ndarray)):
             raise StructureError(f"adapter leaf {_tree.dotted(path)!r} is a {type(value).__name__}, not an array.")
-        if path[-1] != _tree.VECTOR and not _tree.under(path, roots):
+        if not is_trainable(path, roots):
             raise StructureError(
                 f"adapter leaf {_tree.dotted(path)!r} is neither an IA3 vector nor in config.modules_to_save="
                 f"{config.modules_to_save}: these look like base params. Save the first result of "
@@ -261,7 +254,7 @@ def check_adapter(
     init_config = config.replace(init_ia3_weights=True)  # same shapes, no rng needed
 
     def expected_adapter(base: Mapping[str, Any]) -> dict[str, Any]:
-        return split(ia3_init(_without_vectors(base), init_config, layouts=layouts), config)[0]
+        return split(ia3_init(without_vectors(base), init_config, layouts=layouts), config)[0]
 
     try:
         expected = jax.eval_shape(expected_adapter, params)

@@ -2,27 +2,40 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
-from ia3_jax import _tree
-from ia3_jax.config import IA3Config
-from ia3_jax.targets import modules_to_save_roots
+from ia3_jax._src import tree as _tree
+from ia3_jax._src.config import IA3Config
+from ia3_jax._src.errors import StructureError
+from ia3_jax._src.targets import modules_to_save_roots
 
 
-class StructureError(ValueError):
-    """Two trees that should fit together do not."""
+class Split(NamedTuple):
+    """`split`'s result: the trainable adapter tree and the frozen base tree."""
+
+    adapter: dict[str, Any]
+    base: dict[str, Any]
 
 
-def _without_vectors(tree: Mapping[str, Any]) -> dict[str, Any]:
+def is_trainable(path: _tree.Path, saved_roots: Sequence[_tree.Path]) -> bool:
+    """The one rule for what IA3 trains: ``ia3_l`` leaves, and every leaf of a ``modules_to_save`` module.
+
+    `path` is a leaf's key path; `saved_roots` is ``modules_to_save_roots(params, config)``.
+    """
+    return (bool(path) and path[-1] == _tree.VECTOR) or _tree.under(path, saved_roots)
+
+
+def without_vectors(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of `tree` without its ``ia3_l`` leaves (the base params)."""
     out = {}
     for name, child in tree.items():
         if name == _tree.VECTOR:
             continue
-        out[name] = _without_vectors(child) if isinstance(child, Mapping) else child
+        out[name] = without_vectors(child) if isinstance(child, Mapping) else child
     return out
 
 
@@ -31,8 +44,8 @@ def _shapes(leaf: Any) -> Any:
     return jax.tree.map(np.shape, _tree.unbox(leaf))
 
 
-def split(params: Mapping[str, Any], config: IA3Config | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Splits params into ``(adapter, base)``.
+def split(params: Mapping[str, Any], config: IA3Config | None = None) -> Split:
+    """Splits params into ``Split(adapter, base)`` (a named tuple: unpack it or read its fields).
 
     The adapter holds every ``ia3_l`` leaf and, when `config` names ``modules_to_save``, a copy of
     those modules' params (the trainable copies, which `join` lays over the base). The base holds
@@ -42,13 +55,10 @@ def split(params: Mapping[str, Any], config: IA3Config | None = None) -> tuple[d
       >>> adapter, base = split(ia3_init(params, config), config)
       >>> grads = jax.grad(lambda a: loss(join(base, a), batch))(adapter)
     """
+    roots = modules_to_save_roots(params, config) if config is not None else []
+    saved = {root: without_vectors(_tree.to_dict(_tree.get(params, root))) for root in roots}
     vectors = {path + (_tree.VECTOR,): vector for path, vector in _tree.vectors(params).items()}
-    saved = {}
-    if config is not None and config.modules_to_save:
-        saved = {path: _tree.to_dict(_tree.get(params, path)) for path in modules_to_save_roots(params, config)}
-        saved = {path: _without_vectors(node) for path, node in saved.items()}
-    adapter = _tree.updated({}, {**saved, **vectors})
-    return adapter, _without_vectors(params)
+    return Split(_tree.updated({}, {**saved, **vectors}), without_vectors(params))
 
 
 def join(base: Mapping[str, Any], adapter: Mapping[str, Any]) -> dict[str, Any]:

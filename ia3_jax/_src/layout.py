@@ -19,11 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ia3_jax import _tree, quant
-
-
-class LayoutError(ValueError):
-    """A kernel's layout cannot be told, or an IA3 vector does not fit its kernel."""
+from ia3_jax._src import quant
+from ia3_jax._src import tree as _tree
+from ia3_jax._src.errors import LayoutError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,14 +79,8 @@ class KernelLayout:
                 )
 
     def scale_for_kernel(self, vector: jax.Array, kernel_shape: Sequence[int], feedforward: bool) -> jax.Array:
-        """`vector` reshaped (and, for grouped convs, expanded) to broadcast against the kernel."""
-        labels = self.vector_labels(kernel_shape, feedforward)
-        if tuple(vector.shape) != tuple(n for _, n in labels):
-            raise LayoutError(
-                f"vector of shape {tuple(vector.shape)} does not fit a kernel of shape {tuple(kernel_shape)}: "
-                f"expected {tuple(n for _, n in labels)} for {'input' if feedforward else 'output'} scaling."
-            )
-        axes = [a for a, _ in labels]
+        """`vector` (of `vector_shape`) reshaped, and for grouped convs expanded, to broadcast against the kernel."""
+        axes = [a for a, _ in self.vector_labels(kernel_shape, feedforward)]
         if None in axes:  # grouped conv, input side: expand channel c of group g onto kernel[..., c_g, out]
             (in_axis,), (out_axis,) = self.in_axes, self.out_axes
             pos = axes.index(None)
@@ -195,7 +187,7 @@ def _stack_axes(stored: tuple[int, ...], per_layer: tuple[int, ...], key: str) -
         raise LayoutError(
             f"module {key!r}: the stored kernel {stored} and the kernel seen inside the layer {per_layer} "
             + ("do not fit together." if not fits else f"leave the stacked-layer axis ambiguous (any of {fits}).")
-            + " Pass layouts={'%s': KernelLayout(in_axes=..., out_axes=..., stack_axes=...)} for it." % key
+            + f" Pass layouts={{{key!r}: KernelLayout(in_axes=..., out_axes=..., stack_axes=...)}} for it."
         )
     return fits[0]
 

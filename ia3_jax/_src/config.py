@@ -12,6 +12,8 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from ia3_jax._src.errors import IA3ConfigError
+
 PatternSpec = tuple[str, ...] | str | None
 
 TASK_TYPES = (
@@ -25,10 +27,6 @@ TASK_TYPES = (
 
 # Keys PEFT writes that we recompute on save.
 _PEFT_DERIVED_KEYS = ("peft_type", "peft_version")
-
-
-class IA3ConfigError(ValueError):
-    """An `IA3Config` field has a value that PEFT or ia3_jax cannot use."""
 
 
 def _as_patterns(name: str, value: Any) -> PatternSpec:
@@ -111,7 +109,9 @@ class IA3Config:
                 f"are not in target_modules={list(targets)}. Add them to target_modules or drop them."
             )
         if isinstance(targets, tuple) and not targets:
-            raise IA3ConfigError("`target_modules` is empty: name at least one module, or leave it None for the defaults.")
+            raise IA3ConfigError(
+                "`target_modules` is empty: name at least one module, or leave it None for the defaults."
+            )
 
     def replace(self, **changes: Any) -> IA3Config:
         """A copy with some fields changed (validated again)."""
@@ -202,3 +202,4 @@ def _matches(patterns: PatternSpec, key: str) -> bool:
     if isinstance(patterns, str):
         return re.fullmatch(patterns, key) is not None
     return key in patterns or any(key.endswith("." + p) for p in patterns)
+

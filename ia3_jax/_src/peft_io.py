@@ -37,12 +37,12 @@ import safetensors
 import safetensors.flax
 import safetensors.numpy
 
-from ia3_jax import _tree
-from ia3_jax.checkpoint import AdapterMismatchError  # the adapter does not fit the params
-from ia3_jax.config import IA3Config, IA3ConfigError, suffix_regex
-from ia3_jax.layout import KernelLayout, LayoutError, module_layout
-from ia3_jax.partition import _without_vectors
-from ia3_jax.targets import TargetError, modules_to_save_roots, resolve_targets
+from ia3_jax._src import tree as _tree
+from ia3_jax._src.config import IA3Config, suffix_regex
+from ia3_jax._src.errors import AdapterMismatchError, IA3ConfigError, LayoutError, PeftFormatError, TargetError
+from ia3_jax._src.layout import KernelLayout
+from ia3_jax._src.partition import without_vectors
+from ia3_jax._src.targets import modules_to_save_roots, targets
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -56,10 +56,6 @@ _AUTO_MODULES_TO_SAVE = {
     "QUESTION_ANS": ("qa_outputs",),
 }
 _SHOWN = 8  # keys listed in an error message
-
-
-class PeftFormatError(ValueError):
-    """A directory is not a readable PEFT IA3 adapter (missing or malformed file, another PEFT type)."""
 
 
 # --- torch names and layouts ------------------------------------------------------------------
@@ -105,18 +101,17 @@ def _vector_entries(
 ) -> dict[str, _Entry]:
     """``{torch key: _Entry}`` for the vector of every module `config` targets in `params`."""
     entries = {}
-    for path, feedforward in resolve_targets(params, config).items():
-        layout, kernel_shape = module_layout(path, _tree.get(params, path), config.fan_in_fan_out, layouts)
-        key = _tree.dotted(path)
-        if layout.stack_axes:
+    for path, target in targets(params, config, layouts).items():
+        if target.layout.stack_axes:
             raise LayoutError(
-                f"module {key!r} is stacked by nn.scan/nn.vmap (kernel {kernel_shape}, stacked axes "
-                f"{layout.stack_axes}): PEFT's format has one module per layer. Pass params and adapter "
+                f"module {target.key!r} is stacked by nn.scan/nn.vmap (kernel {target.kernel_shape}, stacked axes "
+                f"{target.layout.stack_axes}): PEFT's format has one module per layer. Pass params and adapter "
                 "through ia3_jax.unstack(tree, '<scanned module path>', axis=...) first (and stack back after)."
             )
-        shape = layout.vector_shape(kernel_shape, feedforward)  # DenseGeneral: several feature axes, flattened
-        peft_shape = _peft_vector_shape(int(np.prod(shape)), len(kernel_shape), feedforward)
-        entries[f"{key}.{_tree.VECTOR}"] = _Entry(path + (_tree.VECTOR,), shape, tuple(range(len(shape))), peft_shape)
+        shape = target.vector_shape  # DenseGeneral: several feature axes, flattened in the file
+        peft_shape = _peft_vector_shape(int(np.prod(shape)), len(target.kernel_shape), target.feedforward)
+        vector_path = (*path, _tree.VECTOR)
+        entries[f"{target.key}.{_tree.VECTOR}"] = _Entry(vector_path, shape, tuple(range(len(shape))), peft_shape)
     return entries
 
 
@@ -264,7 +259,7 @@ def save_peft(
     adapter = _tree.to_dict(adapter)
     if not _tree.vector_modules(adapter):
         raise AdapterMismatchError("the adapter holds no IA3 vector (`ia3_l` leaf): nothing to save.")
-    want = _entries(_without_vectors(params), config, layouts) if params is not None else _free_entries(adapter, config)
+    want = _entries(without_vectors(params), config, layouts) if params is not None else _free_entries(adapter, config)
     have = _adapter_leaves(adapter)
     _check_fits({k: np.shape(leaf) for k, leaf in have.items()}, {k: e.shape for k, e in want.items()}, "the adapter")
     tensors = {PEFT_KEY_PREFIX + key: entry.to_peft(have[key]) for key, entry in want.items()}
@@ -446,7 +441,7 @@ def load_peft(
     directory = Path(path)
     config = read_peft_config(directory)
     tensors = _read_tensors(directory)
-    prefix, entries, config = _choose_prefix(_without_vectors(params), config, sorted(tensors), layouts)
+    prefix, entries, config = _choose_prefix(without_vectors(params), config, sorted(tensors), layouts)
     _check_fits({k: t.shape for k, t in tensors.items()}, {k: e.peft_shape for k, e in entries.items()},
                 repr(str(directory / WEIGHTS_NAME)))
     changes = {prefix.to_flax(e.path): e.to_flax(tensors[key]) for key, e in entries.items()}

@@ -1,0 +1,55 @@
+"""The dtype policy of IA3 vectors: floating point, float32 by default, cast only where representable.
+
+The scaling itself (`scale`) computes in ``promote_types(activation, vector)`` and casts back; this
+module holds the checks that keep a vector in a dtype that can carry it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from ia3_jax._src import tree as _tree
+from ia3_jax._src.errors import AdapterDtypeError
+
+
+def check_vector_dtype(dtype: Any, where: str) -> None:
+    """Raises `AdapterDtypeError` unless `dtype` is a floating dtype (vectors need gradients and fractions).
+
+    `where` names the vector for the message, e.g. ``"IA3 vector at 'layers_0.k'"``.
+    """
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise AdapterDtypeError(
+            f"{where} has dtype {jnp.dtype(dtype).name}; IA3 vectors must be floating point "
+            "(float32 by default, as PEFT). Cast the adapter with ia3_jax.cast_adapter(adapter, jnp.float32)."
+        )
+
+
+def cast_adapter(adapter: Mapping[str, Any], dtype: Any) -> dict[str, Any]:
+    """The adapter's ``ia3_l`` vectors cast to the floating `dtype`, checked to be representable.
+
+    Raises `AdapterDtypeError` naming the module if `dtype` is not floating, or if a finite entry of a
+    vector exceeds ``finfo(dtype).max`` (a float16 cast of a vector entry above 65504 would be inf).
+    Reads values, so call it outside `jax.jit`.
+
+    Example:
+      >>> adapter16 = cast_adapter(adapter, jnp.float16)   # e.g. to ship next to a float16 base
+    """
+    target = jnp.dtype(dtype)
+    check_vector_dtype(target, "cast_adapter's dtype argument")
+    out = {}
+    for path, node in _tree.vector_modules(adapter).items():
+        key = _tree.dotted(path)
+        vector = _tree.unbox(node[_tree.VECTOR])
+        biggest = float(np.max(np.abs(np.asarray(vector, np.float64)), initial=0.0))
+        if np.isfinite(biggest) and biggest > float(jnp.finfo(target).max):
+            raise AdapterDtypeError(
+                f"IA3 vector at {key!r} has an entry of magnitude {biggest:.4g}, beyond {target.name}'s maximum "
+                f"{float(jnp.finfo(target).max):.4g}: the cast would give inf. Keep the adapter in float32 (the "
+                "interceptor computes in the promoted dtype anyway)."
+            )
+        out[path + (_tree.VECTOR,)] = _tree.rebox(node[_tree.VECTOR], vector.astype(target))
+    return _tree.updated(_tree.to_dict(adapter), out)

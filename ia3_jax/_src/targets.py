@@ -1,0 +1,216 @@
+"""Which modules an `IA3Config` targets, and the one record of each target that every operation reads.
+
+`resolve_targets` applies PEFT's matching rules to a param tree. A `Target` then fixes, once, what
+`ia3_init`, the interceptor, `merge` / `unmerge`, sharding, PEFT I/O and checkpoint checks need to
+know of a targeted module: its kernel layout and logical shape, which side its vector scales, and
+the vector's shape. `feedforward_side` is the one place that decides the side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+
+from ia3_jax._src import tree as _tree
+from ia3_jax._src.config import IA3Config
+from ia3_jax._src.errors import TargetError, VectorShapeError
+from ia3_jax._src.layout import KernelLayout, module_layout
+from ia3_jax._src.quant import kernel_shape
+
+_OUTPUT_LAYERS = ("lm_head",)
+_CLASSIFIER_LAYERS = ("classifier", "score")
+
+
+def _listing(paths, limit: int = 40) -> str:
+    keys = [_tree.dotted(p) for p in paths]
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _all_linear(layers: dict[_tree.Path, Mapping[str, Any]], config: IA3Config) -> set[_tree.Path]:
+    linear = {p for p, node in layers.items() if len(kernel_shape(node["kernel"])) == 2}
+    skip = set(_OUTPUT_LAYERS)
+    if config.task_type == "SEQ_CLS":
+        skip |= set(_CLASSIFIER_LAYERS)
+    return {p for p in linear if p[-1] not in skip}
+
+
+def resolve_targets(params: Mapping[str, Any], config: IA3Config) -> dict[_tree.Path, bool]:
+    """Targeted module paths, each mapped to whether it is feedforward (input-scaled).
+
+    Raises `TargetError` naming the problem: no `target_modules`, nothing matched (with the paths
+    that exist), a match that is not a layer with a kernel, or a `modules_to_save` entry that
+    matches nothing. Warns for list entries or patterns that match nothing while others do.
+    """
+    if config.target_modules is None:
+        raise TargetError(
+            "IA3Config.target_modules is None. Name the modules to adapt, e.g. target_modules=['k', 'v', 'wo'], "
+            "or take a Hugging Face model's defaults with ia3_jax.hf.default_config(model)."
+        )
+    all_modules = dict(_tree.modules(params))
+    layers = {p: node for p, node in all_modules.items() if "kernel" in node}
+    if config.is_all_linear:
+        chosen = {
+            p for p in _all_linear(layers, config) if not config.is_excluded(_tree.dotted(p))
+            and not config.is_module_to_save(_tree.dotted(p))
+        }
+    else:
+        chosen = {p for p in all_modules if config.is_target(_tree.dotted(p))}
+    not_layers = sorted(p for p in chosen if p not in layers)
+    if not_layers:
+        raise TargetError(
+            f"target_modules={config.target_modules!r} matches modules that are not layers with a kernel "
+            f"(an embedding, a norm or a block): {_listing(not_layers)}. Target their Dense/Conv children instead."
+        )
+    if not chosen:
+        raise TargetError(
+            f"target_modules={config.target_modules!r} matches no module "
+            f"(exclude_modules={config.exclude_modules!r}, modules_to_save={config.modules_to_save!r}). "
+            f"Layers with a kernel in these params: {_listing(sorted(layers))}."
+        )
+    keys = [_tree.dotted(p) for p in chosen]
+    if isinstance(config.target_modules, tuple):
+        idle = [t for t in config.target_modules if not any(k == t or k.endswith("." + t) for k in keys)]
+        if idle:
+            warnings.warn(f"IA3 target_modules entries {idle} match no module and are ignored.", stacklevel=3)
+    if config.exclude_modules is not None and not any(config.is_excluded(_tree.dotted(p)) for p in all_modules):
+        warnings.warn(f"exclude_modules={config.exclude_modules!r} excludes no module.", stacklevel=3)
+    ff_keys = [k for k in keys if config.is_feedforward(k)]
+    if isinstance(config.feedforward_modules, tuple):
+        idle = [f for f in config.feedforward_modules if not any(k.endswith(f) for k in keys)]
+        if idle:
+            warnings.warn(f"IA3 feedforward_modules entries {idle} match no targeted module.", stacklevel=3)
+    elif isinstance(config.feedforward_modules, str) and not ff_keys:
+        warnings.warn(f"feedforward_modules={config.feedforward_modules!r} matches no targeted module.", stacklevel=3)
+    for entry in config.modules_to_save or ():
+        if not modules_to_save_roots(params, config.replace(modules_to_save=[entry])):
+            raise TargetError(
+                f"modules_to_save entry {entry!r} matches no module; modules in these params: "
+                f"{_listing(sorted(all_modules))}."
+            )
+    return {p: config.is_feedforward(_tree.dotted(p)) for p in sorted(chosen)}
+
+
+def modules_to_save_roots(params: Mapping[str, Any], config: IA3Config) -> list[_tree.Path]:
+    """The outermost modules that `config.modules_to_save` selects."""
+    roots: list[_tree.Path] = []
+    for path, _ in _tree.modules(params):
+        if _tree.under(path, roots):
+            continue
+        if config.is_module_to_save(_tree.dotted(path)):
+            roots.append(path)
+    return roots
+
+
+def feedforward_side(key: str, config: IA3Config | None, fits_input: bool, fits_output: bool) -> bool:
+    """Whether the vector at module `key` scales the input side (feedforward) rather than the output.
+
+    The config decides when given (``feedforward_modules``, PEFT's rule). Without one, the side that
+    the vector fits decides; a vector that fits both sides (a square layer) raises `VectorShapeError`,
+    and one that fits neither is taken as an output vector, whose fit check then names the mismatch.
+    """
+    if config is not None:
+        return config.is_feedforward(key)
+    if fits_input and fits_output:
+        raise VectorShapeError(
+            f"IA3 vector at {key!r} fits both the input and the output of a square layer: pass the IA3Config "
+            "so that feedforward_modules decides."
+        )
+    return fits_input
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One targeted module, resolved once.
+
+    Attributes:
+      path: the module's path in the param tree, e.g. ``("encoder", "layer", "0", "attention", "key")``.
+      layout: which kernel axes are input, output and stacked-layer axes.
+      kernel_shape: the kernel's logical shape (a quantized kernel's integer shape).
+      feedforward: the vector scales the input features (else the output features, bias included).
+
+    Example: an ``nn.Dense(16)`` on 8 input features, not feedforward:
+    ``Target(("mlp", "up"), KernelLayout((0,), (1,)), (8, 16), False).vector_shape == (16,)``.
+    """
+
+    path: _tree.Path
+    layout: KernelLayout
+    kernel_shape: tuple[int, ...]
+    feedforward: bool
+
+    @property
+    def key(self) -> str:
+        return _tree.dotted(self.path)
+
+    @property
+    def vector_shape(self) -> tuple[int, ...]:
+        return self.layout.vector_shape(self.kernel_shape, self.feedforward)
+
+    @property
+    def vector_axes(self) -> list[int | None]:
+        """The kernel axis that each vector axis follows (None: a grouped conv's full input channels)."""
+        return [axis for axis, _ in self.layout.vector_labels(self.kernel_shape, self.feedforward)]
+
+    def check_vector(self, shape: Sequence[int]) -> None:
+        """Raises `VectorShapeError` unless a vector of `shape` fits this target."""
+        shape = tuple(shape)
+        if shape == self.vector_shape:
+            return
+        for pos, axis in enumerate(self.vector_axes):
+            n = self.kernel_shape[axis] if axis is not None else None
+            if axis in self.layout.stack_axes and pos < len(shape) and shape[pos] != n:
+                raise VectorShapeError(
+                    f"stacked IA3 vector at {self.key!r} has {shape[pos]} layers (axis {pos} of {shape}) but its "
+                    f"kernel {self.kernel_shape} stacks {n} (axis {axis}): the adapter is for a model with another "
+                    "number of layers."
+                )
+        side = "input" if self.feedforward else "output"
+        raise VectorShapeError(
+            f"IA3 vector at {self.key!r} has shape {shape} but its kernel {self.kernel_shape} needs "
+            f"{self.vector_shape} "
+            f"({side} features{', stacked layers' if self.layout.stack_axes else ''}): the adapter is for another "
+            "model or config, or the layout was guessed wrong (pass layouts=ia3_jax.infer_layouts(...))."
+        )
+
+    def kernel_factor(self, vector: jax.Array) -> jax.Array:
+        """`vector`, checked, reshaped to broadcast against the kernel (grouped convs: expanded)."""
+        self.check_vector(vector.shape)
+        return self.layout.scale_for_kernel(vector, self.kernel_shape, self.feedforward)
+
+
+def targets(
+    params: Mapping[str, Any], config: IA3Config, layouts: Mapping[str, KernelLayout] | None = None
+) -> dict[_tree.Path, Target]:
+    """A `Target` for every module that `config` targets in `params` (PEFT's rules, `resolve_targets`)."""
+    out = {}
+    for path, feedforward in resolve_targets(params, config).items():
+        layout, shape = module_layout(path, _tree.get(params, path), config.fan_in_fan_out, layouts)
+        out[path] = Target(path, layout, shape, feedforward)
+    return out
+
+
+def vector_target(
+    path: _tree.Path,
+    module: Mapping[str, Any],
+    vector_shape: Sequence[int],
+    config: IA3Config | None,
+    layouts: Mapping[str, KernelLayout] | None = None,
+) -> Target:
+    """The `Target` of a vector that already sits on `module` (merge, unmerge, sharding).
+
+    With a config its side is the config's; without one, the side the vector fits (`feedforward_side`).
+    The vector is checked to fit (`VectorShapeError`).
+    """
+    fan_in_fan_out = bool(config and config.fan_in_fan_out)
+    layout, shape = module_layout(path, module, fan_in_fan_out, layouts)
+    vector_shape = tuple(vector_shape)
+    fits_input = layout.vector_shape(shape, True) == vector_shape
+    fits_output = layout.vector_shape(shape, False) == vector_shape
+    key = _tree.dotted(path)
+    target = Target(path, layout, shape, feedforward_side(key, config, fits_input, fits_output))
+    target.check_vector(vector_shape)
+    return target

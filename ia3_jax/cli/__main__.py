@@ -1,0 +1,3 @@
+from ia3_jax.cli import main
+
+main()
