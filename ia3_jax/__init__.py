@@ -33,6 +33,7 @@ from ia3_jax._src.errors import (
     ShardingError,
     StructureError,
     TargetError,
+    UnknownModelTypeError,
     UnsupportedKernelError,
     VectorShapeError,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "StructureError",
     "Target",
     "TargetError",
+    "UnknownModelTypeError",
     "UnsupportedKernelError",
     "VectorShapeError",
     "adapter_shardings",

@@ -15,25 +15,30 @@ The FlaxT5 fix: transformers 4.57.6's ``FlaxT5Attention._relative_position_bucke
 FlaxLongT5's three attention classes; FlaxMT5 reuses FlaxT5's modules) calls
 ``jnp.clip(x, a_max=...)``, a keyword that JAX >= 0.10 removed, so every T5/MT5/LongT5 call fails.
 Importing this module replaces that one static method, and nothing else, with an equivalent
-that uses ``jnp.minimum`` -- only when the running JAX lacks ``a_max``, once (idempotent);
-`patch_flax_t5` does the same explicitly. ``jnp.clip`` itself is never touched.
+that uses ``jnp.minimum`` -- only when the running JAX lacks ``a_max``, once (idempotent), and says
+so on the ``ia3_jax.hf`` logger; `patch_flax_t5` does the same explicitly. ``jnp.clip`` itself is
+never touched. ``import ia3_jax`` alone never imports transformers.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import warnings
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ia3_jax._src import tree as _tree
 from ia3_jax._src.config import IA3Config, suffix_regex
-from ia3_jax._src.errors import IA3ConfigError
+from ia3_jax._src.errors import StructureError, UnknownModelTypeError
 from ia3_jax._src.partition import split
+
+_log = logging.getLogger(__name__)
 
 # PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING (peft 0.21), as data.
 TARGET_MODULES: dict[str, tuple[str, ...]] = {
@@ -104,10 +109,6 @@ FAN_IN_FAN_OUT_MODEL_TYPES: frozenset[str] = frozenset({"gpt2"})
 TORCH_BUFFERS: frozenset[str] = frozenset({"final_logits_bias"})
 
 
-class UnknownModelTypeError(IA3ConfigError):
-    """PEFT has no IA3 defaults for this ``model_type``: the modules must be named."""
-
-
 # --- configs ---
 
 
@@ -118,7 +119,7 @@ def model_type_of(model_or_config: Any) -> str:
     hf_config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(hf_config, "model_type", None)
     if not isinstance(model_type, str) or not model_type:
-        raise TypeError(
+        raise UnknownModelTypeError(
             f"expected a Hugging Face Flax model, its PretrainedConfig or a model_type string; got "
             f"{type(model_or_config).__name__}, which has no `model_type`. For other models build "
             "IA3Config(target_modules=..., feedforward_modules=...) directly."
@@ -261,10 +262,11 @@ def trainable_parameters(
     Example:
       >>> trainable, total, percent = trainable_parameters(adapter, base)
     """
+    adapter: Mapping[str, Any]
     if base is None:
         adapter, base = split(params_or_adapter, config)
     elif config is not None:
-        raise TypeError(
+        raise StructureError(
             "trainable_parameters(adapter, base): the adapter already holds the modules_to_save copies; "
             "pass config only with the joined param tree, trainable_parameters(params, config=config)."
         )
@@ -273,7 +275,7 @@ def trainable_parameters(
     trainable = _count(adapter)
     total = trainable + _count(base)
     if total == 0:
-        raise ValueError("trainable_parameters: the param tree holds no arrays.")
+        raise StructureError("trainable_parameters: the param tree holds no arrays.")
     return ParameterCount(trainable, total, 100 * trainable / total)
 
 
@@ -290,9 +292,11 @@ def print_trainable_parameters(
 # --- the FlaxT5 fix (see the module docstring) ---
 
 
-def _relative_position_bucket(relative_position, bidirectional=True, num_buckets=32, max_distance=128):
+def _relative_position_bucket(
+    relative_position: jax.Array, bidirectional: bool = True, num_buckets: int = 32, max_distance: int = 128
+) -> jax.Array:
     """T5's relative-position bucket (Mesh TensorFlow), ``jnp.clip(x, a_max=m)`` written ``jnp.minimum(x, m)``."""
-    relative_buckets = 0
+    relative_buckets = jnp.zeros_like(relative_position)
     if bidirectional:
         num_buckets //= 2
         relative_buckets += (relative_position > 0) * num_buckets
@@ -310,7 +314,7 @@ def _relative_position_bucket(relative_position, bidirectional=True, num_buckets
     return relative_buckets.astype("i4")
 
 
-def _flax_t5_attention_classes() -> list[type]:
+def _flax_t5_attention_classes() -> list[Any]:
     from transformers.models.longt5 import modeling_flax_longt5 as longt5
     from transformers.models.t5 import modeling_flax_t5 as t5
 
@@ -331,7 +335,8 @@ def patch_flax_t5() -> list[str]:
     """Replaces FlaxT5/LongT5 ``_relative_position_bucket`` when the running JAX needs it; idempotent.
 
     Returns the names of the classes patched by this call (empty when JAX still has ``a_max`` or the
-    fix is already in place). Runs on ``import ia3_jax.hf``.
+    fix is already in place). Runs on ``import ia3_jax.hf``; each call that changes transformers says
+    so once on the ``ia3_jax.hf`` logger (level INFO), naming the classes.
     """
     if not needs_flax_t5_patch():
         return []
@@ -340,7 +345,20 @@ def patch_flax_t5() -> list[str]:
         if inspect.getattr_static(cls, "_relative_position_bucket").__func__ is not _relative_position_bucket:
             cls._relative_position_bucket = staticmethod(_relative_position_bucket)
             patched.append(cls.__name__)
+    if patched:
+        _log.info(
+            "ia3_jax.hf replaced _relative_position_bucket on %s: transformers %s calls jnp.clip(a_max=...), "
+            "which this JAX no longer has (nothing else is changed).",
+            ", ".join(patched),
+            _transformers_version(),
+        )
     return patched
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 patch_flax_t5()

@@ -252,16 +252,16 @@ def test_unknown_model_type_says_what_to_set():
         hf.default_config(xglm, target_modules=["k_proj", "fc2"])
     config = hf.default_config(xglm, target_modules=["k_proj", "fc2"], feedforward_modules=["fc2"])
     assert config.target_modules == ("fc2", "k_proj") and not config.fan_in_fan_out
-    with pytest.raises(TypeError, match="no `model_type`"):
+    with pytest.raises(hf.UnknownModelTypeError, match="no `model_type`"):
         hf.default_config({"params": {}})
 
 
 def test_trainable_parameters_bad_input():
     model, config, base, params, inputs = built("llama")
     adapter, frozen = ia3_jax.split(params)
-    with pytest.raises(TypeError, match="pass config only with the joined param tree"):
+    with pytest.raises(ia3_jax.StructureError, match="pass config only with the joined param tree"):
         hf.trainable_parameters(adapter, frozen, config=config)
-    with pytest.raises(ValueError, match="no arrays"):
+    with pytest.raises(ia3_jax.StructureError, match="no arrays"):
         hf.trainable_parameters({})
 
 

@@ -70,3 +70,7 @@ class PeftFormatError(IA3Error, ValueError):
 
 class ShardingError(IA3Error, ValueError):
     """A sharding does not fit the vector or tree it is meant for."""
+
+
+class UnknownModelTypeError(IA3ConfigError):
+    """PEFT has no IA3 defaults for this ``model_type`` (or the object has none): name the modules."""

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec, Sharding
 
 from ia3_jax._src import tree as _tree
 from ia3_jax._src.config import IA3Config
@@ -33,6 +33,7 @@ from ia3_jax._src.layout import KernelLayout
 from ia3_jax._src.targets import Target, vector_target
 
 SpecOrSharding = PartitionSpec | NamedSharding
+AnyMesh = Mesh | AbstractMesh
 
 
 def _is_spec_leaf(x: Any) -> bool:
@@ -63,7 +64,7 @@ def _sharding_tree(base: Mapping[str, Any], shardings: Any) -> dict[_tree.Path, 
     return by_path
 
 
-def _spec_and_mesh(sharding: Any, mesh: Mesh | None, where: str) -> tuple[PartitionSpec, Mesh | None]:
+def _spec_and_mesh(sharding: Any, mesh: AnyMesh | None, where: str) -> tuple[PartitionSpec, AnyMesh | None]:
     if sharding is None:
         return PartitionSpec(), mesh
     if isinstance(sharding, PartitionSpec):
@@ -78,12 +79,12 @@ def _spec_and_mesh(sharding: Any, mesh: Mesh | None, where: str) -> tuple[Partit
     )
 
 
-def _mesh_axes_size(entry: Any, mesh: Mesh) -> int:
+def _mesh_axes_size(entry: Any, mesh: AnyMesh) -> int:
     names = entry if isinstance(entry, tuple) else (entry,)
     return math.prod(mesh.shape[n] for n in names)
 
 
-def _vector_spec(target: Target, kernel_spec: PartitionSpec, mesh: Mesh | None) -> PartitionSpec:
+def _vector_spec(target: Target, kernel_spec: PartitionSpec, mesh: AnyMesh | None) -> PartitionSpec:
     """The kernel's mesh axes, read at the kernel axes that the vector's axes follow."""
     key, vector_shape = target.key, target.vector_shape
     padded = tuple(kernel_spec) + (None,) * (len(target.kernel_shape) - len(kernel_spec))
@@ -156,9 +157,8 @@ def adapter_shardings(
         kernel_sharding = by_path[module + ("kernel",)]
         spec, kernel_mesh = _spec_and_mesh(kernel_sharding, mesh, f"kernel of {key!r}")
         vector_spec = _vector_spec(target, spec, kernel_mesh)
-        out[path] = (
-            NamedSharding(kernel_mesh, vector_spec) if isinstance(kernel_sharding, NamedSharding) else vector_spec
-        )
+        named = isinstance(kernel_sharding, NamedSharding)  # then its mesh is the vector's too
+        out[path] = NamedSharding(kernel_sharding.mesh, vector_spec) if named else vector_spec
     return _tree.updated({}, out)
 
 
