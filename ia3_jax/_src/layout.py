@@ -80,20 +80,18 @@ class KernelLayout:
 
     def scale_for_kernel(self, vector: jax.Array, kernel_shape: Sequence[int], feedforward: bool) -> jax.Array:
         """`vector` (of `vector_shape`) reshaped, and for grouped convs expanded, to broadcast against the kernel."""
-        axes = [a for a, _ in self.vector_labels(kernel_shape, feedforward)]
-        if None in axes:  # grouped conv, input side: expand channel c of group g onto kernel[..., c_g, out]
+        labelled = [a for a, _ in self.vector_labels(kernel_shape, feedforward)]
+        axes = [a for a in labelled if a is not None]
+        if feedforward and self.in_features is not None:  # grouped conv: channel c of group g -> kernel[..., c_g, out]
             (in_axis,), (out_axis,) = self.in_axes, self.out_axes
-            pos = axes.index(None)
-            vector = jnp.moveaxis(vector, pos, -1)
-            axes = axes[:pos] + axes[pos + 1 :]
+            vector = jnp.moveaxis(vector, labelled.index(None), -1)
             per_group_in, n_out = kernel_shape[in_axis], kernel_shape[out_axis]
             groups = self.in_features // per_group_in
             out_per_group = n_out // groups
             index = (np.arange(n_out)[None, :] // out_per_group) * per_group_in + np.arange(per_group_in)[:, None]
             vector = vector[..., index]
-            axes = axes + [in_axis, out_axis]
-        order = np.argsort(axes)
-        vector = jnp.transpose(vector, order)
+            axes = [*axes, in_axis, out_axis]
+        vector = jnp.transpose(vector, [int(i) for i in np.argsort(axes)])
         present = set(axes)
         return vector.reshape([kernel_shape[a] if a in present else 1 for a in range(len(kernel_shape))])
 
@@ -155,7 +153,7 @@ def module_layout(
 
 def _per_layer_layout(module: nn.Module, kernel_shape: tuple[int, ...], x_shape, y_shape) -> KernelLayout:
     ndim = len(kernel_shape)
-    path = _tree.dotted(tuple(module.scope.path))
+    path = _tree.dotted(tuple(module.path))
     if isinstance(module, nn.DenseGeneral):
         if module.batch_dims:
             raise LayoutError(f"module {path!r}: nn.DenseGeneral with batch_dims is not supported by IA3.")

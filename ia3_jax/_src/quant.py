@@ -34,7 +34,7 @@ from ia3_jax._src import tree as _tree
 from ia3_jax._src.errors import QuantizedMergeError, UnsupportedKernelError
 
 
-def _qwix_types() -> tuple[type, type] | None:
+def _qwix_types() -> tuple[Any, Any] | None:
     """(WithAux, QArray), or None when qwix was never imported (then no leaf can be a qwix type)."""
     if "qwix" not in sys.modules:  # keeps `import ia3_jax` free of qwix for users who do not quantize
         return None

@@ -52,8 +52,8 @@ def unstack(tree: Mapping[str, Any], root: str, *, axis: int = 0) -> dict[str, A
     """
     path, node = _node(tree, root)
     leaves = [(p, _tree.unbox(leaf)) for p, leaf in _tree.leaves_with_paths(node)]
-    counts = {p: np.shape(x)[axis] if np.ndim(x) > axis else None for p, x in leaves}
-    if len(set(counts.values())) != 1 or None in counts.values():
+    counts = {p: np.shape(x)[axis] for p, x in leaves if np.ndim(x) > axis}
+    if len(counts) != len(leaves) or len(set(counts.values())) != 1:
         shown = {_tree.dotted(p): np.shape(x) for p, x in leaves[:8]}
         raise StructureError(
             f"leaves under {root!r} do not share a layer axis {axis} of one size (shapes: {shown}); give the "
