@@ -17,14 +17,29 @@ rule inverted: a Flax ``kernel`` is torch's ``weight`` with the feature axes swa
 and ``embedding`` are ``weight``, every other name is kept. Everything is stored float32.
 
 Neither direction needs PyTorch; files in any float dtype (bf16 from a bf16 model) are read as float32.
+
+Crash safety. PEFT reads two files under fixed names, which no single rename can replace together.
+`save_peft` therefore writes both into a private staging folder inside the directory
+(``.ia3-peft-partial-<host>-<pid>-<random>``), renames it to ``.ia3-peft-pending`` (the commit
+point: from then on the new pair is complete on disk), moves the two files into place and removes
+the empty folder. Killed before the commit, the directory still holds the old pair (the staging
+folder is ignored, and swept by the next save); killed after it, `load_peft` reads the new pair
+from ``.ia3-peft-pending`` and the directory, and the next `save_peft` finishes the move. The
+weights file's safetensors metadata also carries a stamp of the config it was written with
+(``ia3_jax.config_sha256``; PEFT and transformers ignore metadata keys they do not know), so that a
+pair mixed by any other means is reported as such rather than as "another model".
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import hashlib
 import json
 import os
-import tempfile
+import secrets
+import shutil
+import socket
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,7 +54,14 @@ import safetensors.numpy
 
 from ia3_jax._src import tree as _tree
 from ia3_jax._src.config import IA3Config, suffix_regex
-from ia3_jax._src.errors import AdapterMismatchError, IA3ConfigError, LayoutError, PeftFormatError, TargetError
+from ia3_jax._src.errors import (
+    AdapterMismatchError,
+    CheckpointError,
+    IA3ConfigError,
+    LayoutError,
+    PeftFormatError,
+    TargetError,
+)
 from ia3_jax._src.layout import KernelLayout
 from ia3_jax._src.partition import without_vectors
 from ia3_jax._src.targets import modules_to_save_roots, targets
@@ -56,6 +78,17 @@ _AUTO_MODULES_TO_SAVE = {
     "QUESTION_ANS": ("qa_outputs",),
 }
 _SHOWN = 8  # keys listed in an error message
+# The write protocol (module docstring): a committed new pair waiting to be moved into place, and
+# the staging folders of saves in progress (or killed before their commit).
+PENDING_NAME = ".ia3-peft-pending"
+_PARTIAL_PREFIX = ".ia3-peft-partial-"
+_COMMIT_TRIES = 8  # a concurrent save may commit between our finishing its pair and committing ours
+# Safetensors metadata key of the config stamp: sha256 of the config fields that decide the tensors.
+STAMP_KEY = "ia3_jax.config_sha256"
+_STAMPED_KEYS = ("peft_type", "target_modules", "exclude_modules", "feedforward_modules", "fan_in_fan_out",
+                 "modules_to_save", "task_type")
+# Keys adapter_config.json may hold that IA3Config does not model (PEFT fills them in itself).
+_PEFT_BOOKKEEPING_KEYS = ("peft_type", "peft_version", "auto_mapping")
 
 
 # --- torch names and layouts ------------------------------------------------------------------
@@ -209,15 +242,151 @@ def _adapter_leaves(adapter: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
+def config_stamp(data: Mapping[str, Any]) -> str:
+    """sha256 of the fields of an ``adapter_config.json`` object that decide which tensors the file holds.
+
+    Informational fields (``base_model_name_or_path``, ``revision``, ``inference_mode``, versions)
+    are left out, and lists are sorted, so that editing them by hand keeps the pair consistent.
+    """
+    kept = {}
+    for key in _STAMPED_KEYS:
+        value = data.get(key)
+        kept[key] = sorted(value) if isinstance(value, list) else value
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+
+def _check_saved_copies(
+    adapter: Mapping[str, Any], config: IA3Config, params: Mapping[str, Any] | None
+) -> None:
+    """Raises `AdapterMismatchError` naming a ``modules_to_save`` module that has no copy in `adapter`.
+
+    Without the copy PEFT would keep the base model's untrained module: the usual cause is
+    ``split(params)`` without the config, which returns the vectors only.
+    """
+    if not config.modules_to_save:
+        return
+    fix = (
+        f"modules_to_save={list(config.modules_to_save)} lists it, so the trained copy must be in the adapter "
+        "(split(params) without the config leaves it out: use ia3_jax.split(params, config))."
+    )
+    if params is not None:
+        for root in modules_to_save_roots(params, config):
+            try:
+                _tree.get(adapter, root)
+            except (KeyError, TypeError):
+                raise AdapterMismatchError(f"the adapter has no copy of module {_tree.dotted(root)!r}: {fix}") from None
+        return
+    # Without params only the adapter tells which modules exist: PEFT's task defaults (e.g. "classifier"
+    # and "score" for SEQ_CLS) are alternatives, of which the model has one.
+    auto = set(_AUTO_MODULES_TO_SAVE.get(config.task_type or "", ())) & set(config.modules_to_save)
+    present = {m for m in config.modules_to_save if modules_to_save_roots(adapter, config.replace(modules_to_save=[m]))}
+    absent = [m for m in config.modules_to_save if m not in present and not (m in auto and present & auto)]
+    if absent:
+        raise AdapterMismatchError(f"the adapter has no copy of module {absent[0]!r}: {fix}")
+
+
+# --- the crash-safe write (module docstring) ---------------------------------------------------
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Writes a new file and flushes it to disk (`open` with ``"xb"``: never over another file)."""
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flushes a directory's entries (renames, new files) to disk, where the OS allows it."""
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened; renames there are durable on return
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _host() -> str:
+    return "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
+
+
+def _is_dead_partial(name: str) -> bool:
+    """A staging folder of a process of this host that no longer runs (killed before its commit)."""
+    parts = name.removeprefix(_PARTIAL_PREFIX).split("-")  # host, pid, random
+    if len(parts) != 3 or parts[0] != _host() or not parts[1].isdigit():
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, under another user
+        return False
+    return False
+
+
+def _sweep_dead_partials(directory: Path) -> None:
+    """Removes the staging folders that killed saves left here (never a live process's)."""
+    for entry in directory.iterdir():
+        if entry.name.startswith(_PARTIAL_PREFIX) and entry.is_dir() and _is_dead_partial(entry.name):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _finish_pending(directory: Path) -> None:
+    """Moves a committed pair (``.ia3-peft-pending``) into place: completes a save that was interrupted.
+
+    Idempotent and safe alongside another process doing the same: a file already moved is skipped.
+    """
+    pending = directory / PENDING_NAME
+    if not pending.is_dir():
+        return
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        try:
+            os.replace(pending / name, directory / name)
+        except FileNotFoundError:
+            pass  # moved already (before a kill, or by a concurrent save)
+    try:
+        os.rmdir(pending)
+    except FileNotFoundError:
+        pass
+    except OSError as err:  # another save committed its pair here meanwhile: it moves it itself
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+    _fsync_dir(directory)
+
+
+def _write_pair(directory: Path, files: Mapping[str, bytes]) -> None:
+    """Replaces `files` in `directory` so that a kill at any point leaves the old or the new set loadable."""
+    if not directory.is_dir():
+        directory.mkdir(parents=True)
+    _finish_pending(directory)
+    _sweep_dead_partials(directory)
+    staging = directory / f"{_PARTIAL_PREFIX}{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
+    os.mkdir(staging)
+    try:
+        for name, data in files.items():
+            _write_file(staging / name, data)
+        _fsync_dir(staging)
+        for _ in range(_COMMIT_TRIES):
+            try:
+                os.rename(staging, directory / PENDING_NAME)  # the commit point
+                break
+            except OSError as err:
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                _finish_pending(directory)  # another save's committed pair: put it in place, then ours over it
+        else:
+            raise CheckpointError(
+                f"{str(directory)!r}: other processes keep saving PEFT adapters here at the same time; this save "
+                "changed nothing. Save to separate directories, or one at a time."
+            )
     except BaseException:
-        os.unlink(tmp)
+        shutil.rmtree(staging, ignore_errors=True)  # our own staging folder only
         raise
+    _finish_pending(directory)
 
 
 def save_peft(
@@ -247,9 +416,14 @@ def save_peft(
     Returns:
       The directory.
 
+    A kill at any point leaves the directory's previous adapter or the new one loadable by
+    `load_peft` (module docstring); other files in the directory are never touched.
+
     Raises:
-      AdapterMismatchError: a vector on a module the config does not target, a missing vector or copy,
-        a shape that does not fit the params, a leaf that is neither a vector nor a ``modules_to_save`` param.
+      AdapterMismatchError: a vector on a module the config does not target, a missing vector, a
+        ``modules_to_save`` module without its copy (named), a shape that does not fit the params, a
+        leaf that is neither a vector nor a ``modules_to_save`` param.
+      CheckpointError: `path` is an existing file, not a directory.
 
     Example:
       >>> adapter, base = ia3_jax.split(trained_params, config)
@@ -259,32 +433,78 @@ def save_peft(
     adapter = _tree.to_dict(adapter)
     if not _tree.vector_modules(adapter):
         raise AdapterMismatchError("the adapter holds no IA3 vector (`ia3_l` leaf): nothing to save.")
-    want = _entries(without_vectors(params), config, layouts) if params is not None else _free_entries(adapter, config)
+    base = without_vectors(params) if params is not None else None
+    _check_saved_copies(adapter, config, base)
+    want = _entries(base, config, layouts) if base is not None else _free_entries(adapter, config)
     have = _adapter_leaves(adapter)
     _check_fits({k: np.shape(leaf) for k, leaf in have.items()}, {k: e.shape for k, e in want.items()}, "the adapter")
     tensors = {PEFT_KEY_PREFIX + key: entry.to_peft(have[key]) for key, entry in want.items()}
     vector_keys = [k for k in want if k.endswith("." + _tree.VECTOR)]
-    text = json.dumps(_adapter_config(config, vector_keys), indent=2, sort_keys=True)
+    config_data = _adapter_config(config, vector_keys)
+    text = json.dumps(config_data, indent=2, sort_keys=True)
+    # "format": "pt" is what PEFT writes (transformers' loaders check it); the stamp ties the pair.
+    metadata = {"format": "pt", STAMP_KEY: config_stamp(config_data)}
+    weights = safetensors.numpy.save(tensors, metadata=metadata)
 
-    directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": "pt"}  # what PEFT writes; transformers' loaders check it
-    _atomic_write(directory / WEIGHTS_NAME, lambda f: safetensors.numpy.save_file(tensors, f, metadata=metadata))
-    _atomic_write(directory / CONFIG_NAME, lambda f: Path(f).write_text(text))
+    directory = Path(path).expanduser()
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{str(directory)!r} is a file: save_peft writes a directory. Choose another path.")
+    _write_pair(directory, {WEIGHTS_NAME: weights, CONFIG_NAME: text.encode()})
     return directory
 
 
 # --- reading ----------------------------------------------------------------------------------
 
 
-def read_peft_config(path: str | os.PathLike) -> IA3Config:
-    """The `IA3Config` in ``path/adapter_config.json`` (PEFT's or ours).
+def _pair_file(directory: Path, name: str) -> Path:
+    """Where the current `name` is: in ``.ia3-peft-pending`` while an interrupted save's pair waits there."""
+    pending = directory / PENDING_NAME / name
+    return pending if pending.is_file() else directory / name
 
-    Raises `PeftFormatError` for a missing directory or file, invalid JSON, a ``peft_type`` other
-    than ``"IA3"``, or fields IA3 does not have.
-    """
-    directory = Path(path)
-    file = directory / CONFIG_NAME
+
+def _warn_if_pending(directory: Path) -> None:
+    if (directory / PENDING_NAME).is_dir():
+        warnings.warn(
+            f"{str(directory)!r} holds a save_peft that was interrupted after it had written the new adapter "
+            f"completely ({PENDING_NAME}/): ia3_jax loads the new adapter, but PEFT reads the two files in the "
+            "directory alone, which may still be mixed. Run save_peft to this directory again (or load it with "
+            "ia3_jax and save it) to finish the move.",
+            stacklevel=3,
+        )
+
+
+def _is_neutral(value: Any) -> bool:
+    """None, False or empty: the value by which PEFT's newer optional fields mean "not used"."""
+    return value is None or value is False or (isinstance(value, (str, list, dict)) and not value)
+
+
+def _known_fields(file: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """`data` without keys that IA3Config does not know and that are neutral (warned); others refused."""
+    known = {f.name for f in dataclasses.fields(IA3Config)} | set(_PEFT_BOOKKEEPING_KEYS)
+    unknown = sorted(set(data) - known)
+    refused = {k: data[k] for k in unknown if not _is_neutral(data[k])}
+    if refused:
+        values = ", ".join(f"{k}={v!r}" for k, v in sorted(refused.items()))
+        raise PeftFormatError(
+            f"{str(file)!r} is not a valid IA3 config: it sets {sorted(refused)} ({values}), "
+            f"which IA3 does not have. IA3 knows {sorted(known)}. A newer PEFT may write such keys; ia3_jax accepts "
+            "them only at a neutral value (None, false, empty), where they cannot change the adapter's meaning. "
+            "(LoRA-only fields such as `r` or `layers_to_transform` do not exist for IA3.)"
+        )
+    if unknown:
+        warnings.warn(
+            f"{str(file)!r}: ignoring keys {unknown} that IA3Config does not have (written by a newer PEFT?); "
+            "each holds a neutral value (None, false or empty), so the adapter means the same without them.",
+            stacklevel=4,
+        )
+    return {k: v for k, v in data.items() if k not in unknown}
+
+
+def _read_config_data(directory: Path) -> tuple[Path, dict[str, Any]]:
+    """``(file, JSON object)`` of the directory's current ``adapter_config.json``; `PeftFormatError` if unusable."""
+    if directory.exists() and not directory.is_dir():
+        raise PeftFormatError(f"{str(directory)!r} is a file: a PEFT adapter is a directory holding {CONFIG_NAME}.")
+    file = _pair_file(directory, CONFIG_NAME)
     if not file.is_file():
         nested = sorted(p.parent.name for p in directory.glob(f"*/{CONFIG_NAME}")) if directory.is_dir() else []
         hint = (
@@ -293,16 +513,22 @@ def read_peft_config(path: str | os.PathLike) -> IA3Config:
         )
         raise PeftFormatError(f"no {CONFIG_NAME} in {str(directory)!r}: not a PEFT adapter directory.{hint}")
     try:
-        data = json.loads(file.read_text())
+        data = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise PeftFormatError(f"{str(file)!r} is not valid JSON: {err}.") from None
     if not isinstance(data, dict):
         raise PeftFormatError(f"{str(file)!r} holds a JSON {type(data).__name__}, not PEFT's config object.")
+    return file, data
+
+
+def _parse_config(file: Path, data: dict[str, Any]) -> IA3Config:
+    """The `IA3Config` of a config object read from `file`."""
     peft_type = data.get("peft_type")
     if peft_type != "IA3":
         raise PeftFormatError(
             f"{str(file)!r} has peft_type={peft_type!r}: ia3_jax reads IA3 adapters only (peft_type 'IA3')."
         )
+    data = _known_fields(file, data)
     targets, feedforward = data.get("target_modules"), data.get("feedforward_modules")
     if isinstance(targets, list) and isinstance(feedforward, list) and not set(feedforward) <= set(targets):
         # PEFT writes this itself ("all-linear" materialised next to the default feedforward suffixes)
@@ -314,8 +540,53 @@ def read_peft_config(path: str | os.PathLike) -> IA3Config:
         raise PeftFormatError(f"{str(file)!r} is not a valid IA3 config: {err}") from None
 
 
-def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
-    file = directory / WEIGHTS_NAME
+def read_peft_config(path: str | os.PathLike) -> IA3Config:
+    """The `IA3Config` in ``path/adapter_config.json`` (PEFT's or ours).
+
+    Keys that IA3Config does not have (a newer PEFT may write some) are ignored with a warning when
+    their value is neutral (None, false, empty) and refused otherwise.
+
+    Raises `PeftFormatError` for a missing directory or file, invalid JSON, a ``peft_type`` other
+    than ``"IA3"``, or fields IA3 does not have set to a value that matters.
+    """
+    directory = Path(path).expanduser()
+    _warn_if_pending(directory)
+    return _parse_config(*_read_config_data(directory))
+
+
+def _read_float_tensors(file: Path) -> dict[str, Any]:
+    """The file's tensors in their stored dtype; `PeftFormatError` for one that is not floating point.
+
+    The dtype is read from the header, before any conversion (JAX would turn int64 into int32 and
+    float64 into float32). numpy reads F16/F32/F64; JAX reads the floats numpy lacks (BF16: PEFT
+    saves a bf16 model's adapter in bf16; F8).
+    """
+    tensors: dict[str, Any] = {}
+    with safetensors.safe_open(file, framework="np") as f:
+        stored = {key: f.get_slice(key).get_dtype() for key in f.keys()}
+        for key, dtype in stored.items():
+            if not (dtype.startswith("F") or dtype == "BF16"):
+                raise PeftFormatError(
+                    f"{str(file)!r}: tensor {key!r} has dtype {dtype}, not floating point. IA3 vectors and "
+                    "modules_to_save params are floats; ia3_jax does not cast other dtypes (the values would "
+                    "change). Re-save the adapter from a float model."
+                )
+            if dtype in ("F16", "F32", "F64"):
+                tensors[key] = f.get_tensor(key)
+    rest = [key for key in stored if key not in tensors]
+    if rest:
+        with safetensors.safe_open(file, framework="flax") as f:
+            tensors.update({key: f.get_tensor(key) for key in rest})
+    return {key: tensors[key] for key in stored}
+
+
+def _read_tensors(directory: Path) -> tuple[Path, dict[str, str], dict[str, np.ndarray]]:
+    """``(file, metadata, tensors)`` of the current weights file, every tensor float32 and finite.
+
+    Raises `PeftFormatError` for a missing or unreadable file, no tensors, a tensor that is not
+    floating point (it is never cast silently), or one that holds NaN or inf.
+    """
+    file = _pair_file(directory, WEIGHTS_NAME)
     if not file.is_file():
         legacy = (directory / "adapter_model.bin").is_file()
         raise PeftFormatError(
@@ -327,14 +598,50 @@ def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
             )
         )
     try:
-        # The flax reader, as numpy's has no bfloat16: PEFT saves a bf16 model's adapter in bf16.
-        tensors = safetensors.flax.load_file(file)
+        raw = _read_float_tensors(file)
+        with safetensors.safe_open(file, framework="np") as f:
+            metadata = dict(f.metadata() or {})
     except safetensors.SafetensorError as err:
         raise PeftFormatError(f"{str(file)!r} is not a readable safetensors file: {err}") from None
-    if not tensors:
+    if not raw:
         raise PeftFormatError(f"{str(file)!r} holds no tensors.")
-    # PeftModel writes the `base_model.model.` prefix; `inject_adapter_in_model` + state dict does not.
-    return {k.removeprefix(PEFT_KEY_PREFIX): np.asarray(v, np.float32) for k, v in tensors.items()}
+    tensors = {}
+    for key, tensor in raw.items():
+        with np.errstate(over="ignore"):  # an overflow is reported below, naming the tensor
+            value = np.asarray(tensor, np.float32)
+        if not np.isfinite(value).all():
+            bad = int(value.size - np.isfinite(value).sum())
+            cause = (
+                "the adapter diverged in training or the file is damaged"
+                if not np.isfinite(np.asarray(tensor)).all() else f"its {tensor.dtype} values overflow float32"
+            )
+            raise PeftFormatError(
+                f"{str(file)!r}: tensor {key!r} holds {bad} NaN or inf values of {value.size} ({cause}). "
+                "Load an earlier checkpoint, or train again with a lower learning rate."
+            )
+        # PeftModel writes the `base_model.model.` prefix; `inject_adapter_in_model` + state dict does not.
+        tensors[key.removeprefix(PEFT_KEY_PREFIX)] = value
+    return file, metadata, tensors
+
+
+def _check_stamp(config_file: Path, data: Mapping[str, Any], weights_file: Path, metadata: Mapping[str, str]) -> None:
+    """Raises `PeftFormatError` when the weights were written with another config (a mixed pair)."""
+    stamp = metadata.get(STAMP_KEY)
+    if stamp is not None and stamp != config_stamp(data):
+        raise PeftFormatError(
+            f"{str(config_file)!r} and {str(weights_file)!r} come from different saves: the weights were written "
+            f"for another adapter config (their {STAMP_KEY} stamp does not match this config's). A save was "
+            "interrupted by an earlier ia3_jax or the files were copied separately. Save the adapter again, or "
+            "put back the two files of one save."
+        )
+
+
+def _legacy_leftovers(directory: Path) -> list[str]:
+    """Temporary files of an earlier ia3_jax's file-by-file replace, left by a kill (a sign of a mixed pair)."""
+    if not directory.is_dir():
+        return []
+    prefixes = (f".{WEIGHTS_NAME}.", f".{CONFIG_NAME}.")
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith(prefixes))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -430,7 +737,9 @@ def load_peft(
       e.g. ``"score"`` for ``SEQ_CLS``, where the model has no such module).
 
     Raises:
-      PeftFormatError: missing or malformed files, a ``peft_type`` other than IA3.
+      PeftFormatError: missing or malformed files, a ``peft_type`` other than IA3, config keys IA3
+        does not have at a non-neutral value, a tensor that is not floating point or holds NaN/inf,
+        a config and weights from different saves.
       AdapterMismatchError: a key that matches no module (another architecture), a shape that does not
         fit (another size), or tensors missing for modules the config targets.
 
@@ -438,11 +747,23 @@ def load_peft(
       >>> adapter, config = ia3_jax.load_peft("peft_dir", model.params)
       >>> logits = ia3_jax.apply_fn(model.__call__, config)(ids, params=ia3_jax.join(model.params, adapter))
     """
-    directory = Path(path)
-    config = read_peft_config(directory)
-    tensors = _read_tensors(directory)
-    prefix, entries, config = _choose_prefix(without_vectors(params), config, sorted(tensors), layouts)
-    _check_fits({k: t.shape for k, t in tensors.items()}, {k: e.peft_shape for k, e in entries.items()},
-                repr(str(directory / WEIGHTS_NAME)))
+    directory = Path(path).expanduser()
+    _warn_if_pending(directory)
+    config_file, data = _read_config_data(directory)
+    config = _parse_config(config_file, data)
+    weights_file, metadata, tensors = _read_tensors(directory)
+    _check_stamp(config_file, data, weights_file, metadata)
+    try:
+        prefix, entries, config = _choose_prefix(without_vectors(params), config, sorted(tensors), layouts)
+        _check_fits({k: t.shape for k, t in tensors.items()}, {k: e.peft_shape for k, e in entries.items()},
+                    repr(str(weights_file)))
+    except AdapterMismatchError as err:
+        leftovers = _legacy_leftovers(directory)
+        if not leftovers:
+            raise
+        raise AdapterMismatchError(
+            f"{err} Note: {str(directory)!r} also holds {leftovers}, temporary files of a save that was killed "
+            f"halfway: {CONFIG_NAME} and {WEIGHTS_NAME} may come from two different saves. Save the adapter again."
+        ) from None
     changes = {prefix.to_flax(e.path): e.to_flax(tensors[key]) for key, e in entries.items()}
     return _tree.updated({}, changes), config

@@ -1,0 +1,350 @@
+"""PEFT I/O without PyTorch: the save's checks, the reader's refusals, and crash safety under SIGKILL.
+
+The model is a tiny param tree of numpy arrays (no transformers, no torch), so these tests are fast;
+PEFT's own reading of our files is covered in test_peft_parity.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import safetensors.numpy
+
+import ia3_jax
+from ia3_jax import AdapterMismatchError, CheckpointError, PeftFormatError, load_peft, save_peft
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PENDING = ".ia3-peft-pending"
+REPO = Path(__file__).resolve().parents[1]
+
+# Shared with the child process of the kill test, which imports nothing but ia3_jax and numpy.
+BUILD = textwrap.dedent(
+    """
+    import numpy as np
+    import ia3_jax
+
+    def build(seed):
+        rng = np.random.default_rng(seed)
+        normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+        base = {
+            "enc": {"q": {"kernel": normal(4, 6), "bias": normal(6)}, "ff": {"kernel": normal(6, 4)}},
+            "classifier": {"kernel": normal(4, 2), "bias": normal(2)},
+        }
+        config = ia3_jax.IA3Config(target_modules=["q", "ff"], feedforward_modules=["ff"],
+                                   modules_to_save=["classifier"])
+        vectors = {"enc": {"q": {"ia3_l": 1 + normal(6)}, "ff": {"ia3_l": 1 + normal(6)}}}
+        head = {"classifier": {"kernel": normal(4, 2), "bias": normal(2)}}
+        return {**vectors, **head}, config, base
+    """
+)
+_namespace: dict = {}
+exec(BUILD, _namespace)
+build = _namespace["build"]
+
+
+def assert_identical(got, want):
+    """Same tree, same dtypes, same bits."""
+    got_leaves, want_leaves = jax.tree.leaves_with_path(got), jax.tree.leaves_with_path(want)
+    assert [p for p, _ in got_leaves] == [p for p, _ in want_leaves]
+    for (path, a), (_, b) in zip(got_leaves, want_leaves):
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.dtype == b.dtype == np.float32 and a.shape == b.shape, jax.tree_util.keystr(path)
+        assert a.tobytes() == b.tobytes(), jax.tree_util.keystr(path)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    adapter, config, base = build(0)
+    directory = save_peft(tmp_path / "adapter", adapter, config, params=base)
+    return directory, adapter, config, base
+
+
+def test_round_trip_is_bit_identical_and_leaves_only_the_two_files(saved):
+    directory, adapter, config, base = saved
+    assert sorted(p.name for p in directory.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    loaded, loaded_config = load_peft(directory, base)
+    assert_identical(loaded, adapter)
+    assert loaded_config == config.replace(inference_mode=True)
+
+
+# --- item 8: a listed modules_to_save module must have its copy -------------------------------
+
+
+def test_save_refuses_adapter_without_its_modules_to_save_copy(tmp_path):
+    adapter, config, base = build(0)
+    vectors_only = {"enc": adapter["enc"]}  # what split(params) without the config returns
+    with pytest.raises(AdapterMismatchError, match=r"no copy of module 'classifier'.*split\(params, config\)"):
+        save_peft(tmp_path / "with_params", vectors_only, config, params=base)
+    with pytest.raises(AdapterMismatchError, match=r"no copy of module 'classifier'.*split\(params, config\)"):
+        save_peft(tmp_path / "without_params", vectors_only, config)
+    assert not any(tmp_path.iterdir())
+
+
+def test_save_without_params_accepts_one_of_peft_task_defaults(tmp_path):
+    """For SEQ_CLS, PEFT lists both "classifier" and "score": the model has one of them."""
+    adapter, config, base = build(0)
+    config = config.replace(modules_to_save=["classifier", "score"], task_type="SEQ_CLS")
+    save_peft(tmp_path / "a", adapter, config)
+    with pytest.raises(AdapterMismatchError, match=r"no copy of module 'classifier'"):
+        save_peft(tmp_path / "b", {"enc": adapter["enc"]}, config)
+
+
+def test_save_onto_a_file_is_refused(tmp_path):
+    adapter, config, base = build(0)
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(CheckpointError, match="is a file"):
+        save_peft(tmp_path / "file", adapter, config, params=base)
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_save_replaces_the_pair_and_keeps_other_files(saved):
+    directory, _, config, base = saved
+    (directory / "README.md").write_text("notes")
+    new, _, _ = build(1)
+    save_peft(directory, new, config, params=base)
+    assert sorted(p.name for p in directory.iterdir()) == ["README.md", CONFIG_NAME, WEIGHTS_NAME]
+    assert_identical(load_peft(directory, base)[0], new)
+
+
+# --- item 13: the reader refuses what it would otherwise cast or accept silently --------------
+
+
+def _rewrite_tensors(directory: Path, change) -> None:
+    tensors = safetensors.numpy.load_file(directory / WEIGHTS_NAME)
+    with open(directory / WEIGHTS_NAME, "rb") as f:
+        metadata = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
+    change(tensors)
+    safetensors.numpy.save_file(tensors, directory / WEIGHTS_NAME, metadata=metadata)
+
+
+KEY = "base_model.model.enc.q.ia3_l"
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.bool_, np.uint8])
+def test_load_refuses_integer_and_bool_tensors(saved, dtype):
+    directory, _, _, base = saved
+    _rewrite_tensors(directory, lambda t: t.__setitem__(KEY, np.ones(t[KEY].shape, dtype)))
+    stored = {np.int32: "I32", np.int64: "I64", np.bool_: "BOOL", np.uint8: "U8"}[dtype]
+    with pytest.raises(PeftFormatError, match=rf"tensor {KEY!r} has dtype {stored}, not floating point"):
+        load_peft(directory, base)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_load_refuses_nan_and_inf(saved, bad):
+    directory, _, _, base = saved
+
+    def poison(tensors):
+        tensors[KEY] = tensors[KEY].copy()
+        tensors[KEY][2, 0] = bad
+
+    _rewrite_tensors(directory, poison)
+    with pytest.raises(PeftFormatError, match=rf"tensor {KEY!r} holds 1 NaN or inf values of 6"):
+        load_peft(directory, base)
+
+
+def test_load_refuses_float64_that_overflows_float32(saved):
+    directory, _, _, base = saved
+    _rewrite_tensors(directory, lambda t: t.__setitem__(KEY, np.full(t[KEY].shape, 1e300)))
+    with pytest.raises(PeftFormatError, match=rf"{KEY!r}.*float64 values overflow float32"):
+        load_peft(directory, base)
+
+
+def test_unknown_config_keys_at_neutral_values_are_ignored_with_a_warning(saved):
+    directory, adapter, config, base = saved
+    data = json.loads((directory / CONFIG_NAME).read_text())
+    newer = {"target_parameters": None, "use_new_thing": False, "layer_replication": [], "extra_map": {}}
+    (directory / CONFIG_NAME).write_text(json.dumps({**data, **newer}))
+    with pytest.warns(UserWarning, match=r"ignoring keys \['extra_map', 'layer_replication', 'target_parameters', "
+                                         r"'use_new_thing'\]"):
+        loaded, loaded_config = load_peft(directory, base)
+    assert_identical(loaded, adapter)
+    assert loaded_config == config.replace(inference_mode=True)
+
+
+@pytest.mark.parametrize(("key", "value"), [("target_parameters", ["enc.q.kernel"]), ("use_new_thing", True),
+                                            ("r", 8)])
+def test_unknown_config_keys_that_matter_are_refused(saved, key, value):
+    directory, _, _, base = saved
+    data = json.loads((directory / CONFIG_NAME).read_text())
+    (directory / CONFIG_NAME).write_text(json.dumps({**data, key: value, "harmless": None}))
+    with pytest.raises(PeftFormatError, match=rf"not a valid IA3 config: it sets \['{key}'\] \({key}="):
+        load_peft(directory, base)
+    with pytest.raises(PeftFormatError, match=rf"\['{key}'\]"):
+        ia3_jax.read_peft_config(directory)
+
+
+# --- item 13: a mixed pair is named as such ---------------------------------------------------
+
+
+def test_config_and_weights_of_different_saves_are_named(saved, tmp_path):
+    directory, _, config, base = saved
+    other = save_peft(tmp_path / "other", build(1)[0], config.replace(task_type="SEQ_CLS"),
+                      params=base)
+    shutil.copy(other / WEIGHTS_NAME, directory / WEIGHTS_NAME)
+    with pytest.raises(PeftFormatError, match="come from different saves"):
+        load_peft(directory, base)
+
+
+def test_hand_edited_informational_fields_keep_the_pair(saved):
+    directory, adapter, _, base = saved
+    data = json.loads((directory / CONFIG_NAME).read_text())
+    data.update(base_model_name_or_path="me/my-model", revision="v2", inference_mode=False)
+    data["target_modules"] = list(reversed(data["target_modules"]))
+    (directory / CONFIG_NAME).write_text(json.dumps(data, indent=4))
+    assert_identical(load_peft(directory, base)[0], adapter)
+
+
+def test_leftover_temp_files_of_an_earlier_version_are_pointed_out(saved, tmp_path):
+    """An earlier ia3_jax replaced the files one by one; a kill left a temp file and a mixed pair."""
+    directory, _, config, base = saved
+    wider = {**base, "enc": {**base["enc"], "q": {"kernel": np.zeros((4, 8), np.float32)}}}
+    other_adapter = {**build(1)[0], "enc": {"q": {"ia3_l": np.ones(8, np.float32)}, "ff": build(1)[0]["enc"]["ff"]}}
+    other = save_peft(tmp_path / "other", other_adapter, config, params=wider)
+    tensors = safetensors.numpy.load_file(other / WEIGHTS_NAME)  # written back as an earlier version did: no stamp
+    safetensors.numpy.save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    (directory / ".adapter_config.json.k3j_x9").write_text("{")
+    with pytest.raises(AdapterMismatchError, match=r"another size.*\.adapter_config\.json\.k3j_x9.*different saves"):
+        load_peft(directory, base)
+
+
+# --- crash safety -----------------------------------------------------------------------------
+
+
+def test_interrupted_after_commit_loads_the_new_pair_and_the_next_save_finishes(saved):
+    """The state a kill between the two moves leaves: new weights in place, new config still pending."""
+    directory, _, config, base = saved
+    new = build(1)[0]
+    staging = save_peft(directory.parent / "new", new, config, params=base)
+    (directory / PENDING).mkdir()
+    shutil.copy(staging / CONFIG_NAME, directory / PENDING / CONFIG_NAME)
+    shutil.copy(staging / WEIGHTS_NAME, directory / WEIGHTS_NAME)
+    with pytest.warns(UserWarning, match="interrupted after it had written the new adapter completely"):
+        assert_identical(load_peft(directory, base)[0], new)
+    newer = build(2)[0]
+    save_peft(directory, newer, config, params=base)
+    assert sorted(p.name for p in directory.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert_identical(load_peft(directory, base)[0], newer)
+
+
+def test_a_failing_save_leaves_the_old_pair_and_no_leftovers(saved, monkeypatch):
+    directory, adapter, config, base = saved
+    real_rename = os.rename
+
+    def failing_rename(src, dst):
+        if str(dst).endswith(PENDING):
+            raise OSError(28, "No space left on device")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing_rename)
+    with pytest.raises(OSError, match="No space left"):
+        save_peft(directory, build(1)[0], config, params=base)
+    monkeypatch.undo()
+    assert sorted(p.name for p in directory.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert_identical(load_peft(directory, base)[0], adapter)
+
+
+def test_only_dead_processes_staging_folders_are_swept(saved):
+    directory, _, config, base = saved
+    host = "".join(c if c.isalnum() else "_" for c in __import__("socket").gethostname())
+    live = directory / f".ia3-peft-partial-{host}-{os.getpid()}-00000000"
+    other_host = directory / ".ia3-peft-partial-elsewhere-1-00000000"
+    dead = directory / f".ia3-peft-partial-{host}-{_dead_pid()}-00000000"
+    for folder in (live, other_host, dead):
+        folder.mkdir()
+        (folder / WEIGHTS_NAME).write_bytes(b"partial")
+    save_peft(directory, build(1)[0], config, params=base)
+    assert live.is_dir() and other_host.is_dir() and not dead.exists()
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+# The child imports ia3_jax and numpy only, then forks one grandchild per filesystem step: each
+# patches the filesystem calls with a counter, runs save_peft, and SIGKILLs itself at its step.
+KILL_CHILD = BUILD + textwrap.dedent(
+    """
+    import builtins, json, os, shutil, signal, sys
+
+    root = sys.argv[1]
+    new, config, base = build(1)
+    log = []
+
+    def patch(kill_at):
+        def counted(name, real, is_write=lambda *a, **k: True):
+            def call(*args, **kwargs):
+                if is_write(*args, **kwargs):
+                    log.append(f"{name} {' '.join(os.path.basename(str(a)) for a in args[:2])}")
+                    if len(log) == kill_at:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                return real(*args, **kwargs)
+            return call
+        writes = lambda file, mode="r", *a, **k: any(c in mode for c in "wax+")
+        os_writes = lambda path, flags, *a, **k: bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+        builtins.open = counted("open", builtins.open, writes)
+        os.open = counted("os.open", os.open, os_writes)
+        for name in ("replace", "rename", "mkdir", "makedirs", "unlink", "remove", "rmdir"):
+            setattr(os, name, counted(name, getattr(os, name)))
+
+    def run(kill_at, directory):
+        pid = os.fork()
+        if pid == 0:
+            patch(kill_at)
+            ia3_jax.save_peft(directory, new, config, params=base)
+            with open(os.path.join(root, "steps.json"), "w") as f:  # after the save: counted, harmless
+                json.dump(log, f)
+            os._exit(0)
+        return os.waitpid(pid, 0)[1]
+
+    shutil.copytree(os.path.join(root, "old"), os.path.join(root, "count"))
+    assert run(0, os.path.join(root, "count")) == 0
+    with open(os.path.join(root, "steps.json")) as f:
+        steps = json.load(f)[:-1]
+    for k in range(1, len(steps) + 1):
+        directory = os.path.join(root, str(k))
+        shutil.copytree(os.path.join(root, "old"), directory)
+        status = run(k, directory)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (k, status)
+    print(json.dumps(steps))
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_sigkill_at_every_filesystem_step_leaves_old_or_new_pair(tmp_path):
+    """A save killed before any one of its filesystem steps: the previous adapter loads bit-identical
+    up to the commit (the rename to .ia3-peft-pending), the new one after it; the next save cleans up."""
+    old, config, base = build(0)
+    new = build(1)[0]
+    save_peft(tmp_path / "old", old, config, params=base)
+    result = subprocess.run([sys.executable, "-c", KILL_CHILD, str(tmp_path)], capture_output=True, text=True,
+                            timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = json.loads(result.stdout.strip().splitlines()[-1])
+    ops = [s.split()[0] for s in steps]
+    assert ops == ["mkdir", "open", "open", "rename", "replace", "replace", "rmdir"], steps
+    commit = next(i for i, s in enumerate(steps, start=1) if s.startswith("rename") and s.endswith(PENDING))
+    assert_identical(load_peft(tmp_path / "count", base)[0], new)
+    for k in range(1, len(steps) + 1):
+        directory = tmp_path / str(k)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the pending-save warning, for the kills after the commit
+            loaded, loaded_config = load_peft(directory, base)
+        assert_identical(loaded, old if k <= commit else new)
+        assert loaded_config == config.replace(inference_mode=True)
+        save_peft(directory, new, config, params=base)  # the next save finishes or sweeps what the kill left
+        assert sorted(p.name for p in directory.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME], k
+        assert_identical(load_peft(directory, base)[0], new)
