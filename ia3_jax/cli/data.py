@@ -116,10 +116,16 @@ def read_table(path: str | Path, text_column: str = "text", label_column: str = 
       >>> data = read_table("reviews.csv", text_column="review", label_column="stars")
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"data file {str(path)!r} is a directory: pass one .csv or .jsonl file.")
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist.")
     texts, raw = [], []
-    for number, row in _rows(path):
+    try:
+        rows = list(_rows(path))
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): save it as UTF-8.") from None
+    for number, row in rows:
         where = f"{path}:{number}"
         missing = [c for c in (text_column, label_column) if c not in row]
         if missing:

