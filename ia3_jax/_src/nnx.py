@@ -1,0 +1,637 @@
+"""IA3 on Flax NNX models: vectors as `IA3Vector` variables, applied by the module's own ``__call__``.
+
+NNX has no method interceptors: a module's call is ``type(module).__call__``. So `ia3_init` gives
+each targeted module (on a clone of the model, by default) an ``ia3_l`` attribute holding an
+`IA3Vector` and swaps the instance's class for a subclass of its own class whose ``__call__``
+scales the input (feedforward targets) or the output with the shared `scale` rule, as qwix does
+for quantization. Module paths, weight names and the base checkpoint layout do not change.
+
+Everything a fold needs is recorded once, in the vector's metadata: the `Target` (layout, kernel
+shape, side) and the name of the weight it scales (``kernel``, or e.g. ``w`` for Tunix's
+``Einsum``). So `merge`, `unmerge`, `add_weighted_adapter` and `combine` work on the model or on
+an ``nnx.State`` alone, with the same `Target.kernel_factor` and fold arithmetic as Linen.
+
+`IA3Vector` subclasses ``nnx.LoRAParam``: ``nnx.Optimizer(model, tx, wrt=IA3Vector)``,
+``nnx.DiffState(0, IA3Vector)``, ``nnx.split(model, IA3Vector, ...)`` select the vectors, and
+Tunix's unmodified ``PeftTrainer`` (which trains and checkpoints ``nnx.LoRAParam``) trains them.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from ia3_jax._src import checkpoint as _checkpoint
+from ia3_jax._src import merge as _merge
+from ia3_jax._src import quant
+from ia3_jax._src import tree as _tree
+from ia3_jax._src.config import IA3Config
+from ia3_jax._src.dtypes import check_vector_dtype
+from ia3_jax._src.errors import (
+    AdapterExistsError,
+    IA3ConfigError,
+    LayoutError,
+    NonFiniteMergeError,
+    NotAppliedError,
+    StructureError,
+    VectorShapeError,
+)
+from ia3_jax._src.interceptor import scale
+from ia3_jax._src.layout import KernelLayout
+from ia3_jax._src.sharding import _vector_spec
+from ia3_jax._src.targets import Target, resolve_targets
+
+VECTOR = _tree.VECTOR  # the attribute name of a module's vector, as PEFT's and the Linen tree's leaf name
+TARGET_META = "ia3_target"  # vector metadata: the module's `Target`
+WEIGHT_META = "ia3_weight"  # vector metadata: the name of the weight attribute it scales
+
+M = TypeVar("M", bound=nnx.Module)
+ModelOrState = nnx.Module | nnx.State
+
+
+class IA3Vector(nnx.LoRAParam):
+    """An IA3 scaling vector: trainable, and selected by ``nnx.LoRAParam`` filters too (Tunix).
+
+    Its metadata ``ia3_target`` (a `Target`) and ``ia3_weight`` (the weight's attribute name) tell
+    every operation which kernel axes it scales, also when only an ``nnx.State`` is at hand.
+
+    Example:
+      >>> optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=ia3_jax.IA3Vector)
+      >>> adapter_state = nnx.state(model, ia3_jax.IA3Vector)
+    """
+
+
+def _path(parts: Sequence[Any]) -> _tree.Path:
+    """An NNX path (list indices are ints) as the string path IA3Config matches: ``layers.0.attn``."""
+    return tuple(str(p) for p in parts)
+
+
+def _weight_name(module: nnx.Module) -> str | None:
+    """The attribute holding the module's weight: ``kernel``, else its only parameter of 2+ axes."""
+    names = [
+        name
+        for name, value in vars(module).items()
+        if isinstance(value, nnx.Param)
+        and not isinstance(value, IA3Vector)
+        and len(quant.kernel_shape(value.get_value())) >= 2
+    ]
+    if "kernel" in names:
+        return "kernel"
+    return names[0] if len(names) == 1 else None
+
+
+def _weight(module: nnx.Module) -> nnx.Variable:
+    return getattr(module, getattr(module, VECTOR).get_metadata(WEIGHT_META))
+
+
+def _modules(model: nnx.Module) -> Iterator[tuple[_tree.Path, nnx.Module]]:
+    for parts, module in model.iter_modules():
+        if parts:
+            yield _path(parts), module
+
+
+def _view(model: nnx.Module) -> dict[str, Any]:
+    """The model as the nested module dict `resolve_targets` reads: each weight under ``kernel`` (shape only)."""
+    view: dict[str, Any] = {}
+    for path, module in _modules(model):
+        node = view
+        for name in path:
+            node = node.setdefault(name, {})
+        weight_name = _weight_name(module)
+        if weight_name is not None:
+            weight = getattr(module, weight_name).get_value()
+            node["kernel"] = jax.ShapeDtypeStruct(quant.kernel_shape(weight), jnp.float32)
+    return view
+
+
+# --- the call wrappers: one subclass per module class, cached, so equal models have equal graphdefs ---
+
+
+def _first_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Callable[[Any], tuple]]:
+    """The module's input and a function that rebuilds ``(args, kwargs)`` around a new input."""
+    if args:
+        return args[0], lambda x: ((x, *args[1:]), kwargs)
+    name = next(iter(kwargs))
+    return kwargs[name], lambda x: (args, {**kwargs, name: x})
+
+
+def _ia3_call(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
+    variable = getattr(self, VECTOR)
+    target: Target = variable.get_metadata(TARGET_META)
+    vector = variable.get_value()
+    call = type(self)._ia3_base_type.__call__  # type: ignore[attr-defined]
+    if target.feedforward:
+        x, rebuild = _first_input(args, kwargs)
+        _check_fits(target.key, vector, x, "input")
+        new_args, new_kwargs = rebuild(scale(x, vector))
+        return call(self, *new_args, **new_kwargs)
+    y = call(self, *args, **kwargs)
+    _check_fits(target.key, vector, y, "output")
+    return scale(y, vector)
+
+
+def _record_call(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
+    y = type(self)._ia3_base_type.__call__(self, *args, **kwargs)  # type: ignore[attr-defined]
+    x, _ = _first_input(args, kwargs)
+    _RECORDED.setdefault(self._ia3_record_path, []).append((np.shape(x), np.shape(y)))  # type: ignore[attr-defined]
+    return y
+
+
+_RECORDED: dict[_tree.Path, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
+
+
+def _check_fits(key: str, vector: jax.Array, activation: Any, side: str) -> None:
+    shape = jnp.shape(activation)
+    if vector.ndim > len(shape) or tuple(shape[len(shape) - vector.ndim :]) != vector.shape:
+        raise VectorShapeError(
+            f"IA3 vector at {key!r} has shape {vector.shape} but the {side} it scales has shape {shape}: the module "
+            "was called with activations of another feature shape than at ia3_init."
+        )
+
+
+def base_type(cls: type) -> type:
+    """The class a module had before ia3_jax (or a recording trace) gave it a subclass."""
+    return getattr(cls, "_ia3_base_type", cls)
+
+
+@functools.cache
+def _subclass(base: type, call: Callable[..., Any]) -> type:
+    namespace = {
+        "__call__": call,
+        "_ia3_base_type": base,
+        "__module__": base.__module__,
+        "__qualname__": base.__qualname__,
+    }
+    return type(base.__name__, (base,), namespace)
+
+
+def _ia3_class(cls: type) -> type:
+    return _subclass(base_type(cls), _ia3_call)
+
+
+# --- layouts from a shape-only trace ---
+
+
+def _einsum_layout(spec: str) -> KernelLayout | None:
+    """The layout an ``einsum_str`` ``"x,w->y"`` declares for its weight ``w`` (None if not of that form)."""
+    spec = spec.replace(" ", "")
+    if "->" not in spec or spec.count(",") != 1:
+        return None
+    operands, out = spec.split("->")
+    x, w = (s.replace("...", "") for s in operands.split(","))
+    out = out.replace("...", "")
+    if "." in w or len(set(w)) != len(w):
+        return None
+    in_axes = tuple(w.index(c) for c in x if c in w and c not in out)
+    out_axes = tuple(w.index(c) for c in out if c in w)
+    if sorted(in_axes + out_axes) != list(range(len(w))):
+        return None
+    return KernelLayout(in_axes, out_axes)
+
+
+def _declared_layout(module: nnx.Module, weight_shape: tuple[int, ...]) -> KernelLayout | None:
+    """The layout a known module declares, to decide between layouts that the shapes alone allow."""
+    einsum_str = getattr(module, "einsum_str", None)
+    if isinstance(einsum_str, str):
+        return _einsum_layout(einsum_str)
+    if isinstance(module, nnx.Linear):
+        return KernelLayout((0,), (1,))
+    if isinstance(module, nnx.LinearGeneral) and not module.batch_axis:
+        n_in = len(module.in_features)
+        return KernelLayout(tuple(range(n_in)), tuple(range(n_in, len(weight_shape))))
+    return None
+
+
+def _fitting_layouts(
+    weight: tuple[int, ...], calls: list[tuple[tuple[int, ...], tuple[int, ...]]]
+) -> list[KernelLayout]:
+    """Every split of the weight's axes into input axes (the input's trailing axes, in order) and output
+    axes (the output's trailing axes) that fits all recorded calls."""
+    n = len(weight)
+    fits = []
+    for n_in in range(1, n):
+        for in_axes in itertools.permutations(range(n), n_in):
+            rest = [a for a in range(n) if a not in in_axes]
+            for out_axes in itertools.permutations(rest):
+                layout = KernelLayout(in_axes, out_axes)
+                if all(
+                    layout.feature_shape(weight, True) == tuple(x[len(x) - n_in :])
+                    and layout.feature_shape(weight, False) == tuple(y[len(y) - len(out_axes) :])
+                    for x, y in calls
+                ):
+                    fits.append(layout)
+    return fits
+
+
+def _layout(module: nnx.Module, key: str, weight: tuple[int, ...], calls) -> KernelLayout:
+    """The weight's layout, read off the shapes its module's calls saw; a known module type decides ties."""
+    if isinstance(module, nnx.Conv):
+        groups = module.feature_group_count
+        return KernelLayout((len(weight) - 2,), (len(weight) - 1,), in_features=calls[0][0][-1] if groups > 1 else None)
+    fits = _fitting_layouts(weight, calls)
+    declared = _declared_layout(module, weight)
+    if declared is not None and declared in fits:
+        return declared
+    if len(fits) == 1 and declared is None:
+        return fits[0]
+    raise LayoutError(
+        f"module {key!r} ({type(module).__name__}): its weight {weight} and the input/output shapes of its calls "
+        f"{calls[:2]} "
+        + (
+            "fit no split into input and output feature axes (trailing axes of the input and the output)"
+            if not fits
+            else f"fit several layouts {fits}, and its type declares none of them"
+        )
+        + "; IA3 cannot tell which features to scale there."
+    )
+
+
+def _trace(model: nnx.Module, modules: Mapping[_tree.Path, nnx.Module], args: tuple, kwargs: dict) -> dict:
+    """The (input shape, output shape) of every call of `modules` in ``model(*args, **kwargs)``, shapes only."""
+    if not args and not kwargs:
+        raise IA3ConfigError(
+            "ia3_jax.nnx needs example inputs of the model (as qwix does): ia3_init(model, config, *inputs, "
+            "**input_kwargs). They are traced with shapes only (jax.eval_shape) to read each target's layout and "
+            "to check that its __call__ runs."
+        )
+    classes = {path: type(m) for path, m in modules.items()}
+    try:
+        for path, module in modules.items():
+            module._ia3_record_path = path  # type: ignore[attr-defined]
+            module.__class__ = _subclass(base_type(type(module)), _record_call)
+        graphdef, state = nnx.split(model)
+        _RECORDED.clear()
+        jax.eval_shape(lambda s: nnx.merge(graphdef, s)(*args, **kwargs), state)
+        return dict(_RECORDED)
+    finally:
+        _RECORDED.clear()
+        for path, module in modules.items():
+            module.__class__ = classes[path]
+            del module._ia3_record_path  # type: ignore[attr-defined]
+
+
+# --- insertion ---
+
+
+def _vector_sharding(kernel: nnx.Variable, target: Target) -> tuple[dict[str, Any], Any]:
+    """The vector's ``out_sharding`` metadata and its NamedSharding, read at the kernel axes it follows."""
+    metadata: dict[str, Any] = {}
+    names = kernel.get_metadata("out_sharding", None)
+    if names:
+        metadata["out_sharding"] = tuple(_vector_spec(target, PartitionSpec(*names), None))
+        # The vector is placed below from the kernel's actual sharding; NNX must not place it again
+        # at creation (which needs a mesh in context even for a model built unsharded).
+        metadata["eager_sharding"] = False
+    if kernel.get_metadata("mesh", None) is not None:
+        metadata["mesh"] = kernel.get_metadata("mesh")
+    sharding = getattr(kernel.get_value(), "sharding", None)
+    if isinstance(sharding, NamedSharding):
+        return metadata, NamedSharding(sharding.mesh, _vector_spec(target, sharding.spec, sharding.mesh))
+    return metadata, None
+
+
+def has_vectors(model: nnx.Module) -> bool:
+    return any(isinstance(getattr(m, VECTOR, None), IA3Vector) for _, m in _modules(model))
+
+
+def ia3_init(
+    model: M,
+    config: IA3Config,
+    *inputs: Any,
+    rng: jax.Array | None = None,
+    dtype: Any = jnp.float32,
+    copy: bool = True,
+    **input_kwargs: Any,
+) -> M:
+    """The NNX model with an `IA3Vector` ``ia3_l`` on every module that `config` targets.
+
+    Modules are matched by PEFT's rules on '.'-joined NNX paths (``layers.0.attn.k_proj``). The
+    model is traced once with shapes only on the example inputs, which reads each target's layout
+    (input and output feature axes of its weight, whatever the weight is called) and checks that
+    its ``__call__`` runs. A target's class becomes a subclass whose ``__call__`` scales its input
+    (feedforward) or output; paths and weights stay as they are.
+
+    Args:
+      model: any ``nnx.Module``; supported targets are ``nnx.Linear``, ``nnx.LinearGeneral``,
+        ``nnx.Einsum``, ``nnx.Conv`` and modules holding one weight of 2+ axes used as an
+        einsum/matmul on the input's trailing axes (Tunix's ``Einsum`` with ``w``).
+      config: which modules get vectors, and which of them are feedforward (input-scaled).
+      *inputs, **input_kwargs: example inputs of ``model(...)`` (only their shapes matter).
+      rng: PRNG key for random vectors; required when ``config.init_ia3_weights`` is False.
+      dtype: vector dtype, float32 by default whatever the base dtype (PEFT's autocast).
+      copy: adapt a clone (default) and leave `model` as it was; False adapts `model` in place.
+
+    Returns:
+      The adapted model. A vector's shape is its module's output features, e.g. ``(num_kv_heads,
+      head_dim)`` for a Tunix ``k_proj``, or its input features when feedforward. Its sharding
+      metadata and placement follow the kernel axes it scales.
+
+    Raises:
+      TargetError: the config matches nothing, or a module without a weight.
+      NotAppliedError: a targeted module's ``__call__`` does not run on these inputs (its weight is
+        used some other way, e.g. a tied embedding), so its vector would be a silent no-op.
+      LayoutError: the weight's feature axes cannot be told from the shapes.
+
+    Example:
+      >>> config = ia3_jax.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+      ...                            feedforward_modules=["down_proj"])
+      >>> model = ia3_jax.nnx.ia3_init(llama, config, tokens, positions, None, mask)
+      >>> logits, _ = model(tokens, positions, None, mask)
+    """
+    if not config.init_ia3_weights and rng is None:
+        raise IA3ConfigError("IA3Config(init_ia3_weights=False) draws random vectors: pass rng=jax.random.key(...).")
+    check_vector_dtype(dtype, "ia3_init's dtype argument")
+    if has_vectors(model):
+        raise AdapterExistsError("the model already holds IA3 vectors: merge them (ia3_jax.nnx.merge) first.")
+    chosen = resolve_targets(_view(model), config)
+    by_path = dict(_modules(model))
+    traced = _trace(model, {p: by_path[p] for p in chosen}, inputs, input_kwargs)
+    idle = sorted(_tree.dotted(p) for p in chosen if p not in traced)
+    if idle:
+        raise NotAppliedError(
+            f"targeted modules {idle[:10]} are not called (their __call__) when the model runs on these inputs: an IA3 "
+            "vector there would never be applied. Their weight is used another way (a tied embedding, a method other "
+            "than __call__): exclude them (exclude_modules) or target the modules that are called."
+        )
+    if copy:
+        model = nnx.clone(model)
+        by_path = dict(_modules(model))
+    keys = iter(jax.random.split(rng, len(chosen))) if rng is not None else None
+    for path, feedforward in chosen.items():
+        module = by_path[path]
+        name = _weight_name(module)
+        assert name is not None  # resolve_targets only returns modules whose view has a kernel
+        kernel = getattr(module, name)
+        shape = quant.kernel_shape(kernel.get_value())
+        target = Target(path, _layout(module, _tree.dotted(path), shape, traced[path]), shape, feedforward)
+        metadata, sharding = _vector_sharding(kernel, target)
+        if keys is None:
+            vector = jnp.ones(target.vector_shape, dtype)
+        else:
+            vector = jax.random.normal(next(keys), target.vector_shape, dtype)
+        if sharding is not None:
+            vector = jax.device_put(vector, sharding)
+        metadata.update({TARGET_META: target, WEIGHT_META: name})
+        setattr(module, VECTOR, IA3Vector(vector, **metadata))
+        module.__class__ = _ia3_class(type(module))
+    return model
+
+
+# --- the adapter as a plain nested dict (Linen's adapter form: '.'-joinable string keys) ---
+
+
+def _vector_variables(tree: ModelOrState) -> dict[_tree.Path, nnx.Variable]:
+    """Every `IA3Vector` of a model or a state, by module path."""
+    state = nnx.state(tree, IA3Vector) if isinstance(tree, nnx.Module) else tree
+    return {
+        _path(parts[:-1]): variable
+        for parts, variable in nnx.to_flat_state(state)
+        if isinstance(variable, IA3Vector) and parts[-1] == VECTOR
+    }
+
+
+def adapter(tree: ModelOrState) -> dict[str, Any]:
+    """The vectors of an adapted model (or of its ``nnx.State``) as a plain nested dict.
+
+    Keys are strings (``{"layers": {"0": {"attn": {"k_proj": {"ia3_l": array}}}}}``), the form of
+    Linen's adapter tree: `ia3_jax.save_adapter`, `ia3_jax.save_peft` and optax take it as it is.
+    """
+    vectors = _vector_variables(tree)
+    if not vectors:
+        raise StructureError("no IA3 vectors in this model or state: adapt it with ia3_jax.nnx.ia3_init first.")
+    return _tree.updated({}, {path + (VECTOR,): v.get_value() for path, v in vectors.items()})
+
+
+def set_adapter(model: nnx.Module, adapter_tree: Mapping[str, Any] | nnx.State) -> None:
+    """Writes an adapter's vectors into the adapted `model`, in place, each checked against its target.
+
+    `adapter_tree` is a nested dict (`adapter`, `load_adapter`, PEFT files) or an ``nnx.State`` of
+    vectors. The vectors keep the model's dtype and placement (sharding) of its current vectors.
+    """
+    vectors = _vector_variables(model)
+    new = (
+        _tree.vectors(_tree.to_dict(adapter_tree))
+        if isinstance(adapter_tree, Mapping)
+        else {path: v.get_value() for path, v in _vector_variables(adapter_tree).items()}
+    )
+    if set(new) != set(vectors):
+        missing, extra = sorted(set(vectors) - set(new)), sorted(set(new) - set(vectors))
+        raise StructureError(
+            f"the adapter does not fit the model: {len(missing)} of the model's vectors are missing from it "
+            f"(first: {_tree.dotted(missing[0]) if missing else None!r}) and {len(extra)} of its vectors have no "
+            f"target in the model (first: {_tree.dotted(extra[0]) if extra else None!r})."
+        )
+    for path, variable in vectors.items():
+        value = new[path]
+        variable.get_metadata(TARGET_META).check_vector(np.shape(value))
+        old = variable.get_value()
+        sharding = getattr(old, "sharding", None)
+        value = jnp.asarray(value, old.dtype)
+        variable.set_value(jax.device_put(value, sharding) if sharding is not None else value)
+
+
+# --- folding vectors into weights: the Linen fold arithmetic (`merge._rescale`) on NNX variables ---
+
+
+def _folds(
+    state: nnx.State, vectors: Mapping[_tree.Path, nnx.Variable], divide: bool
+) -> dict[_tree.Path, dict[str, Any]]:
+    """``{weight or bias path: new value}`` per module: each vector folded into (or divided out of) its weight."""
+    flat = dict(nnx.to_flat_state(state))
+    flat = {_path(parts): v for parts, v in flat.items()}
+    written = {}
+    for path, variable in vectors.items():
+        target: Target = variable.get_metadata(TARGET_META)
+        weight = variable.get_metadata(WEIGHT_META)
+        vector = variable.get_value()
+        check_vector_dtype(vector.dtype, f"IA3 vector at {target.key!r}")
+        if path + (weight,) not in flat:
+            raise StructureError(f"IA3 vector at {target.key!r} has no weight {weight!r} in this model or state.")
+        node = {"kernel": flat[path + (weight,)].get_value()}
+        if path + ("bias",) in flat and flat[path + ("bias",)].get_value() is not None:
+            node["bias"] = flat[path + ("bias",)].get_value()
+        target.check_kernel(node["kernel"])
+        arrays = _merge._rescale(node, vector, target, divide)
+        written[path] = {weight if name == "kernel" else name: array for name, array in arrays.items()}
+    return written
+
+
+def _raise_non_finite(written: Mapping[_tree.Path, dict[str, Any]], what: str) -> None:
+    broken = _merge._non_finite(dict(written))
+    if broken:
+        raise NonFiniteMergeError(
+            f"{what}: NaN or inf in the written {_merge._listed(broken)}: the vector there is broken or too large for "
+            "the array's dtype; nothing was changed."
+        )
+
+
+def _apply_folds(tree: M | nnx.State, written: Mapping[_tree.Path, dict[str, Any]], copy: bool) -> M | nnx.State:
+    """`tree` (a clone, with `copy`) with the folded arrays written and the vectors and call wrappers removed."""
+    if isinstance(tree, nnx.State):
+        flat = [
+            (
+                parts,
+                variable.copy(written[_path(parts[:-1])][str(parts[-1])])
+                if _path(parts[:-1]) in written and str(parts[-1]) in written[_path(parts[:-1])]
+                else variable,
+            )
+            for parts, variable in nnx.to_flat_state(tree)
+            if not (isinstance(variable, IA3Vector) and parts[-1] == VECTOR)
+        ]
+        return nnx.from_flat_state(flat)
+    model = nnx.clone(tree) if copy else tree
+    for path, module in _modules(model):
+        if isinstance(getattr(module, VECTOR, None), IA3Vector):
+            for name, array in written.get(path, {}).items():
+                getattr(module, name).set_value(array)
+            delattr(module, VECTOR)
+            module.__class__ = base_type(type(module))
+    return model
+
+
+def merge(tree: M | nnx.State, *, safe_merge: bool = False, copy: bool = True) -> M | nnx.State:
+    """Folds every vector into its weight (and, for output vectors, its bias); removes the vectors.
+
+    On a model: returns the model with plain module classes and no ``ia3_l`` (a clone, unless
+    ``copy=False``). On an ``nnx.State`` (``nnx.split(model)[1]``): returns the state without the
+    vectors, which fits the original, un-adapted model (``nnx.update(plain_model, merged)``).
+    ``w * l`` is computed in the promoted dtype and cast back to ``w``'s, as for Linen.
+
+    Raises:
+      NonFiniteMergeError: with ``safe_merge``, a written array holds NaN or inf (nothing changes).
+      UnsupportedKernelError: a weight is an integer array.
+
+    Example:
+      >>> served = ia3_jax.nnx.merge(model)           # runs at full speed, no vectors
+    """
+    vectors = _vector_variables(tree)
+    if not vectors:
+        raise StructureError("merge: no IA3 vectors in this model or state.")
+    state = nnx.state(tree) if isinstance(tree, nnx.Module) else tree
+    written = _folds(state, vectors, divide=False)
+    if safe_merge:
+        _raise_non_finite(written, "merge(safe_merge=True)")
+    return _apply_folds(tree, written, copy)
+
+
+def unmerge(
+    merged: M | nnx.State, adapter_tree: ModelOrState, *, safe_unmerge: bool = False, copy: bool = True
+) -> M | nnx.State:
+    """Divides the vectors of `adapter_tree` (an adapted model or its vector state) back out of `merged`.
+
+    ``w / (l + 1e-8)`` as PEFT; approximate, and warns like PEFT (and `ia3_jax.unmerge`). Returns
+    the base model (or state) without vectors.
+
+    Example:
+      >>> base_again = ia3_jax.nnx.unmerge(ia3_jax.nnx.merge(model), model)
+    """
+    vectors = _vector_variables(adapter_tree)
+    if not vectors:
+        raise StructureError("unmerge: the adapter holds no IA3 vectors.")
+    state = nnx.state(merged) if isinstance(merged, nnx.Module) else merged
+    written = _folds(state, vectors, divide=True)
+    near = [
+        f"{_tree.dotted(p)!r} (smallest |l| {m:.3g})"
+        for p, m in _merge._smallest_magnitudes({p: v.get_value() for p, v in vectors.items()}).items()
+        if m < _merge.NEAR_ZERO
+    ]
+    if safe_unmerge:
+        if near:
+            raise NonFiniteMergeError(
+                f"unmerge(safe_unmerge=True): vectors with entries near 0 at {_merge._listed(near)}."
+            )
+        _raise_non_finite(written, "unmerge(safe_unmerge=True)")
+    warnings.warn("Unmerge result can be inaccurate for (IA)^3.", stacklevel=2)
+    if isinstance(merged, nnx.State):
+        flat = [
+            (
+                parts,
+                variable.copy(written[_path(parts[:-1])][str(parts[-1])])
+                if _path(parts[:-1]) in written and str(parts[-1]) in written[_path(parts[:-1])]
+                else variable,
+            )
+            for parts, variable in nnx.to_flat_state(merged)
+        ]
+        return nnx.from_flat_state(flat)
+    model = nnx.clone(merged) if copy else merged
+    for path, module in _modules(model):
+        for name, array in written.get(path, {}).items():
+            getattr(module, name).set_value(array)
+    return model
+
+
+# --- combining adapters: the Linen combinations on the vectors, returned as a vector state ---
+
+
+def _as_adapters(adapters: Sequence[ModelOrState | Mapping[str, Any]]) -> list[dict[str, Any]]:
+    return [_tree.to_dict(a) if isinstance(a, Mapping) else adapter(a) for a in adapters]
+
+
+def _vector_state(like: ModelOrState | Mapping[str, Any], combined: Mapping[str, Any]) -> Any:
+    """`combined` as an ``nnx.State`` of vectors with `like`'s metadata (or as a dict if `like` is one)."""
+    if isinstance(like, Mapping):
+        return combined
+    vectors = _tree.vectors(combined)
+    state = nnx.state(like, IA3Vector) if isinstance(like, nnx.Module) else like
+    return nnx.from_flat_state(
+        [
+            (parts, variable.copy(vectors[_path(parts[:-1])]))
+            for parts, variable in nnx.to_flat_state(state)
+            if isinstance(variable, IA3Vector) and parts[-1] == VECTOR
+        ]
+    )
+
+
+def add_weighted_adapter(adapters: Sequence[ModelOrState | Mapping[str, Any]], weights: Sequence[float]) -> Any:
+    """PEFT's weighted *sum* ``sum_i w_i l_i`` of adapted models' (or vector states') vectors.
+
+    Returns an ``nnx.State`` of vectors with the first adapter's metadata: ``nnx.update(model, it)``
+    makes `model` carry it. (Nested dicts in, a nested dict out.)
+    """
+    return _vector_state(adapters[0], _merge.add_weighted_adapter(_as_adapters(adapters), weights))
+
+
+def combine(adapters: Sequence[ModelOrState | Mapping[str, Any]]) -> Any:
+    """Several adapters at once: the elementwise product of their vectors, as an ``nnx.State`` of vectors."""
+    return _vector_state(adapters[0], _merge.combine(_as_adapters(adapters)))
+
+
+# --- checkpoints: the adapter-only orbax checkpoint of `ia3_jax.save_adapter` ---
+
+
+def save_adapter(path: Any, tree: ModelOrState, config: IA3Config, **kwargs: Any) -> Any:
+    """`ia3_jax.save_adapter` of an adapted NNX model's (or vector state's) vectors; same keywords.
+
+    Example:
+      >>> ia3_jax.nnx.save_adapter("ckpt/run", model, config, step=step)
+    """
+    return _checkpoint.save_adapter(path, adapter(tree), config, **kwargs)
+
+
+def load_adapter(path: Any, model: nnx.Module, *, step: int | None = None) -> IA3Config:
+    """Reads an adapter checkpoint into the adapted `model` in place; returns its config.
+
+    The arrays are restored straight onto the devices and shardings of the model's vectors, so a
+    model built sharded (or with ``nnx.eval_shape`` and then materialised) gets sharded vectors.
+    """
+    vectors = _vector_variables(model)
+    shardings = _tree.updated(
+        {},
+        {
+            p + (VECTOR,): getattr(v.get_value(), "sharding", None)
+            or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            for p, v in vectors.items()
+        },
+    )
+    restored, config = _checkpoint.load_adapter(path, step=step, shardings=shardings)
+    set_adapter(model, restored)
+    return config
