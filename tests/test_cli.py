@@ -229,6 +229,7 @@ def test_model_dir_without_weights_fails_before_anything_is_written(tmp_path, cs
     assert not options.out.exists()
 
 
+@pytest.mark.interop  # the fixture saves a PyTorch BERT
 def test_weights_of_another_architecture_are_named(tmp_path, torch_model_dir, csv_data):
     from safetensors.numpy import load_file, save_file
 
