@@ -1,0 +1,137 @@
+"""IA3 on Tunix models: PEFT adapters both ways (compared inside Tunix), PeftTrainer training and checkpoints."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tunix")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+from tunix.models.llama3 import model as llama_lib  # noqa: E402
+from tunix.models.llama3 import params as llama_params  # noqa: E402
+from tunix.models.qwen3 import model as qwen_lib  # noqa: E402
+from tunix.models.qwen3 import params as qwen_params  # noqa: E402
+
+import ia3_jax  # noqa: E402
+import ia3_jax.nnx as ia3_nnx  # noqa: E402
+import ia3_jax.tunix as ia3_tunix  # noqa: E402
+
+SIZES = dict(num_layers=2, vocab_size=128, embed_dim=32, hidden_dim=64, num_heads=4, head_dim=8, num_kv_heads=2)
+LLAMA = llama_lib.ModelConfig(**SIZES, rope_theta=10000, norm_eps=1e-5)
+QWEN = qwen_lib.ModelConfig(**SIZES, rope_theta=10000, norm_eps=1e-6)
+TOKENS = jnp.array([[3, 17, 5, 99, 42, 7, 64, 1]])
+
+
+def _call(model):
+    length = TOKENS.shape[1]
+    mask = jnp.tril(jnp.ones((1, length, length), bool))
+    logits, _ = model(TOKENS, jnp.arange(length)[None], None, mask)
+    return np.asarray(logits)
+
+
+def test_config_translation_and_vector_shapes():
+    model = llama_lib.Llama3(LLAMA, rngs=nnx.Rngs(0))
+    config = ia3_tunix.default_config(model)  # PEFT's llama defaults: k_proj, v_proj, down_proj (feedforward)
+    assert config.target_modules == ("down_proj", "k_proj", "v_proj")
+    tunix_config = ia3_tunix.tunix_config(config, model)
+    assert "layers.1.attn.k_proj" in tunix_config.target_modules
+    assert tunix_config.feedforward_modules == ("layers.0.mlp.down_proj", "layers.1.mlp.down_proj")
+    adapted = ia3_tunix.ia3_init(model, config)
+    assert adapted.layers[0].attn.k_proj.ia3_l.get_value().shape == (2, 8)  # (num_kv_heads, head_dim)
+    assert adapted.layers[0].mlp.down_proj.ia3_l.get_value().shape == (64,)  # input features
+    with pytest.raises(ia3_jax.UnknownModelTypeError):
+        ia3_tunix.family(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("family", ["llama3", "qwen3"])
+def test_peft_adapters_both_ways_match_inside_tunix(tmp_path, family):
+    """PEFT -> Tunix and Tunix -> PEFT, each against the Tunix model loaded from PEFT's merge_and_unload()."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    common = dict(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    )
+    if family == "llama3":
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, rms_norm_eps=1e-5))
+        config, load = LLAMA, llama_params.create_model_from_safe_tensors
+    else:
+        hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, rms_norm_eps=1e-6))
+        config, load = QWEN, qwen_params.create_model_from_safe_tensors
+    hf.eval().save_pretrained(tmp_path / "base")
+    base = load(str(tmp_path / "base"), config)
+
+    # PEFT -> Tunix: random vectors (init_ia3_weights=False) change the logits by about their own size.
+    peft_model = peft.get_peft_model(hf, peft.IA3Config(init_ia3_weights=False, task_type="CAUSAL_LM"))
+    peft_model.save_pretrained(tmp_path / "peft")
+    peft_model.merge_and_unload().save_pretrained(tmp_path / "peft_merged")
+    adapted, peft_config = ia3_tunix.load_peft(tmp_path / "peft", base)
+    assert peft_config.target_modules == ia3_tunix.default_config(base).target_modules
+    expected = _call(load(str(tmp_path / "peft_merged"), config))
+    scale = np.abs(expected).max()
+    assert np.abs(expected - _call(base)).max() > 0.1 * scale  # a no-op could not pass
+    assert np.abs(_call(adapted) - expected).max() <= 1e-5 * scale  # measured ~2e-7
+
+    # Tunix -> PEFT: ia3_jax's random vectors, read by PeftModel.from_pretrained, merged by PEFT.
+    ours_config = ia3_tunix.default_config(base, init_ia3_weights=False)
+    ours = ia3_tunix.ia3_init(base, ours_config, rng=jax.random.key(0))
+    ia3_tunix.save_peft(tmp_path / "ours", ours, ours_config)
+    twin = type(hf).from_pretrained(tmp_path / "base").eval()
+    peft.PeftModel.from_pretrained(twin, tmp_path / "ours").merge_and_unload().save_pretrained(tmp_path / "ours_merged")
+    expected = _call(load(str(tmp_path / "ours_merged"), config))
+    assert np.abs(expected - _call(base)).max() > 0.1 * scale
+    assert np.abs(_call(ours) - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+@pytest.mark.slow
+def test_peft_trainer_trains_only_vectors_and_checkpoint_restores(tmp_path):
+    """Tunix's unmodified PeftTrainer: IA3Vector is an nnx.LoRAParam, so only the vectors train and are saved."""
+    from tunix.sft import checkpoint_manager, peft_trainer
+
+    base = llama_lib.Llama3(LLAMA, rngs=nnx.Rngs(0))
+    model = ia3_tunix.ia3_init(base, ia3_tunix.default_config(base))
+    base_before = nnx.state(model, nnx.Not(ia3_nnx.IA3Vector))
+    tokens = np.random.default_rng(0).integers(0, 128, (4, 8)).astype(np.int32)
+    data = [peft_trainer.TrainingInput(input_tokens=tokens, input_mask=np.ones_like(tokens, bool))] * 8
+
+    def model_inputs(batch):
+        batch_size, length = batch.input_tokens.shape
+        return {
+            "input_tokens": batch.input_tokens,
+            "input_mask": batch.input_mask,
+            "positions": jnp.broadcast_to(jnp.arange(length), (batch_size, length)),
+            "attention_mask": jnp.broadcast_to(
+                jnp.tril(jnp.ones((length, length), bool)), (batch_size, length, length)
+            ),
+        }
+
+    def loss(m):
+        return float(peft_trainer._default_loss_fn(m, **model_inputs(data[0])))
+
+    first = loss(model)
+    training = peft_trainer.TrainingConfig(eval_every_n_steps=100, max_steps=8, checkpoint_root_directory=str(tmp_path))
+    trainer = peft_trainer.PeftTrainer(model, optax.adam(0.1), training).with_gen_model_input_fn(model_inputs)
+    trainer.train(data)
+    assert loss(model) < first
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.Not(ia3_nnx.IA3Vector)), base_before)
+    trained = ia3_nnx.adapter(model)
+    assert np.abs(trained["layers"]["0"]["attn"]["k_proj"]["ia3_l"] - 1).max() > 0.01
+
+    fresh = ia3_tunix.ia3_init(base, ia3_tunix.default_config(base))
+    step, _ = checkpoint_manager.CheckpointManager(str(tmp_path)).maybe_restore(fresh, restore_only_lora_params=True)
+    assert step == 8
+    jax.tree.map(np.testing.assert_array_equal, ia3_nnx.adapter(fresh), trained)
+    merged = ia3_nnx.merge(model)  # the trained model, served without vectors
+    np.testing.assert_allclose(_call(merged), _call(model), rtol=1e-4, atol=1e-4)
