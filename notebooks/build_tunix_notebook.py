@@ -133,7 +133,8 @@ expected, _ = tunix_from_peft(*args)
 scale = float(jnp.abs(expected).max())
 exact = float(jnp.abs(expected - adapted_logits).max()) / scale
 print(f"Tunix + ia3_jax vs Tunix with PEFT's merged weights: {exact:.1e} (relative)")
-print(f"PyTorch PEFT vs Tunix + ia3_jax (framework difference): {np.abs(torch_logits - adapted_logits).max() / scale:.1e}")
+framework = np.abs(torch_logits - adapted_logits).max() / scale
+print(f"PyTorch PEFT vs Tunix + ia3_jax (framework difference): {framework:.1e}")
 assert exact < 1e-5""",
 ]
 
