@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
+import socket
 import subprocess
-import sys
-import textwrap
-import time
 
 import chex
 import flax.linen as nn
@@ -24,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import ia3_jax
 from ia3_jax import AdapterMismatchError, CheckpointError, StructureError
+from ia3_jax._src.checkpoint import _prefix
 
 
 class Block(nn.Module):
@@ -223,78 +220,6 @@ def test_save_that_raises_leaves_previous_checkpoint(tmp_path, monkeypatch):
     assert _step_names(tmp_path / "run") == ["1", "2"] and _step_names(tmp_path) == ["run", "single"]
 
 
-_KILLED_SAVE = textwrap.dedent(
-    """
-    import pathlib, sys, time
-    import jax.numpy as jnp
-    import orbax.checkpoint as ocp
-    import ia3_jax
-
-    root, mode = pathlib.Path(sys.argv[1]), sys.argv[2]
-    config = ia3_jax.IA3Config(target_modules=["k"])
-    old = {"k": {"ia3_l": jnp.full((1 << 20,), 1.0)}}   # 4 MB of vectors
-    new = {"k": {"ia3_l": jnp.full((1 << 20,), 2.0)}}
-    ia3_jax.save_adapter(root / "run", old, config, step=1)
-    ia3_jax.save_adapter(root / "single", old, config)
-
-    def hang(self, directory):
-        # Every array and the config are written; the commit (marker file + rename) is next.
-        (root / "writing").write_text(str(directory))
-        time.sleep(600)
-
-    ocp.CompositeCheckpointHandler.finalize = hang
-    if mode == "step":
-        ia3_jax.save_adapter(root / "run", new, config, step=2)
-    else:
-        ia3_jax.save_adapter(root / "single", new, config, overwrite=True)
-    """
-)
-
-
-@pytest.mark.parametrize("mode", ["step", "single"])
-def test_save_killed_midway_leaves_previous_checkpoint(tmp_path, mode):
-    script = tmp_path / "save.py"
-    script.write_text(_KILLED_SAVE)
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), mode], stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not (tmp_path / "writing").exists():
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "the child never reached the commit"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
-
-    written = (tmp_path / "writing").read_text()
-    unfinished = ocp.step.TMP_DIR_SUFFIX in os.path.basename(written)
-    assert unfinished and os.path.isdir(written), written  # killed with the new checkpoint on disk, uncommitted
-
-    target = tmp_path / ("run" if mode == "step" else "single")
-    loaded, _ = ia3_jax.load_adapter(target)
-    chex.assert_trees_all_equal(loaded["k"]["ia3_l"], jnp.full((1 << 20,), 1.0))  # the previous checkpoint
-    with pytest.raises(CheckpointError, match="temporary directory of an unfinished save"):
-        ia3_jax.load_adapter(written)
-    # Even under a final name, the uncommitted directory is refused: it lacks orbax's commit marker.
-    fake = tmp_path / "renamed"
-    shutil.copytree(written, fake)
-    with pytest.raises(CheckpointError, match=r"not a complete adapter checkpoint \(missing \['commit_success.txt'"):
-        ia3_jax.load_adapter(fake)
-    if mode == "step":
-        assert "2" not in _step_names(target)
-        with pytest.raises(CheckpointError, match="no step 2"):
-            ia3_jax.load_adapter(target, step=2)
-    # The next save succeeds and sweeps the leftover of the killed one.
-    new = {"k": {"ia3_l": jnp.full((1 << 20,), 3.0)}}
-    config = ia3_jax.IA3Config(target_modules=["k"])
-    if mode == "step":
-        ia3_jax.save_adapter(target, new, config, step=2)
-        assert _step_names(target) == ["1", "2"]
-    else:
-        ia3_jax.save_adapter(target, new, config, overwrite=True)
-    assert not os.path.exists(written)
-    chex.assert_trees_all_equal(ia3_jax.load_adapter(target)[0], new)
-
-
 # --- bad input ---------------------------------------------------------------------------------
 
 
@@ -350,11 +275,6 @@ def test_missing_empty_and_half_written_directories(tmp_path):
         ia3_jax.load_adapter(path)
     with pytest.raises(CheckpointError, match="single checkpoint without steps"):
         ia3_jax.load_adapter(tmp_path / "half", step=1)
-    # Killed between the two renames of an overwrite: the error says where the old checkpoint is.
-    whole = ia3_jax.save_adapter(tmp_path / "swap", adapter, CONFIG)
-    os.rename(whole, tmp_path / "swap.ia3-replaced-0123abcd")
-    with pytest.raises(CheckpointError, match=r"overwrite was interrupted.*swap\.ia3-replaced-0123abcd: rename it"):
-        ia3_jax.load_adapter(whole)
 
 
 def test_bad_save_input_writes_nothing(tmp_path):
@@ -377,7 +297,7 @@ def test_bad_save_input_writes_nothing(tmp_path):
     # Never replace a directory that is not an adapter checkpoint.
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("keep me")
-    with pytest.raises(CheckpointError, match="not an adapter checkpoint; refusing"):
+    with pytest.raises(CheckpointError, match="not an adapter checkpoint written by save_adapter; refusing"):
         ia3_jax.save_adapter(tmp_path / "precious", adapter, CONFIG, overwrite=True)
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
     # Step checkpoints need their own root.
@@ -395,3 +315,154 @@ def test_relative_paths(tmp_path, monkeypatch):
     loaded, config = ia3_jax.load_adapter("runs/ckpt")
     chex.assert_trees_all_equal(loaded, adapter)
     assert config == CONFIG
+
+
+# --- what a save may touch (issue 10) -----------------------------------------------------------
+
+
+def _moved_aside(path):
+    """The name an overwrite of `path` gives the old checkpoint before renaming the new one in."""
+    return _prefix(str(path), ".ia3-replaced-") + "0123abcd"
+
+
+def _tree_listing(root):
+    return sorted((os.path.relpath(d, root), sorted(f)) for d, _, f in os.walk(root))
+
+
+def test_overwrite_replaces_only_what_save_adapter_wrote(tmp_path):
+    adapter, _ = _setup()
+    # A project directory that merely has a `config/` (or all of orbax's names, but not its files).
+    project = tmp_path / "my_project"
+    (project / "config").mkdir(parents=True)
+    (project / "config" / "settings.yaml").write_text("keep: me")
+    (project / "data").mkdir()
+    lookalike = tmp_path / "lookalike"
+    for name in ("adapter", "config"):
+        (lookalike / name).mkdir(parents=True)
+    (lookalike / "_CHECKPOINT_METADATA").write_text("{}")
+    (lookalike / "commit_success.txt").write_text("")
+    # A real checkpoint whose config is no IA3 config any more.
+    other = ia3_jax.save_adapter(tmp_path / "other", adapter, CONFIG)
+    (other / "config" / "metadata").write_text('{"r": 8, "peft_type": "LORA"}')
+    (tmp_path / "notes.txt").write_text("a file")
+    for target in (project, lookalike, other, tmp_path / "notes.txt"):
+        before = _tree_listing(tmp_path)
+        with pytest.raises(CheckpointError, match="refusing to replace it"):
+            ia3_jax.save_adapter(target, adapter, CONFIG, overwrite=True)
+        assert _tree_listing(tmp_path) == before
+    assert (project / "config" / "settings.yaml").read_text() == "keep: me"
+    assert (tmp_path / "notes.txt").read_text() == "a file"
+
+
+def test_interrupted_overwrite_reads_and_restores_the_previous_checkpoint(tmp_path):
+    a1, _ = _setup(seed=0)
+    a2, _ = _setup(seed=5)
+    # Killed between the two renames of an overwrite: `swap` is gone, the old checkpoint moved aside.
+    whole = ia3_jax.save_adapter(tmp_path / "swap", a1, CONFIG)
+    os.rename(whole, _moved_aside(whole))
+    with pytest.warns(
+        UserWarning, match=r"interrupted.*complete at .*swap\.ia3-replaced-\w+-0123abcd"
+    ):
+        loaded, config = ia3_jax.load_adapter(whole)
+    chex.assert_trees_all_equal(loaded, a1)
+    assert config == CONFIG
+    with pytest.raises(CheckpointError, match="already exists"):
+        ia3_jax.save_adapter(whole, a2, CONFIG)
+    ia3_jax.save_adapter(whole, a2, CONFIG, overwrite=True)
+    chex.assert_trees_all_equal(ia3_jax.load_adapter(whole)[0], a2)
+    assert _step_names(tmp_path) == ["swap"]
+    # A moved-aside copy that is no longer complete (its deletion was interrupted) is never offered.
+    ia3_jax.save_adapter(tmp_path / "half", a1, CONFIG)
+    os.rename(tmp_path / "half", _moved_aside(tmp_path / "half"))
+    os.unlink(os.path.join(_moved_aside(tmp_path / "half"), "config", "metadata"))
+    with pytest.raises(CheckpointError, match="does not exist") as err:
+        ia3_jax.load_adapter(tmp_path / "half")
+    assert "complete" not in str(err.value)
+
+
+def test_names_with_glob_characters(tmp_path):
+    a1, _ = _setup(seed=0)
+    a2, _ = _setup(seed=5)
+    # `run1`'s overwrite was interrupted: its only complete copy is the moved-aside one.
+    ia3_jax.save_adapter(tmp_path / "run1", a1, CONFIG)
+    os.rename(tmp_path / "run1", _moved_aside(tmp_path / "run1"))
+    for _ in range(2):  # `run[0-9]` as a glob would match `run1`'s leftovers
+        ia3_jax.save_adapter(tmp_path / "run[0-9]", a2, CONFIG, overwrite=True)
+        ia3_jax.save_adapter(tmp_path / "run*", a2, CONFIG, step=len(os.listdir(tmp_path)), max_to_keep=1)
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["run*", os.path.basename(_moved_aside(tmp_path / "run1")), "run[0-9]"]
+    )
+    with pytest.warns(UserWarning, match="interrupted"):
+        chex.assert_trees_all_equal(ia3_jax.load_adapter(tmp_path / "run1")[0], a1)
+    chex.assert_trees_all_equal(ia3_jax.load_adapter(tmp_path / "run[0-9]")[0], a2)
+    with pytest.raises(CheckpointError, match="reserved"):
+        ia3_jax.save_adapter(tmp_path / "x.ia3-replaced-1", a2, CONFIG)
+
+
+def test_max_to_keep_refuses_a_step_it_would_delete(tmp_path):
+    adapter, _ = _setup()
+    root = tmp_path / "run"
+    for step in (5, 6):
+        ia3_jax.save_adapter(root, adapter, CONFIG, step=step, max_to_keep=2)
+    with pytest.raises(CheckpointError, match=r"step 0 is older than the 2 newest steps .*\[5, 6\].*deleted at once"):
+        ia3_jax.save_adapter(root, adapter, CONFIG, step=0, max_to_keep=2)  # a restarted run
+    assert _step_names(root) == ["5", "6"]
+    path = ia3_jax.save_adapter(root, adapter, CONFIG, step=7, max_to_keep=2)
+    assert path.exists() and _step_names(root) == ["6", "7"]
+    # A step directory that save_adapter did not write is never deleted by max_to_keep.
+    (root / "3").mkdir()
+    (root / "3" / "mine.txt").write_text("x")
+    with pytest.raises(CheckpointError, match=r"would delete .*run/3, which is not an adapter checkpoint"):
+        ia3_jax.save_adapter(root, adapter, CONFIG, step=8, max_to_keep=2)
+    assert (root / "3" / "mine.txt").exists() and _step_names(root) == ["3", "6", "7"]
+    with pytest.raises(ValueError, match="positive int"):
+        ia3_jax.save_adapter(root, adapter, CONFIG, step=9, max_to_keep=0)
+
+
+def test_adapter_keys_that_collide_or_are_not_str(tmp_path):
+    x = np.ones(4, np.float32)
+    config = ia3_jax.IA3Config(target_modules=["b"])
+    with pytest.raises(StructureError, match=r"\('a\.b', 'ia3_l'\) and \('a', 'b', 'ia3_l'\) both read 'a\.b\.ia3_l'"):
+        ia3_jax.save_adapter(tmp_path / "ckpt", {"a.b": {"ia3_l": x}, "a": {"b": {"ia3_l": 2 * x}}}, config)
+    with pytest.raises(StructureError, match=r"key 0 .*under '?layers"):
+        ia3_jax.save_adapter(tmp_path / "ckpt", {"layers": {0: {"ia3_l": x}}}, config)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_modules_to_save_copy_is_required(tmp_path):
+    adapter, base = _setup()
+    params = ia3_jax.join(base, adapter)
+    without_copy = ia3_jax.split(params)[0]  # no config: the head's copy is left out
+    assert "head" not in without_copy
+    with pytest.raises(StructureError, match=r"modules_to_save lists 'head'.*split\(params, config\)"):
+        ia3_jax.save_adapter(tmp_path / "ckpt", without_copy, CONFIG)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_step_must_be_an_int_and_home_is_expanded(tmp_path, monkeypatch):
+    adapter, _ = _setup()
+    with pytest.raises(ValueError, match="non-negative int, got True"):
+        ia3_jax.save_adapter(tmp_path / "run", adapter, CONFIG, step=True)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    path = ia3_jax.save_adapter("~/ckpt", adapter, CONFIG)
+    assert path == tmp_path / "home" / "ckpt" and not (tmp_path / "~").exists()
+    chex.assert_trees_all_equal(ia3_jax.load_adapter("~/ckpt")[0], adapter)
+
+
+def test_second_writer_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
+    adapter, _ = _setup()
+    lock = tmp_path / "ckpt.ia3-lock"
+    with subprocess.Popen(["sleep", "60"]) as writer:  # a live process holding the lock
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": writer.pid, "token": "t"}))
+        with pytest.raises(CheckpointError, match=rf"another save .*pid {writer.pid}.*one writer per path"):
+            ia3_jax.save_adapter(tmp_path / "ckpt", adapter, CONFIG)
+        assert _step_names(tmp_path) == ["ckpt.ia3-lock"]
+        writer.kill()
+    ia3_jax.save_adapter(tmp_path / "ckpt", adapter, CONFIG)  # its process is dead: the lock is stale
+    assert _step_names(tmp_path) == ["ckpt"]
+    # On another host the owner's liveness is unknown: refused, saying which file to delete.
+    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "t"}))
+    with pytest.raises(CheckpointError, match=rf"pid 1 on elsewhere.*delete {lock}"):
+        ia3_jax.save_adapter(tmp_path / "ckpt", adapter, CONFIG, overwrite=True)
+    chex.assert_trees_all_equal(ia3_jax.load_adapter(tmp_path / "ckpt")[0], adapter)
