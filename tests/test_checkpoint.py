@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -20,7 +21,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import ia3_jax
 from ia3_jax import AdapterMismatchError, CheckpointError, StructureError
-from ia3_jax._src.checkpoint import _prefix
 
 
 class Block(nn.Module):
@@ -321,8 +321,12 @@ def test_relative_paths(tmp_path, monkeypatch):
 
 
 def _moved_aside(path):
-    """The name an overwrite of `path` gives the old checkpoint before renaming the new one in."""
-    return _prefix(str(path), ".ia3-replaced-") + "0123abcd"
+    """The name an overwrite of `path` gives the old checkpoint before renaming the new one in.
+
+    Written out here as the on-disk format promises it: ``<name>.ia3-replaced-<sha256(name)[:8]>-<tag>``.
+    """
+    digest = hashlib.sha256(path.name.encode()).hexdigest()[:8]
+    return str(path.parent / f"{path.name}.ia3-replaced-{digest}-0123abcd")
 
 
 def _tree_listing(root):
