@@ -234,6 +234,44 @@ def combine(folders: list[Path], out: Path, renames: dict[Path, dict[str, str]] 
     (out / "results.json").write_text(json.dumps({"results": sorted(kept, key=lambda r: _order(r["name"]))}, indent=1))
 
 
+# What a run folder keeps once consolidated: its combined JSON (plus the merged summary and plot at
+# the top of results/) and any HLO dump (``*.hlo.txt.gz``) that RESULTS.md cites. Per-variant JSONs
+# duplicate entries of results.json; logs are working files of the run.
+RUN_EXTRAS = {"env.txt": "machine", "scaling.json": "scaling", "quantized.json": "quantized"}
+
+
+def consolidate(folder: Path) -> list[str]:
+    """Folds a run folder into its one ``results.json``; returns the names of the files removed.
+
+    ``env.txt`` becomes ``"machine"`` (its lines), ``scaling.json`` / ``quantized.json`` (issues 5 and 7)
+    become ``"scaling"`` / ``"quantized"``; every per-variant ``<variant>.json`` must equal its entry in
+    ``results.json`` (else nothing is removed and ValueError names it); logs and the per-run
+    ``summary.md`` / ``plot.png`` (rebuilt by `write` on the combined folder) are removed; gzipped HLO
+    dumps are kept.
+    """
+    folder = Path(folder)
+    data = json.loads((folder / "results.json").read_text())
+    by_name = {r["name"]: r for r in data["results"]}
+    remove = []
+    for path in sorted(folder.iterdir()):
+        if path.name == "results.json" or path.name.endswith(".hlo.txt.gz"):
+            continue
+        if path.name in RUN_EXTRAS:
+            text = path.read_text()
+            data[RUN_EXTRAS[path.name]] = json.loads(text) if path.suffix == ".json" else text.splitlines()
+        elif path.suffix == ".json":
+            variant = json.loads(path.read_text())
+            if by_name.get(variant.get("name")) != variant:
+                raise ValueError(f"{path}: not the same as its entry in results.json; nothing removed")
+        elif not (path.suffix == ".log" or path.name in ("summary.md", "plot.png")):
+            raise ValueError(f"{path}: unknown file in a run folder; nothing removed")
+        remove.append(path)
+    (folder / "results.json").write_text(json.dumps(data, indent=1))
+    for path in remove:
+        path.unlink()
+    return [p.name for p in remove]
+
+
 def _order(name: str) -> tuple:
     kinds = ["jax", "torch", "pair", "infer"]
     models = ["lean", "lean-hidden", "lean-scan", "lean-scan-hidden", "lean-scan-remat", "hf", "peft"]

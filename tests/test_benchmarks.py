@@ -41,6 +41,8 @@ def _lean_params_from_torch(model, config: llama.LlamaConfig) -> dict:
     }
 
 
+@pytest.mark.slow  # the harness at tiny sizes: 6 s
+@pytest.mark.interop
 def test_lean_llama_matches_transformers_llama():
     torch = pytest.importorskip("torch")
     from benchmarks import torch_bench
@@ -57,6 +59,7 @@ def test_lean_llama_matches_transformers_llama():
     chex.assert_trees_all_close(got, expected, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.slow  # 6 s
 def test_scanned_lean_llama_equals_unrolled_with_ia3():
     unrolled = llama.Llama(llama.TINY_F32)
     scanned = llama.Llama(dataclasses.replace(llama.TINY_F32, scan=True))
@@ -82,6 +85,8 @@ def test_scanned_lean_llama_equals_unrolled_with_ia3():
     chex.assert_trees_all_close(grads_s["layers"], restacked, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # every harness process end to end: 13 s
+@pytest.mark.interop
 def test_cpu_tiny_run_end_to_end(tmp_path):
     pytest.importorskip("torch")
     names = ["jax:lean:ia3", "jax:lean:floor", "infer:lean", "torch:peft:ia3", "torch:peft:floor"]

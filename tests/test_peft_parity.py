@@ -30,6 +30,8 @@ from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_
 import ia3_jax
 from ia3_jax import AdapterMismatchError, PeftFormatError, hf, load_peft, save_peft
 
+pytestmark = pytest.mark.interop  # torch, peft and transformers
+
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"  # PEFT's file names
 
 RTOL = 1e-5

@@ -119,7 +119,17 @@ def test_gradients_reach_the_vectors_as_in_the_dequantized_model():
     g_quant = jax.jit(jax.grad(functools.partial(loss, qmodel.apply, qbase)))(adapter)
     g_deq = jax.grad(functools.partial(loss, MODEL.apply, deq))(adapter)
     chex.assert_trees_all_close(g_quant, g_deq, rtol=1e-4, atol=1e-5)
-    assert all(float(jnp.abs(g).max()) > 1e-3 for g in jax.tree.leaves(g_quant))  # every vector gets a gradient
+    # Independent reference: the block written out on kernels dequantized by hand (symmetric int8:
+    # q * s), differentiated by JAX without Flax or the interceptor (measured: 1.9e-6 apart on
+    # gradients up to 9; atol 4e-6).
+    w = {n: (qbase[n]["kernel"].array.qvalue * qbase[n]["kernel"].array.scale, qbase[n]["bias"]) for n in qbase}
+
+    def hand_loss(a):
+        k = (X @ w["k"][0] + w["k"][1]) * a["k"]["ia3_l"]
+        v = nn.relu((k @ w["v"][0] + w["v"][1]) * a["v"]["ia3_l"])
+        return jnp.sum(((v * a["wo"]["ia3_l"]) @ w["wo"][0] + w["wo"][1]) ** 2)
+
+    chex.assert_trees_all_close(g_quant, jax.grad(hand_loss)(adapter), rtol=0, atol=4e-6)
 
 
 def test_training_on_an_int8_base_lowers_the_loss_and_keeps_the_integers():
@@ -240,6 +250,7 @@ def test_dequantize_without_quantized_kernels_is_the_identity():
     chex.assert_trees_all_equal(quant.dequantize(fp), flax.core.unfreeze(fp))
 
 
+@pytest.mark.slow  # the benchmark harness end to end: about 6 s
 def test_benchmark_cpu_tiny(tmp_path):
     from benchmarks import quantized as bench
 

@@ -1,9 +1,9 @@
 """Stacked layers (nn.scan with the layer axis at 0 or 1, nn.remat inside, nn.vmap) against the same
 layers unrolled: outputs, gradients of the vectors, merge, unmerge and weighted adapters.
 
-The unrolled reference is a Python loop over plain per-layer modules that read the stacked params
-sliced layer by layer; its IA3 path is the 2-D one that the core tests check against hand
-computations. Tolerances: float32, 1e-5 relative (the same ops in another order).
+The reference is the block written out in plain jnp (no Flax, no interceptor), looped over the
+stacked params sliced layer by layer: up's output (bias included) and down's input scaled by hand.
+Tolerances: float32, the same ops in another order (measured below each assertion's TOL).
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ import ia3_jax
 
 L, D, H = 3, 8, 16
 CONFIG = ia3_jax.IA3Config(target_modules=["up", "down"], feedforward_modules=["down"], init_ia3_weights=False)
-TOL = {"rtol": 1e-5, "atol": 1e-5}
+# Measured over the four cases: outputs bitwise equal to the reference, merged outputs 4.8e-7 apart
+# (values up to 6.5), vector gradients 1.7e-6 (values up to 6.8), unmerged kernels 3.6e-7.
+TOL = {"rtol": 0, "atol": 1e-6}
+GRAD_TOL = {"rtol": 0, "atol": 3.5e-6}
 
 
 class Block(nn.Module):
@@ -57,16 +60,22 @@ def layer(tree, i: int, axis: int):
     return jax.tree.map(lambda a: jnp.take(a, i, axis=axis), tree)
 
 
+def hand_block(p, x):
+    """Block by hand: relu of up's scaled output, down applied to its scaled input, the residual."""
+    up, down = p["up"], p["down"]
+    h = jax.nn.relu((x @ up["kernel"] + up["bias"]) * up["ia3_l"])
+    return x + (h * down["ia3_l"]) @ down["kernel"] + down["bias"]
+
+
 def unrolled(params, x, axis: int, vmapped: bool):
-    """The reference: plain Block modules, one per layer, under the interceptor."""
-    forward = ia3_jax.apply_fn(Block().apply, CONFIG)
+    """The reference: the hand-written block, one per layer, on the layer's slice of the stacks."""
     ys = []
     for i in range(L):
         p = layer(params["layers"], i, axis)
         if vmapped:
-            ys.append(forward({"params": p}, x[i])[0])
+            ys.append(hand_block(p, x[i]))
         else:
-            x = forward({"params": p}, x)[0]
+            x = hand_block(p, x)
     return jnp.stack(ys) if vmapped else x
 
 
@@ -107,7 +116,7 @@ def test_stacked_equals_unrolled(name):
 
     grads = jax.jit(jax.grad(lambda a: loss(a, lambda p, x: forward({"params": p}, x))))(adapter)
     grads_ref = jax.jit(jax.grad(lambda a: loss(a, lambda p, x: unrolled(p, x, axis, vmapped))))(adapter)
-    chex.assert_trees_all_close(grads, grads_ref, **TOL)
+    chex.assert_trees_all_close(grads, grads_ref, **GRAD_TOL)
     # every layer has its own gradient, not a shared one
     assert not np.allclose(
         layer(grads["layers"], 0, axis)["up"]["ia3_l"], layer(grads["layers"], 1, axis)["up"]["ia3_l"]
@@ -122,7 +131,7 @@ def test_stacked_equals_unrolled(name):
 
     with pytest.warns(UserWarning, match="inaccurate"):
         restored = ia3_jax.unmerge(merged, adapter, CONFIG, layouts=layouts)
-    chex.assert_trees_all_close(restored, base, rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(restored, base, rtol=0, atol=7e-7)
 
 
 def test_weighted_and_combined_stacked_adapters():

@@ -1,8 +1,10 @@
 """IA3 on 8 simulated CPU devices: vector shardings derived from the kernels', sharded training
 (data parallel, FSDP, tensor parallel, FSDP x TP) and pmap against a single device, Flax boxes.
 
-References: the single-device run of the same steps (float32; tolerance 1e-5, the same sums in
-another order), hand-written PartitionSpecs, and the collectives XLA emits without IA3.
+References: the model written out in plain jnp (no Flax, no interceptor), trained for the same steps
+on one device (float32, the same sums in another order: measured at most 1.2e-7 on the vectors and
+2.4e-7 on losses of ~3, every layout; TOL allows about twice that), hand-written PartitionSpecs, and
+the collectives XLA emits without IA3.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import ia3_jax
 
 L, D, H, B = 2, 8, 16, 8
 CONFIG = ia3_jax.IA3Config(target_modules=["up", "down"], feedforward_modules=["down"], init_ia3_weights=False)
-TOL = {"rtol": 1e-5, "atol": 1e-6}
+TOL = {"rtol": 1e-7, "atol": 2.5e-7}  # |a - b| <= atol + rtol |b|: see the module docstring
 ALL = ("data", "model")  # both mesh axes together: 8-way
 
 
@@ -109,10 +111,26 @@ def problem():
     return model, x, y, adapter, base, layouts
 
 
-def train_step_fn(model, tx):
+def hand_forward(adapter, base, x):
+    """The reference: the scanned blocks written out, up's output (bias included) and down's input scaled."""
+    up, down = base["layers"]["up"], base["layers"]["down"]
+    v_up, v_down = adapter["layers"]["up"]["ia3_l"], adapter["layers"]["down"]["ia3_l"]
+    for i in range(L):
+        h = nn.gelu((x @ up["kernel"][i] + up["bias"][i]) * v_up[i])
+        x = x + (h * v_down[i]) @ down["kernel"][i] + down["bias"][i]
+    return x
+
+
+def hand_loss(adapter, base, x, y):
+    return jnp.mean((hand_forward(adapter, base, x) - y) ** 2)
+
+
+def train_step_fn(model, tx, reference: bool = False):
     forward = ia3_jax.apply_fn(model.apply, CONFIG)
 
     def loss(adapter, base, x, y):
+        if reference:
+            return hand_loss(adapter, base, x, y)
         return jnp.mean((forward({"params": ia3_jax.join(base, adapter)}, x) - y) ** 2)
 
     def step(adapter, opt_state, base, x, y):
@@ -129,8 +147,9 @@ STEPS = 3
 
 @functools.lru_cache
 def single_device_run():
+    """The hand-written reference trained on one device: (adapter, losses)."""
     model, x, y, adapter, base, _ = problem()
-    step = jax.jit(train_step_fn(model, TX))
+    step = jax.jit(train_step_fn(model, TX, reference=True))
     opt_state = TX.init(adapter)
     losses = []
     for _ in range(STEPS):
@@ -237,8 +256,8 @@ def test_pmap_matches_single_device():
         return update(adapter, opt_state, grads)
 
     @jax.jit
-    def single_step(adapter, opt_state, base, x, y):
-        return update(adapter, opt_state, jax.grad(loss)(adapter, base, x, y))
+    def single_step(adapter, opt_state, base, x, y):  # the reference: the hand-written model
+        return update(adapter, opt_state, jax.grad(hand_loss)(adapter, base, x, y))
 
     replicate = lambda tree: jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), tree)
     shard = lambda a: a.reshape(n, a.shape[0] // n, *a.shape[1:])
@@ -303,6 +322,7 @@ def test_shardings_for_another_tree_are_refused():
         )
 
 
+@pytest.mark.slow  # the benchmark harness end to end: about 20 s
 def test_scaling_benchmark_cpu_tiny(tmp_path, monkeypatch):
     path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "scaling.py"
     spec = importlib.util.spec_from_file_location("scaling_benchmark", path)
