@@ -126,3 +126,14 @@ def test_config_is_a_static_jit_argument():
     assert len(traces) == 1
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.fan_in_fan_out = True  # type: ignore[misc]
+
+
+def test_modules_to_save_are_plain_names_not_regexes():
+    """PEFT matches modules_to_save entries as names; a regex character must mean itself (no re.error)."""
+    config = IA3Config(target_modules=["k"], modules_to_save=["lin(", "head.out"])
+    assert config.is_module_to_save("lin(")
+    assert config.is_module_to_save("model.lin(.weight_holder")  # a module inside a saved one
+    assert not config.is_module_to_save("lin0")
+    assert config.is_module_to_save("model.head.out")
+    assert not config.is_module_to_save("model.headXout")  # '.' is a dot, not "any character"
+    assert not config.is_target("lin(") and config.is_target("encoder.k")

@@ -3,6 +3,7 @@
 Tolerances: dense layers 1e-5 (float32, PEFT uses 1e-4); convs 1e-4 (their reductions reorder).
 """
 
+import functools
 import warnings
 
 import chex
@@ -92,11 +93,24 @@ def test_convs_interceptor_equals_merged(spatial, feedforward):
     for name, size in expected_sizes.items():
         chex.assert_shape(adapted[name]["ia3_l"], (size,))
     got = jax.jit(ia3_jax.apply_fn(model.apply, config))({"params": adapted}, x)
-    forward = jax.jit(model.apply)
-    merged = forward({"params": ia3_jax.merge(adapted, config, layouts=layouts)}, x)
-    base = forward({"params": params}, x)
-    chex.assert_trees_all_close(got, merged, rtol=1e-4, atol=1e-5)
-    assert float(jnp.abs(got - base).max()) > 1e-2
+    merged = jax.jit(model.apply)({"params": ia3_jax.merge(adapted, config, layouts=layouts)}, x)
+    # By hand with lax convolutions: output vectors scale conv(h) + b, input vectors scale h.
+    spatial_dims = "DHW"[3 - spatial :]
+    numbers = ("N" + spatial_dims + "C", spatial_dims + "IO", "N" + spatial_dims + "C")
+
+    def conv(h, name, groups=1):
+        p, vector = adapted[name], adapted[name]["ia3_l"]
+        if name in feedforward:
+            h = h * vector
+        y = jax.lax.conv_general_dilated(
+            h, p["kernel"], (1,) * spatial, "SAME", dimension_numbers=numbers, feature_group_count=groups
+        ) + p["bias"]
+        return y if name in feedforward else y * vector
+
+    h = conv(nn.relu(conv(nn.relu(conv(x, "conv0")), "conv1", groups=4)), "conv2")
+    expected = h.reshape(1, -1) @ params["head"]["kernel"] + params["head"]["bias"]
+    chex.assert_trees_all_close(got, expected, rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(merged, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_grouped_conv_feedforward_merge_by_hand():
@@ -254,7 +268,7 @@ def test_embedding_target_is_rejected_and_idle_entries_warn():
 def test_random_init_needs_rng_and_init_is_not_repeated():
     params = models.init(models.MLP(), jnp.ones((1, 10)))
     config = IA3Config(target_modules=["lin0"], init_ia3_weights=False)
-    with pytest.raises(ValueError, match="rng=jax.random.key"):
+    with pytest.raises(ia3_jax.IA3ConfigError, match="rng=jax.random.key"):
         ia3_jax.ia3_init(params, config)
     adapted = ia3_jax.ia3_init(params, config, rng=KEY)
     assert np.std(np.asarray(adapted["lin0"]["ia3_l"])) > 0.3
@@ -289,3 +303,101 @@ def test_boxed_kernels_get_boxed_vectors():
     unboxed = nn.meta.unbox(adapted)
     expected = (x @ unboxed["wi"]["kernel"] + unboxed["wi"]["bias"]) * unboxed["wi"]["ia3_l"]
     chex.assert_trees_all_close(got, expected, rtol=1e-5)
+
+
+class _Aux(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(4, name="fc")(x)
+
+
+class _FcAndAuxFc(nn.Module):
+    """Modules `fc` and `aux.fc`: `fc` is a suffix of `aux.fc`."""
+
+    @nn.compact
+    def __call__(self, x, use_aux: bool = True):
+        y = nn.Dense(4, name="fc")(x)
+        return _Aux(name="aux")(y) if use_aux else y
+
+
+def test_strict_matches_exact_module_paths():
+    model = _FcAndAuxFc()
+    x = jnp.ones((2, 4))
+    params = model.init(KEY, x)["params"]
+    config = IA3Config(target_modules=["fc"])
+    adapted = ia3_jax.ia3_init(params, config)
+    assert set(ia3_jax.split(adapted).adapter) == {"fc", "aux"}
+    ia3_jax.apply_fn(model.apply, config)({"params": adapted}, x)  # both called: fine
+    fc_only = ia3_jax.apply_fn(lambda v, h: model.apply(v, h, use_aux=False), config)
+    with pytest.raises(ia3_jax.NotAppliedError, match=r"1 IA3 vectors.*\['aux\.fc'\]"):
+        fc_only({"params": adapted}, x)
+    # The params root found in any argument position, e.g. a loss over the adapter alone.
+    adapter, base = ia3_jax.split(adapted)
+    loss = ia3_jax.apply_fn(lambda a: model.apply({"params": ia3_jax.join(base, a)}, x, use_aux=False).sum(), config)
+    with pytest.raises(ia3_jax.NotAppliedError, match=r"\['aux\.fc'\]"):
+        loss(adapter)
+
+
+class _ScanBody(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return x + nn.Dense(x.shape[-1], name="up")(x), None
+
+
+class _Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)(name="layers")(
+            x, None
+        )[0]
+
+
+class _ScanInScan(nn.Module):
+    """`layers.up` (scanned) and `enc.layers.up` (scanned inside `enc`): one a suffix of the other."""
+
+    @nn.compact
+    def __call__(self, x, use_enc: bool = True):
+        if use_enc:
+            x = _Scanned(name="enc")(x)
+        return _Scanned(name="dec")(x) + nn.scan(
+            _ScanBody, variable_axes={"params": 0}, split_rngs={"params": True}, length=2
+        )(name="layers")(x, None)[0]
+
+
+def test_strict_matches_exact_paths_in_scan_bodies():
+    """Inside nn.scan the module path is the stacked params' path (no layer index), so it matches exactly."""
+    model = _ScanInScan()
+    x = jnp.ones((2, 4))
+    params = model.init(KEY, x)["params"]
+    config = IA3Config(target_modules=["up"])
+    layouts = ia3_jax.infer_layouts(model.apply, {"params": params}, x)
+    adapted = ia3_jax.ia3_init(params, config, layouts=layouts)
+    assert adapted["enc"]["layers"]["up"]["ia3_l"].shape == (3, 4)
+    with ia3_jax.intercept(config) as applied:
+        model.apply({"params": adapted}, x)
+    assert applied.paths == {("enc", "layers", "up"), ("dec", "layers", "up"), ("layers", "up")}
+    ia3_jax.apply_fn(model.apply, config)({"params": adapted}, x)
+    skip_enc = ia3_jax.apply_fn(lambda v, h: model.apply(v, h, use_enc=False), config)
+    with pytest.raises(ia3_jax.NotAppliedError, match=r"\['enc\.layers\.up'\]"):
+        skip_enc({"params": adapted}, x)
+
+
+def test_an_already_jitted_function_is_refused():
+    model = models.MLP()
+    x = jnp.ones((2, 10))
+    params = models.init(model, x)
+    config = IA3Config(target_modules=["lin0"], init_ia3_weights=False)
+    adapted = ia3_jax.ia3_init(params, config, rng=KEY)
+    jitted = jax.jit(model.apply)
+    for staged in (jitted, jax.pmap(model.apply), functools.partial(jitted, {"params": adapted})):
+        with pytest.raises(ia3_jax.AlreadyJittedError, match=r"jax\.jit\(ia3_jax\.apply_fn\(model\.apply, config\)\)"):
+            ia3_jax.apply_fn(staged, config)
+    assert isinstance(ia3_jax.AlreadyJittedError("x"), TypeError)
+    # The advised order: IA3 in the wrapper's trace only, none in a plain jit of the same function.
+    with_ia3 = jax.jit(ia3_jax.apply_fn(model.apply, config))({"params": adapted}, x)
+    plain = jitted({"params": adapted}, x)
+    chex.assert_trees_all_equal(plain, model.apply({"params": params}, x))
+    p = params
+    h = nn.relu((x @ p["lin0"]["kernel"] + p["lin0"]["bias"]) * adapted["lin0"]["ia3_l"])
+    h = nn.relu(h @ p["lin1"]["kernel"] + p["lin1"]["bias"])
+    chex.assert_trees_all_close(with_ia3, h @ p["lin2"]["kernel"] + p["lin2"]["bias"], rtol=1e-5, atol=1e-6)

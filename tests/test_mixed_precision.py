@@ -2,9 +2,9 @@
 
 The rule (`ia3_jax.scale`): the product ``activation * vector`` is computed in
 ``promote_types(activation, vector)`` and cast back to the activation's dtype; merged kernels keep
-their dtype. References: the same model in float32 (params upcast exactly) with the same vectors.
-Tolerances are relative norms, a few units of the low precision's epsilon (bf16 2**-8, f16 2**-11)
-times the depth of the network.
+their dtype. References: the same model in float32 (params upcast exactly) with the same vectors, and the
+products ``(w.astype(float32) * l).astype(dtype)`` written out. Tolerances are relative norms at
+about twice the error measured on CPU (jax 0.10.2), each measured value next to it in TOL.
 """
 
 from __future__ import annotations
@@ -22,7 +22,13 @@ import ia3_jax
 
 CONFIG = ia3_jax.IA3Config(target_modules=["k", "v", "wo"], feedforward_modules=["wo"], init_ia3_weights=False)
 LOW = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}
-TOL = {"bfloat16": 2e-2, "float16": 3e-3}  # relative-norm tolerance against the float32 reference
+# Relative-norm tolerances, about twice the measured error (bf16 / f16 measured):
+TOL = {
+    "forward": {"bfloat16": 1.1e-2, "float16": 1.5e-3},  # vs float32 reference: 5.3e-3 / 7.5e-4
+    "merged": {"bfloat16": 1.3e-2, "float16": 1.6e-3},  # vs interceptor: 6.3e-3 / 8.0e-4; vs f32 merge: 5.1e-3 / 5.6e-4
+    "grads": {"bfloat16": 1.2e-2, "float16": 2.0e-3},  # largest over the three vectors: 6.0e-3 / 9.9e-4
+    "qwix": {"bfloat16": 1.2e-2},  # int8 kernel, bf16 scale: merged vs interceptor 6.1e-3
+}
 EPS = {"bfloat16": 2.0**-8, "float16": 2.0**-11}  # unit roundoff
 
 
@@ -83,7 +89,7 @@ def test_forward_matches_the_float32_reference(name):
     y = jax.jit(ia3_jax.apply_fn(low.apply, CONFIG))({"params": params}, X.astype(LOW[name]))
     y_ref = ia3_jax.apply_fn(ref.apply, CONFIG)({"params": ref_params}, X)
     assert y.dtype == LOW[name]
-    assert rel(y, y_ref) < TOL[name]
+    assert rel(y, y_ref) < TOL["forward"][name]
 
 
 @pytest.mark.parametrize("name", list(LOW))
@@ -100,8 +106,8 @@ def test_merge_keeps_the_dtype_and_matches_the_reference(name):
     x = X.astype(LOW[name])
     y_merged = low.apply({"params": merged}, x)
     assert y_merged.dtype == LOW[name]
-    assert rel(y_merged, ia3_jax.apply_fn(low.apply, CONFIG)({"params": params}, x)) < TOL[name]
-    assert rel(y_merged, ref.apply({"params": ia3_jax.merge(ref_params, CONFIG)}, X)) < TOL[name]
+    assert rel(y_merged, ia3_jax.apply_fn(low.apply, CONFIG)({"params": params}, x)) < TOL["merged"][name]
+    assert rel(y_merged, ref.apply({"params": ia3_jax.merge(ref_params, CONFIG)}, X)) < TOL["merged"][name]
 
 
 @pytest.mark.parametrize("name", list(LOW))
@@ -133,15 +139,34 @@ def test_gradients_are_float32_and_match_the_reference(name):
     grads_ref = jax.grad(functools.partial(loss, ref, ref_base, X))(adapter)
     chex.assert_trees_all_equal_shapes_and_dtypes(grads, adapter)
     for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
-        assert rel(g, g_ref) < 5 * TOL[name]
+        assert rel(g, g_ref) < TOL["grads"][name]
 
 
 def test_a_float16_merge_that_overflows_is_caught_by_safe_merge():
     _, params, _, _ = setup("float16")
     big = {**params, "v": {**params["v"], "ia3_l": params["v"]["ia3_l"].at[0].set(1e6)}}
     assert not bool(jnp.isfinite(ia3_jax.merge(big, CONFIG)["v"]["kernel"]).all())
-    with pytest.raises(ia3_jax.NonFiniteMergeError, match="'v'"):
+    with pytest.raises(ia3_jax.NonFiniteMergeError, match=r"merged 'v' kernel \(float16\)"):
         ia3_jax.merge(big, CONFIG, safe_merge=True)
+
+
+@pytest.mark.parametrize("name", list(LOW))
+def test_safe_merge_checks_the_bias_too_in_one_transfer(name, monkeypatch):
+    """A bias near the dtype's maximum times l = 2 overflows while the kernel stays finite."""
+    _, params, _, _ = setup(name)
+    dtype = LOW[name]
+    k = params["k"]
+    bias = k["bias"].at[0].set(jnp.finfo(dtype).max / 1.5)
+    big = {**params, "k": {**k, "bias": bias, "ia3_l": k["ia3_l"].at[0].set(2.0)}}
+    merged = ia3_jax.merge(big, CONFIG)
+    assert bool(jnp.isfinite(merged["k"]["kernel"]).all()) and not bool(jnp.isfinite(merged["k"]["bias"]).all())
+    transfers = []
+    device_get = jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda x: transfers.append(x) or device_get(x))
+    with pytest.raises(ia3_jax.NonFiniteMergeError, match=rf"merged 'k' bias \({name}\):"):
+        ia3_jax.merge(big, CONFIG, safe_merge=True)
+    assert len(transfers) == 1  # one flag array for every written kernel and bias
+    chex.assert_trees_all_equal(ia3_jax.merge(params, CONFIG, safe_merge=True), ia3_jax.merge(params, CONFIG))
 
 
 def test_int8_base_with_bfloat16_scales_folds_in_float32():
@@ -159,4 +184,4 @@ def test_int8_base_with_bfloat16_scales_folds_in_float32():
     chex.assert_trees_all_equal(merged["k"]["kernel"].array.scale, folded)
     y = ia3_jax.apply_fn(qmodel.apply, config)({"params": params}, x)
     assert y.dtype == jnp.bfloat16
-    assert rel(qmodel.apply({"params": merged}, x), y) < TOL["bfloat16"]
+    assert rel(qmodel.apply({"params": merged}, x), y) < TOL["qwix"]["bfloat16"]

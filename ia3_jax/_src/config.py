@@ -128,7 +128,13 @@ class IA3Config:
         return _matches(self.exclude_modules, key)
 
     def is_module_to_save(self, key: str) -> bool:
-        return any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in self.modules_to_save or ())
+        """Whether `key` is a ``modules_to_save`` module or lies inside one.
+
+        Entries are plain module names, matched as whole '.'-separated components (``"lin2"``
+        matches ``"lin2"`` and ``"head.lin2.inner"``, not ``"lin20"``); they are escaped, so a name
+        such as ``"lin("`` means itself and never a regex.
+        """
+        return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", key) for m in self.modules_to_save or ())
 
     def is_target(self, key: str) -> bool:
         """Whether PEFT would put an IA3 layer on the module at `key` (all-linear aside)."""

@@ -32,12 +32,21 @@ class NotAppliedError(IA3Error, RuntimeError):
     """IA3 vectors in the arguments were never applied: a silent no-op was caught."""
 
 
+class AlreadyJittedError(IA3Error, TypeError):
+    """`apply_fn` was given a function that `jax.jit` / `jax.pmap` already wraps.
+
+    Such a function keeps its own trace cache, which the interceptor is not part of: IA3 traces
+    would leak into plain calls of it, or be skipped. Jit the wrapper instead.
+    """
+
+
 class AdapterExistsError(IA3Error, ValueError):
     """The params already hold IA3 vectors."""
 
 
 class StructureError(IA3Error, ValueError):
-    """Two trees that should fit together do not (adapter and base, adapters of one bank)."""
+    """A tree has not the structure an operation needs (no vectors, a non-string key), or two trees
+    that should fit together do not (adapter and base, adapters of one bank and their weights)."""
 
 
 class AdapterMismatchError(StructureError):
@@ -45,7 +54,8 @@ class AdapterMismatchError(StructureError):
 
 
 class NonFiniteMergeError(IA3Error, ValueError):
-    """`safe_merge` found NaN or inf in an array that the merge wrote."""
+    """NaN or inf where a merge would write it: an array that `merge(safe_merge=True)` or
+    `unmerge(safe_unmerge=True)` wrote, or a weight given to `add_weighted_adapter`."""
 
 
 class UnsupportedKernelError(IA3Error, TypeError):

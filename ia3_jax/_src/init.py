@@ -12,7 +12,7 @@ from flax.core import meta
 from ia3_jax._src import tree as _tree
 from ia3_jax._src.config import IA3Config
 from ia3_jax._src.dtypes import check_vector_dtype
-from ia3_jax._src.errors import AdapterExistsError
+from ia3_jax._src.errors import AdapterExistsError, IA3ConfigError
 from ia3_jax._src.layout import KernelLayout
 from ia3_jax._src.targets import Target, targets
 
@@ -56,7 +56,9 @@ def ia3_init(
       >>> params = ia3_init(params, IA3Config(target_modules=["k", "v", "wo"], feedforward_modules=["wo"]))
     """
     if not config.init_ia3_weights and rng is None:
-        raise ValueError("IA3Config(init_ia3_weights=False) draws random vectors: pass rng=jax.random.key(...).")
+        raise IA3ConfigError(
+            "IA3Config(init_ia3_weights=False) draws random vectors: pass rng=jax.random.key(...)."
+        )
     check_vector_dtype(dtype, "ia3_init's dtype argument")
     existing = _tree.vector_modules(params)
     if existing:

@@ -22,7 +22,7 @@ from ia3_jax._src import quant
 from ia3_jax._src import tree as _tree
 from ia3_jax._src.config import IA3Config
 from ia3_jax._src.dtypes import check_vector_dtype
-from ia3_jax._src.errors import NotAppliedError, VectorShapeError
+from ia3_jax._src.errors import AlreadyJittedError, NotAppliedError, VectorShapeError
 from ia3_jax._src.targets import feedforward_side
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -30,12 +30,41 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 @dataclasses.dataclass
 class Applied:
-    """Module paths whose vectors the interceptor applied (scan bodies: the path without a layer index)."""
+    """What the interceptor saw during one call.
+
+    Attributes:
+      paths: the module paths whose vectors were applied, as ``module.scope.path``: the path from
+        the root of the ``params`` that the Flax model was applied to, e.g. ``("encoder", "k")``. In
+        an ``nn.scan`` / ``nn.vmap`` body it is the path of the stacked params (no layer index),
+        which is where the stacked vector sits, so it is exact there too.
+      roots: for each params tree that a Flax model was applied to, the module paths of its
+        vectors; `missed` uses them to find where such a tree sits in the arguments.
+    """
 
     paths: set[_tree.Path] = dataclasses.field(default_factory=set)
+    roots: set[frozenset[_tree.Path]] = dataclasses.field(default_factory=set)
+    # Root scopes already recorded, kept alive so that their ids stay unique during the call.
+    _scopes: dict[int, Any] = dataclasses.field(default_factory=dict, repr=False)
 
-    def covers(self, vector_path: _tree.Path) -> bool:
-        return any(vector_path[len(vector_path) - len(p) :] == p for p in self.paths)
+    def record_root(self, module: nn.Module) -> None:
+        """Records the vector paths of the params that `module`'s model was applied to (once per apply)."""
+        params, scope = _tree.root_params(module), module.scope
+        if params is None or scope is None or id(scope.root) in self._scopes:
+            return
+        self._scopes[id(scope.root)] = scope.root
+        vectors = frozenset(_tree.vector_modules(params))
+        if vectors:
+            self.roots.add(vectors)
+
+    def missed(self, vector_paths: list[_tree.Path]) -> list[_tree.Path]:
+        """The vectors at `vector_paths` (in a function's arguments) that no applied module accounts for.
+
+        Matched exactly: a vector's path relative to its params tree's root in the arguments
+        (`tree.rooted`) must be an applied module path. With modules ``fc`` and ``aux.fc`` and only
+        ``fc`` called, ``aux.fc`` is missed (a suffix rule would count it as applied).
+        """
+        relative = _tree.rooted(vector_paths, self.roots)
+        return [p for p in vector_paths if relative.get(p) not in self.paths]
 
 
 def scale(activation: jax.Array, vector: jax.Array) -> jax.Array:
@@ -80,6 +109,7 @@ def _output_features(kernel_shape: tuple[int, ...], x_shape: tuple[int, ...], n:
 def _interceptor(config: IA3Config | None, applied: Applied):
     def intercept(next_fun, args, kwargs, context):
         module = context.module
+        applied.record_root(module)  # at any method: the root may be entered through `method=`
         if context.method_name != "__call__" or not module.has_variable("params", _tree.VECTOR):
             return next_fun(*args, **kwargs)
         path = tuple(module.scope.path)
@@ -119,7 +149,11 @@ def intercept(config: IA3Config | None = None) -> Iterator[Applied]:
     input or the output); square layers then need the config.
 
     Trace inside it: a function `jax.jit`-ed and first traced outside ignores the vectors, also when
-    later called inside. Prefer `apply_fn`. Yields an `Applied` record of the module paths applied.
+    later called inside; one first traced inside keeps IA3 in its cache for later calls outside
+    (the interceptor is not part of jit's cache key). So do not call an already-jitted function
+    here: jit the function that enters the context, which `apply_fn` does for you
+    (``jax.jit(ia3_jax.apply_fn(model.apply, config))``). Yields an `Applied` record of the module
+    paths applied.
 
     Example:
       >>> with intercept(config):
@@ -141,30 +175,54 @@ def vector_paths(tree: Any) -> list[_tree.Path]:
     return [path[:-1] for path, _ in _tree.leaves_with_paths(tree) if path and path[-1] == _tree.VECTOR]
 
 
+def _is_staged(fn: Callable[..., Any]) -> bool:
+    """Whether jax already stages `fn` with a trace cache of its own (`jax.jit`, `jax.pmap`).
+
+    `jax.stages.Wrapped` is jax's public protocol of a jitted function (callable, ``lower`` and
+    ``trace``); a `jax.pmap`-ed function has ``lower`` only. `functools.partial` is looked through.
+    """
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return isinstance(fn, jax.stages.Wrapped) or callable(getattr(fn, "lower", None))
+
+
 def apply_fn(fn: F, config: IA3Config | None = None, *, strict: bool = True) -> F:
     """Wraps `fn` so that it runs under the IA3 interceptor, entered inside whatever traces it.
 
     `fn` is any function whose call runs Flax modules: ``model.apply``, a Hugging Face Flax model's
-    ``__call__`` / ``generate``, or a whole loss. The result composes with `jax.jit`, `jax.grad`,
-    `jax.vmap` and `jax.pmap` in any order.
+    ``__call__`` / ``generate``, or a whole loss. Transform the *result*: ``jax.jit``, ``jax.grad``,
+    ``jax.vmap`` and ``jax.pmap`` compose with it in any order among themselves. `fn` itself must
+    not be jitted: ``apply_fn(jax.jit(model.apply))`` would trace IA3 into that jit's own cache,
+    which later plain calls of ``jax.jit(model.apply)`` reuse (IA3 where none was asked for), or
+    reuse an earlier plain trace (IA3 ignored); it raises `AlreadyJittedError`.
 
     With ``strict`` (default), every ``ia3_l`` leaf found in the arguments must have been applied by
-    the call, else `NotAppliedError` names the unused ones (a silent no-op caught at trace time). Pass
+    the call, matched by its exact module path (stacked ``nn.scan`` bodies included), else
+    `NotAppliedError` names the unused ones (a silent no-op caught at trace time). Pass
     ``strict=False`` for calls that legitimately use part of the model (a T5 encoder alone).
 
     Example:
       >>> forward = jax.jit(ia3_jax.apply_fn(model.apply, config))
-      >>> logits = forward({"params": params}, x)
+      >>> logits = forward({"params": params}, x)   # logits: (batch, ..., classes)
     """
+    if _is_staged(fn):
+        raise AlreadyJittedError(
+            f"apply_fn got {getattr(fn, '__name__', fn)!r}, a function that jax.jit/jax.pmap already wraps: its trace "
+            "cache does not know about the interceptor, so IA3 would leak into its plain calls or be skipped. Jit "
+            "the wrapper instead: jax.jit(ia3_jax.apply_fn(model.apply, config))."
+        )
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         with nn.intercept_methods(_interceptor(config, applied := Applied())):
             out = fn(*args, **kwargs)
         if strict:
-            missed = [p for p in vector_paths((args, kwargs)) if not applied.covers(p)]
+            paths = vector_paths((args, kwargs))
+            missed = applied.missed(paths)
             if missed:
-                names = sorted({_tree.dotted(p[1:]) for p in missed})
+                # Named by module path where the params root was found, else by argument position.
+                relative = _tree.rooted(paths, applied.roots)
+                names = sorted({_tree.dotted(relative.get(p, p[1:])) for p in missed})
                 raise NotAppliedError(
                     f"{len(missed)} IA3 vectors in the arguments were never applied by "
                     f"{getattr(fn, '__name__', fn)!r}: "

@@ -215,9 +215,14 @@ def infer_layouts(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str
     """
     seen: dict[_tree.Path, KernelLayout] = {}
     per_layer_shapes: dict[_tree.Path, tuple[int, ...]] = {}
+    roots: dict[int, tuple[Any, frozenset[_tree.Path]]] = {}  # root scope id -> (scope, its kernel paths)
 
     def record(next_fun, call_args, call_kwargs, context):
         module = context.module
+        params = _tree.root_params(module)
+        if params is not None and id(module.scope.root) not in roots:
+            kernels = frozenset(p for p, node in _tree.modules(params) if "kernel" in node)
+            roots[id(module.scope.root)] = (module.scope.root, kernels)
         if context.method_name != "__call__" or not module.has_variable("params", "kernel"):
             return next_fun(*call_args, **call_kwargs)
         kernel_shape = quant.kernel_shape(module.get_variable("params", "kernel"))
@@ -231,15 +236,20 @@ def infer_layouts(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str
     with nn.intercept_methods(record):
         jax.eval_shape(fn, *args, **kwargs)
     stored = _stored_kernels((args, kwargs))
+    # Each stored kernel's module path relative to its params root: exact, so `aux.fc` is not `fc`.
+    relative = _tree.rooted(list(stored), [kernels for _, kernels in roots.values()])
 
     layouts = {}
     for path, layout in seen.items():
         key = _tree.dotted(path)
-        full = [shape for p, shape in stored.items() if p[len(p) - len(path) :] == path]
+        full = {shape for p, shape in stored.items() if relative.get(p) == path}
         if len(full) != 1:
-            raise LayoutError(f"module {key!r}: found {len(full)} stored kernels for it in the arguments.")
-        stack = _stack_axes(full[0], per_layer_shapes[path], key)
-        remaining = [i for i in range(len(full[0])) if i not in stack]
+            raise LayoutError(
+                f"module {key!r}: found {len(full)} stored kernel shapes for it in the arguments ({sorted(full)})."
+            )
+        (stored_shape,) = full
+        stack = _stack_axes(stored_shape, per_layer_shapes[path], key)
+        remaining = [i for i in range(len(stored_shape)) if i not in stack]
         layouts[key] = KernelLayout(
             in_axes=tuple(remaining[a] for a in layout.in_axes),
             out_axes=tuple(remaining[a] for a in layout.out_axes),

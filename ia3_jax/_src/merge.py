@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import operator
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -16,58 +16,105 @@ from ia3_jax._src import quant
 from ia3_jax._src import tree as _tree
 from ia3_jax._src.config import IA3Config
 from ia3_jax._src.dtypes import check_vector_dtype
-from ia3_jax._src.errors import NonFiniteMergeError, StructureError, UnsupportedKernelError, VectorShapeError
+from ia3_jax._src.errors import NonFiniteMergeError, StructureError, VectorShapeError
 from ia3_jax._src.layout import KernelLayout
 from ia3_jax._src.partition import without_vectors
-from ia3_jax._src.targets import vector_target
+from ia3_jax._src.targets import Target, vector_target
 
 UNMERGE_EPS = 1e-8  # PEFT's guard against division by zero in unmerge
+# Entries of l below this magnitude make unmerge lossy: PEFT's +1e-8 alone shifts w / (l + 1e-8) by
+# 1e-8 / |l| (relative; 1e-4 here, beyond float32 and float16 precision), w * l of a float16 kernel
+# with |w| < 0.6 is subnormal, and at l = -1e-8 the division is by zero (inf / NaN).
+NEAR_ZERO = 1e-4
+
+Written = dict[_tree.Path, dict[str, Any]]  # module path -> {array name: the array a fold wrote}
 
 
-def _rescale(
-    node: Mapping[str, Any],
-    path: _tree.Path,
-    vector: jax.Array,
+def _resolve(
+    tree: Mapping[str, Any],
+    vectors: Mapping[_tree.Path, Any],
+    config: IA3Config | None,
+    layouts: Mapping[str, KernelLayout] | None,
+) -> dict[_tree.Path, Target]:
+    """The `Target` of every vector, with its dtype, its kernel and its bias checked, before any fold runs."""
+    resolved = {}
+    for path, boxed in vectors.items():
+        node = _tree.get(tree, path)
+        vector = _tree.unbox(boxed)
+        check_vector_dtype(vector.dtype, f"IA3 vector at {_tree.dotted(path)!r}")
+        target = vector_target(path, node, vector.shape, config, layouts)
+        target.check_kernel(node["kernel"])
+        if not target.feedforward and "bias" in node and jnp.shape(_tree.unbox(node["bias"])) != vector.shape:
+            raise VectorShapeError(
+                f"module {target.key!r}: bias {jnp.shape(_tree.unbox(node['bias']))} does not match the output "
+                f"vector {vector.shape}."
+            )
+        resolved[path] = target
+    return resolved
+
+
+def _rescale(node: Mapping[str, Any], vector: jax.Array, target: Target, divide: bool) -> dict[str, Any]:
+    """The arrays that folding `vector` writes into `node`: its kernel and, for an output vector, its bias.
+
+    ``w * l`` (or ``w / (l + 1e-8)``) is computed in the promoted dtype and cast back to ``w``'s; a
+    quantized kernel's scale absorbs the vector and its integers stay. Boxes are kept.
+    """
+    boxed_kernel = node["kernel"]
+    kernel = _tree.unbox(boxed_kernel)
+    factor = target.kernel_factor(vector)
+    op = (lambda w, s: w / (s + UNMERGE_EPS)) if divide else (lambda w, s: w * s)
+    if quant.is_quantized(kernel):
+        new_kernel = quant.rescale_quantized(kernel, factor, op, key=target.key, feedforward=target.feedforward)
+    else:
+        new_kernel = op(kernel, factor).astype(kernel.dtype)
+    written = {"kernel": _tree.rebox(boxed_kernel, new_kernel)}
+    if not target.feedforward and "bias" in node:
+        bias = _tree.unbox(node["bias"])
+        written["bias"] = _tree.rebox(node["bias"], op(bias, vector).astype(bias.dtype))
+    return written
+
+
+def _fold_all(
+    tree: Mapping[str, Any],
+    vectors: Mapping[_tree.Path, Any],
     config: IA3Config | None,
     layouts: Mapping[str, KernelLayout] | None,
     divide: bool,
-) -> dict[str, Any]:
-    """The module's kernel (and bias, for output vectors) multiplied or divided by the vector."""
-    key = _tree.dotted(path)
-    boxed_kernel = node["kernel"]
-    kernel = _tree.unbox(boxed_kernel)
-    if not (quant.is_quantized(kernel) or isinstance(kernel, jax.Array | np.ndarray)):
-        raise UnsupportedKernelError(
-            f"kernel at {key!r} is a {type(kernel).__name__}, neither an array nor a qwix quantized kernel; "
-            "ia3_jax will not rescale its contents blindly: keep the vector unmerged."
-        )
-    vector = _tree.unbox(vector)
-    check_vector_dtype(vector.dtype, f"IA3 vector at {key!r}")
-    target = vector_target(path, node, vector.shape, config, layouts)
-    feedforward = target.feedforward
-    factor = target.kernel_factor(vector)
-    op = (lambda w, s: w / (s + UNMERGE_EPS)) if divide else (lambda w, s: w * s)
-    out = dict(node)
-    if quant.is_quantized(kernel):  # the scale absorbs the vector; the integers stay
-        new_kernel = quant.rescale_quantized(kernel, factor, op, key=key, feedforward=feedforward)
-    else:
-        new_kernel = op(kernel, factor).astype(kernel.dtype)
-    out["kernel"] = _tree.rebox(boxed_kernel, new_kernel)
-    if not feedforward and "bias" in node:
-        bias = _tree.unbox(node["bias"])
-        if bias.shape != vector.shape:
-            raise VectorShapeError(
-                f"module {key!r}: bias {bias.shape} does not match the output vector {vector.shape}."
-            )
-        out["bias"] = _tree.rebox(node["bias"], op(bias, vector).astype(bias.dtype))
-    return out
-
-
-def _rescaled_tree(tree, vectors, config, layouts, divide):
-    changes = {
-        path: _rescale(_tree.get(tree, path), path, vector, config, layouts, divide) for path, vector in vectors.items()
+) -> tuple[dict[str, Any], Written]:
+    """`tree` with every vector folded in (or divided out) and no ``ia3_l`` left, and what was written."""
+    resolved = _resolve(tree, vectors, config, layouts)
+    written = {
+        path: _rescale(_tree.get(tree, path), _tree.unbox(vectors[path]), target, divide)
+        for path, target in resolved.items()
     }
-    return without_vectors(_tree.updated(_tree.to_dict(tree), changes))
+    changes = {path: {**_tree.get(tree, path), **arrays} for path, arrays in written.items()}
+    return without_vectors(_tree.updated(_tree.to_dict(tree), changes)), written
+
+
+def _all_finite(array: Any) -> jax.Array:
+    """One device-side flag: every float leaf of `array` (a quantized kernel: its scale) is finite."""
+    floats = [x for x in jax.tree.leaves(_tree.unbox(array)) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack([jnp.isfinite(x).all() for x in floats]).all() if floats else jnp.asarray(True)
+
+
+def _describe(path: _tree.Path, name: str, array: Any) -> str:
+    array = _tree.unbox(array)
+    if quant.is_quantized(array):
+        return f"{_tree.dotted(path)!r} {name} (its quantized scale)"
+    return f"{_tree.dotted(path)!r} {name} ({array.dtype.name})"
+
+
+def _non_finite(written: Written) -> list[str]:
+    """Every written array holding NaN or inf, described; one device-to-host transfer for the whole tree."""
+    arrays = [(path, name, array) for path, named in written.items() for name, array in named.items()]
+    if not arrays:
+        return []
+    ok = np.asarray(jax.device_get(jnp.stack([_all_finite(array) for _, _, array in arrays])))
+    return [_describe(path, name, array) for (path, name, array), good in zip(arrays, ok) if not good]
+
+
+def _listed(items: Sequence[str], limit: int = 8) -> str:
+    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
 def merge(
@@ -90,33 +137,38 @@ def merge(
     Args:
       params: a joined param tree (``join(base, adapter)``).
       config: decides feedforward vs output; without it, the vector's shape decides.
-      safe_merge: raise `NonFiniteMergeError` naming the module if a merged kernel holds NaN or inf.
-        The check reads values (one device-to-host transfer of a flag per module), so call it
-        outside `jax.jit`.
+      safe_merge: raise `NonFiniteMergeError` naming the module and the array if any array the
+        merge writes (kernel, bias, a quantized kernel's scale) holds NaN or inf, e.g. a float16
+        bias times a vector entry of 1e6. The check reads values (one device-to-host transfer for
+        the whole tree), so call it outside `jax.jit`.
       layouts: the same per-module layouts given to `ia3_init`, if any.
+
+    Raises:
+      UnsupportedKernelError: a targeted kernel is an integer array (the product would be truncated)
+        or an unknown container; raised before anything is computed.
 
     Example:
       >>> serving_params = merge(join(base, adapter), config)
       >>> model.apply({"params": serving_params}, x)   # no interceptor needed
     """
-    vectors = _tree.vectors(params)
-    merged = _rescaled_tree(params, vectors, config, layouts, divide=False)
+    merged, written = _fold_all(params, _tree.vectors(params), config, layouts, divide=False)
     if safe_merge:
-        finite = jax.device_get({path: _all_finite(_tree.get(merged, path)["kernel"]) for path in vectors})
-        broken = [path for path, ok in finite.items() if not ok]
+        broken = _non_finite(written)
         if broken:
             raise NonFiniteMergeError(
-                f"NaNs or infs in the merged kernel of {_tree.dotted(broken[0])!r}"
-                + (f" (and {len(broken) - 1} more modules)" if len(broken) > 1 else "")
-                + ": the adapter seems broken (check its vector there); nothing was merged."
+                f"merge(safe_merge=True): NaN or inf in the merged {_listed(broken)}: the vector there is broken or "
+                "too large for the array's dtype (a float16 array overflows above 65504); nothing was returned."
             )
     return merged
 
 
-def _all_finite(kernel: Any) -> jax.Array:
-    """One device-side flag: every float leaf of the kernel (a quantized kernel: its scale) is finite."""
-    floats = [x for x in jax.tree.leaves(_tree.unbox(kernel)) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.stack([jnp.isfinite(x).all() for x in floats]).all()
+def _smallest_magnitudes(vectors: Mapping[_tree.Path, Any]) -> dict[_tree.Path, float]:
+    """``min |l|`` of each vector (one device-to-host transfer); empty under tracing, where values are unknown."""
+    arrays = [_tree.unbox(v) for v in vectors.values()]
+    if not arrays or any(isinstance(a, jax.core.Tracer) for a in arrays):
+        return {}
+    smallest = jax.device_get(jnp.stack([jnp.min(jnp.abs(a)).astype(jnp.float32) for a in arrays]))
+    return dict(zip(vectors, map(float, smallest)))
 
 
 def unmerge(
@@ -124,12 +176,26 @@ def unmerge(
     adapter: Mapping[str, Any],
     config: IA3Config | None = None,
     *,
+    safe_unmerge: bool = False,
     layouts: Mapping[str, KernelLayout] | None = None,
 ) -> dict[str, Any]:
     """Divides the adapter's vectors back out of merged kernels: ``w / (l + 1e-8)``, as PEFT.
 
-    Approximate (warns, as PEFT): entries of ``l`` near zero lose information, and low-precision
-    kernels round twice. ``modules_to_save`` params stay as merged (the originals are not in it).
+    Approximate (warns, as PEFT): low-precision kernels round twice, and entries of ``l`` near
+    zero (``|l| < NEAR_ZERO``, 1e-4) lose the kernel or give inf / NaN; called eagerly, the warning
+    names those modules and their smallest ``|l|``. ``modules_to_save`` params stay as merged (the
+    originals are not in the adapter).
+
+    Args:
+      merged: the output of `merge`.
+      adapter: the adapter that was merged (``ia3_l`` leaves; other leaves are ignored).
+      config: decides feedforward vs output, as for `merge`.
+      safe_unmerge: raise `NonFiniteMergeError` before returning if a vector has entries near zero
+        or an array the division wrote holds NaN or inf (reads values: call it outside `jax.jit`).
+      layouts: the same per-module layouts given to `ia3_init`, if any.
+
+    Example:
+      >>> base_again = unmerge(merge(join(base, adapter), config), adapter, config, safe_unmerge=True)
     """
     vectors = _tree.vectors(adapter)
     for path in vectors:
@@ -139,20 +205,54 @@ def unmerge(
             node = None
         if not isinstance(node, Mapping) or "kernel" not in node:
             raise StructureError(f"adapter vector at {_tree.dotted(path)!r} has no kernel in the merged params.")
-    warnings.warn("Unmerge result can be inaccurate for (IA)^3.", stacklevel=2)
-    return _rescaled_tree(merged, vectors, config, layouts, divide=True)
+    near = [
+        f"{_tree.dotted(path)!r} (smallest |l| {m:.3g})"
+        for path, m in _smallest_magnitudes(vectors).items()
+        if m < NEAR_ZERO
+    ]
+    if safe_unmerge and near:  # refused before anything is computed
+        raise NonFiniteMergeError(
+            f"unmerge(safe_unmerge=True): vectors with entries near 0 (below {NEAR_ZERO:g}) at {_listed(near)}; "
+            "dividing by them loses the kernel or gives inf/NaN. Keep the base params from before the merge "
+            "(ia3_jax.split) instead of unmerging."
+        )
+    warnings.warn(
+        "Unmerge result can be inaccurate for (IA)^3."
+        + (
+            f" Vectors with entries near 0 (below {NEAR_ZERO:g}) at {_listed(near)}: dividing by them loses the "
+            "kernel or gives inf/NaN there; pass safe_unmerge=True to raise instead."
+            if near
+            else ""
+        ),
+        stacklevel=2,
+    )
+    restored, written = _fold_all(merged, vectors, config, layouts, divide=True)
+    broken = _non_finite(written) if safe_unmerge else []
+    if broken:
+        raise NonFiniteMergeError(
+            f"unmerge(safe_unmerge=True): NaN or inf in the unmerged {_listed(broken)}: the vector there is broken "
+            "(check it for NaN) or the division overflows the array's dtype; nothing was returned."
+        )
+    return restored
 
 
 def _has_leaves(tree: Any) -> bool:
     return bool(jax.tree_util.tree_leaves(tree))
 
 
-def _fold(adapters: Sequence[Mapping[str, Any]], combine_fn, what: str) -> dict[str, Any]:
+def _combined(
+    adapters: Sequence[Mapping[str, Any]], combine_fn: Callable[[list[jax.Array]], jax.Array], what: str
+) -> dict[str, Any]:
+    """One adapter whose vectors are ``combine_fn`` of the adapters' vectors at each module.
+
+    Checks first that the adapters target the same modules with vectors of one shape and a
+    floating dtype, and that at most one carries ``modules_to_save`` copies (kept as they are).
+    """
     if not adapters:
-        raise ValueError(f"{what}: pass at least one adapter.")
+        raise StructureError(f"{what}: pass at least one adapter.")
     parts = [(_tree.vectors(a), without_vectors(a)) for a in adapters]
     first = parts[0][0]
-    for i, (vectors, _) in enumerate(parts[1:], start=1):
+    for i, (vectors, _) in enumerate(parts):
         if vectors.keys() != first.keys():
             only = sorted(set(vectors) ^ set(first))
             raise StructureError(
@@ -160,6 +260,8 @@ def _fold(adapters: Sequence[Mapping[str, Any]], combine_fn, what: str) -> dict[
                 f"{_tree.dotted(only[0])!r}). Combine adapters made with the same config."
             )
         for path, v in vectors.items():
+            where = f"{what}: adapter {i}'s vector at {_tree.dotted(path)!r}"
+            check_vector_dtype(jnp.result_type(_tree.unbox(v)), where)
             if jnp.shape(_tree.unbox(v)) != jnp.shape(_tree.unbox(first[path])):
                 raise StructureError(
                     f"{what}: vector {_tree.dotted(path)!r} has shape {jnp.shape(_tree.unbox(v))} in adapter {i} "
@@ -181,21 +283,35 @@ def _fold(adapters: Sequence[Mapping[str, Any]], combine_fn, what: str) -> dict[
 def add_weighted_adapter(adapters: Sequence[Mapping[str, Any]], weights: Sequence[float]) -> dict[str, Any]:
     """PEFT's ``add_weighted_adapter`` for IA3: the weighted *sum* ``sum_i w_i l_i`` of the vectors.
 
-    Weights are not normalised (PEFT's docs suggest they sum to 1); negative weights are allowed.
+    Weights are not normalised (PEFT's docs suggest they sum to 1); negative weights are allowed,
+    NaN and inf are not (`NonFiniteMergeError`; weights traced under `jax.jit` are not checked).
     A ``modules_to_save`` copy, if one adapter has it, is carried over (PEFT would take an untrained
-    copy instead).
+    copy instead). Vectors must be floating (`AdapterDtypeError`).
 
     Example:
       >>> mixed = add_weighted_adapter([adapter_a, adapter_b], [0.7, 0.3])
     """
     if len(weights) != len(adapters):
-        raise ValueError(f"add_weighted_adapter: {len(adapters)} adapters but {len(weights)} weights.")
-    return _fold(adapters, lambda vs: sum(w * v for w, v in zip(weights, vs)), "add_weighted_adapter")
+        raise StructureError(f"add_weighted_adapter: {len(adapters)} adapters but {len(weights)} weights.")
+    bad = [(i, w) for i, w in enumerate(weights) if not isinstance(w, jax.core.Tracer) and not np.isfinite(w)]
+    if bad:
+        raise NonFiniteMergeError(
+            f"add_weighted_adapter: weight {bad[0][0]} is {bad[0][1]!r}; weights must be finite numbers "
+            "(a NaN or inf weight makes every vector of the result NaN or inf)."
+        )
+    def weighted_sum(vs: list[jax.Array]) -> jax.Array:
+        return functools.reduce(operator.add, [w * v for w, v in zip(weights, vs)])
+
+    return _combined(adapters, weighted_sum, "add_weighted_adapter")
 
 
 def combine(adapters: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Several adapters active at once: the elementwise product of their vectors (PEFT's forward rule).
 
-    ``merge(join(base, combine([a, b])))`` equals merging `a` then `b`.
+    Vectors must be floating (`AdapterDtypeError`). ``merge(join(base, combine([a, b])))`` equals
+    merging `a` then `b`.
+
+    Example:
+      >>> both = combine([style_adapter, task_adapter])   # l = l_style * l_task at every module
     """
-    return _fold(adapters, lambda vs: functools.reduce(operator.mul, vs), "combine")
+    return _combined(adapters, lambda vs: functools.reduce(operator.mul, vs), "combine")

@@ -14,12 +14,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
+from ia3_jax._src import quant
 from ia3_jax._src import tree as _tree
 from ia3_jax._src.config import IA3Config
-from ia3_jax._src.errors import TargetError, VectorShapeError
+from ia3_jax._src.errors import TargetError, UnsupportedKernelError, VectorShapeError
 from ia3_jax._src.layout import KernelLayout, module_layout
-from ia3_jax._src.quant import kernel_shape
 
 _OUTPUT_LAYERS = ("lm_head",)
 _CLASSIFIER_LAYERS = ("classifier", "score")
@@ -32,7 +34,7 @@ def _listing(paths, limit: int = 40) -> str:
 
 
 def _all_linear(layers: dict[_tree.Path, Mapping[str, Any]], config: IA3Config) -> set[_tree.Path]:
-    linear = {p for p, node in layers.items() if len(kernel_shape(node["kernel"])) == 2}
+    linear = {p for p, node in layers.items() if len(quant.kernel_shape(node["kernel"])) == 2}
     skip = set(_OUTPUT_LAYERS)
     if config.task_type == "SEQ_CLS":
         skip |= set(_CLASSIFIER_LAYERS)
@@ -175,6 +177,28 @@ class Target:
             f"({side} features{', stacked layers' if self.layout.stack_axes else ''}): the adapter is for another "
             "model or config, or the layout was guessed wrong (pass layouts=ia3_jax.infer_layouts(...))."
         )
+
+    def check_kernel(self, kernel: Any) -> None:
+        """Raises `UnsupportedKernelError` unless a merge can rescale `kernel` exactly.
+
+        Mergeable: a floating array, or a qwix quantized kernel (its float scale absorbs the
+        vector). An integer or bool array would be truncated (``[[1, 2, 3]] * [0.5, 1.5, 0.3]`` ->
+        ``[[0, 3, 0]]``); any other container is an unknown quantization scheme. `kernel` may be boxed.
+        """
+        kernel = _tree.unbox(kernel)
+        if quant.is_quantized(kernel):
+            return
+        if not isinstance(kernel, jax.Array | np.ndarray):
+            raise UnsupportedKernelError(
+                f"kernel at {self.key!r} is a {type(kernel).__name__}, neither an array nor a qwix quantized kernel; "
+                "ia3_jax will not rescale its contents blindly: keep the vector unmerged."
+            )
+        if not jnp.issubdtype(kernel.dtype, jnp.floating):
+            raise UnsupportedKernelError(
+                f"kernel at {self.key!r} has dtype {kernel.dtype.name}: merging a float IA3 vector into it would "
+                "truncate the product to integers. Keep the vector unmerged (ia3_jax.apply_fn), merge into a float "
+                "copy of the kernel, or quantize with qwix (whose float scale absorbs the vector exactly)."
+            )
 
     def kernel_factor(self, vector: jax.Array) -> jax.Array:
         """`vector`, checked, reshaped to broadcast against the kernel (grouped convs: expanded)."""

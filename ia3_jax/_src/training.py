@@ -20,6 +20,7 @@ import optax
 
 from ia3_jax._src import tree as _tree
 from ia3_jax._src.config import IA3Config
+from ia3_jax._src.errors import StructureError
 from ia3_jax._src.partition import is_trainable, join
 from ia3_jax._src.targets import modules_to_save_roots
 
@@ -46,7 +47,7 @@ def trainable_mask(params: Mapping[str, Any], config: IA3Config | None = None) -
       A pytree of Python bools with the structure of `params`.
 
     Raises:
-      ValueError: nothing in `params` is trainable (no ``ia3_l`` leaf, no ``modules_to_save``).
+      StructureError: nothing in `params` is trainable (no ``ia3_l`` leaf, no ``modules_to_save``).
     """
     roots = modules_to_save_roots(params, config) if config is not None else []
 
@@ -55,7 +56,7 @@ def trainable_mask(params: Mapping[str, Any], config: IA3Config | None = None) -
 
     mask = jax.tree_util.tree_map_with_path(flag, params, is_leaf=_tree.is_box)
     if not any(jax.tree.leaves(mask)):
-        raise ValueError(
+        raise StructureError(
             "trainable_mask: these params hold no IA3 vector (and config names no modules_to_save): "
             "insert the vectors with ia3_jax.ia3_init(params, config) first."
         )
