@@ -209,11 +209,12 @@ def test_sharded_equals_single_device():
     single = ia3_nnx.ia3_init(MLP(False), config, x, rng=jax.random.key(1))
     with jax.set_mesh(mesh):
         sharded = ia3_nnx.ia3_init(MLP(True), config, x, rng=jax.random.key(1))
+        for name in ("up", "down"):  # output features of up, input features of down: both on 'model'
+            vector = getattr(sharded, name).ia3_l
+            assert vector.get_metadata("out_sharding") == ("model",)
+            assert vector.get_value().sharding.spec == P("model")
+        # (checked before the call: nnx.jit writes its outputs' shardings, chosen by XLA, back into the model)
         y = nnx.jit(lambda m, x: m(x))(sharded, jax.device_put(x, NamedSharding(mesh, P("data"))))
-    for name in ("up", "down"):  # output features of up, input features of down: both on 'model'
-        vector = getattr(sharded, name).ia3_l
-        assert vector.get_metadata("out_sharding") == ("model",)
-        assert vector.get_value().sharding.spec == P("model")
     np.testing.assert_allclose(y, single(x), rtol=1e-5, atol=1e-6)
 
 
