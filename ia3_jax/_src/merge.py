@@ -53,7 +53,7 @@ def _resolve(
     return resolved
 
 
-def _rescale(node: Mapping[str, Any], vector: jax.Array, target: Target, divide: bool) -> dict[str, Any]:
+def rescale_module(node: Mapping[str, Any], vector: jax.Array, target: Target, divide: bool) -> dict[str, Any]:
     """The arrays that folding `vector` writes into `node`: its kernel and, for an output vector, its bias.
 
     ``w * l`` (or ``w / (l + 1e-8)``) is computed in the promoted dtype and cast back to ``w``'s; a
@@ -84,7 +84,7 @@ def _fold_all(
     """`tree` with every vector folded in (or divided out) and no ``ia3_l`` left, and what was written."""
     resolved = _resolve(tree, vectors, config, layouts)
     written = {
-        path: _rescale(_tree.get(tree, path), _tree.unbox(vectors[path]), target, divide)
+        path: rescale_module(_tree.get(tree, path), _tree.unbox(vectors[path]), target, divide)
         for path, target in resolved.items()
     }
     changes = {path: {**_tree.get(tree, path), **arrays} for path, arrays in written.items()}
@@ -104,17 +104,13 @@ def _describe(path: _tree.Path, name: str, array: Any) -> str:
     return f"{_tree.dotted(path)!r} {name} ({array.dtype.name})"
 
 
-def _non_finite(written: Written) -> list[str]:
+def non_finite_arrays(written: Written) -> list[str]:
     """Every written array holding NaN or inf, described; one device-to-host transfer for the whole tree."""
     arrays = [(path, name, array) for path, named in written.items() for name, array in named.items()]
     if not arrays:
         return []
     ok = np.asarray(jax.device_get(jnp.stack([_all_finite(array) for _, _, array in arrays])))
     return [_describe(path, name, array) for (path, name, array), good in zip(arrays, ok) if not good]
-
-
-def _listed(items: Sequence[str], limit: int = 8) -> str:
-    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
 def merge(
@@ -153,16 +149,16 @@ def merge(
     """
     merged, written = _fold_all(params, _tree.vectors(params), config, layouts, divide=False)
     if safe_merge:
-        broken = _non_finite(written)
+        broken = non_finite_arrays(written)
         if broken:
             raise NonFiniteMergeError(
-                f"merge(safe_merge=True): NaN or inf in the merged {_listed(broken)}: the vector there is broken or "
-                "too large for the array's dtype (a float16 array overflows above 65504); nothing was returned."
+                f"merge(safe_merge=True): NaN or inf in the merged {_tree.listing(broken)}: the vector there is "
+                "broken or too large for the array's dtype (float16 overflows above 65504); nothing was returned."
             )
     return merged
 
 
-def _smallest_magnitudes(vectors: Mapping[_tree.Path, Any]) -> dict[_tree.Path, float]:
+def smallest_magnitudes(vectors: Mapping[_tree.Path, Any]) -> dict[_tree.Path, float]:
     """``min |l|`` of each vector (one device-to-host transfer); empty under tracing, where values are unknown."""
     arrays = [_tree.unbox(v) for v in vectors.values()]
     if not arrays or any(isinstance(a, jax.core.Tracer) for a in arrays):
@@ -207,19 +203,19 @@ def unmerge(
             raise StructureError(f"adapter vector at {_tree.dotted(path)!r} has no kernel in the merged params.")
     near = [
         f"{_tree.dotted(path)!r} (smallest |l| {m:.3g})"
-        for path, m in _smallest_magnitudes(vectors).items()
+        for path, m in smallest_magnitudes(vectors).items()
         if m < NEAR_ZERO
     ]
     if safe_unmerge and near:  # refused before anything is computed
         raise NonFiniteMergeError(
-            f"unmerge(safe_unmerge=True): vectors with entries near 0 (below {NEAR_ZERO:g}) at {_listed(near)}; "
+            f"unmerge(safe_unmerge=True): vectors with entries near 0 (below {NEAR_ZERO:g}) at {_tree.listing(near)}; "
             "dividing by them loses the kernel or gives inf/NaN. Keep the base params from before the merge "
             "(ia3_jax.split) instead of unmerging."
         )
     warnings.warn(
         "Unmerge result can be inaccurate for (IA)^3."
         + (
-            f" Vectors with entries near 0 (below {NEAR_ZERO:g}) at {_listed(near)}: dividing by them loses the "
+            f" Vectors with entries near 0 (below {NEAR_ZERO:g}) at {_tree.listing(near)}: dividing by them loses the "
             "kernel or gives inf/NaN there; pass safe_unmerge=True to raise instead."
             if near
             else ""
@@ -227,11 +223,11 @@ def unmerge(
         stacklevel=2,
     )
     restored, written = _fold_all(merged, vectors, config, layouts, divide=True)
-    broken = _non_finite(written) if safe_unmerge else []
+    broken = non_finite_arrays(written) if safe_unmerge else []
     if broken:
         raise NonFiniteMergeError(
-            f"unmerge(safe_unmerge=True): NaN or inf in the unmerged {_listed(broken)}: the vector there is broken "
-            "(check it for NaN) or the division overflows the array's dtype; nothing was returned."
+            f"unmerge(safe_unmerge=True): NaN or inf in the unmerged {_tree.listing(broken)}: the vector there "
+            "is broken (check it for NaN) or the division overflows the array's dtype; nothing was returned."
         )
     return restored
 

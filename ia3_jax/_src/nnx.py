@@ -47,7 +47,7 @@ from ia3_jax._src.errors import (
 )
 from ia3_jax._src.interceptor import scale
 from ia3_jax._src.layout import KernelLayout
-from ia3_jax._src.sharding import _vector_spec
+from ia3_jax._src.sharding import vector_spec
 from ia3_jax._src.targets import Target, resolve_targets
 
 VECTOR = _tree.VECTOR  # the attribute name of a module's vector, as PEFT's and the Linen tree's leaf name
@@ -75,7 +75,7 @@ def _path(parts: Sequence[Any]) -> _tree.Path:
     return tuple(str(p) for p in parts)
 
 
-def _weight_name(module: nnx.Module) -> str | None:
+def weight_name(module: nnx.Module) -> str | None:
     """The attribute holding the module's weight: ``kernel``, else its only parameter of 2+ axes."""
     names = [
         name
@@ -93,7 +93,7 @@ def _weight(module: nnx.Module) -> nnx.Variable:
     return getattr(module, getattr(module, VECTOR).get_metadata(WEIGHT_META))
 
 
-def _modules(model: nnx.Module) -> Iterator[tuple[_tree.Path, nnx.Module]]:
+def named_modules(model: nnx.Module) -> Iterator[tuple[_tree.Path, nnx.Module]]:
     for parts, module in model.iter_modules():
         if parts:
             yield _path(parts), module
@@ -102,13 +102,13 @@ def _modules(model: nnx.Module) -> Iterator[tuple[_tree.Path, nnx.Module]]:
 def _view(model: nnx.Module) -> dict[str, Any]:
     """The model as the nested module dict `resolve_targets` reads: each weight under ``kernel`` (shape only)."""
     view: dict[str, Any] = {}
-    for path, module in _modules(model):
+    for path, module in named_modules(model):
         node = view
         for name in path:
             node = node.setdefault(name, {})
-        weight_name = _weight_name(module)
-        if weight_name is not None:
-            weight = getattr(module, weight_name).get_value()
+        weight = weight_name(module)
+        if weight is not None:
+            weight = getattr(module, weight).get_value()
             node["kernel"] = jax.ShapeDtypeStruct(quant.kernel_shape(weight), jnp.float32)
     return view
 
@@ -287,7 +287,7 @@ def _vector_sharding(kernel: nnx.Variable, target: Target) -> tuple[dict[str, An
     metadata: dict[str, Any] = {}
     names = kernel.get_metadata("out_sharding", None)
     if names:
-        metadata["out_sharding"] = tuple(_vector_spec(target, PartitionSpec(*names), None))
+        metadata["out_sharding"] = tuple(vector_spec(target, PartitionSpec(*names), None))
         # The vector is placed below from the kernel's actual sharding; NNX must not place it again
         # at creation (which needs a mesh in context even for a model built unsharded).
         metadata["eager_sharding"] = False
@@ -295,12 +295,12 @@ def _vector_sharding(kernel: nnx.Variable, target: Target) -> tuple[dict[str, An
         metadata["mesh"] = kernel.get_metadata("mesh")
     sharding = getattr(kernel.get_value(), "sharding", None)
     if isinstance(sharding, NamedSharding):
-        return metadata, NamedSharding(sharding.mesh, _vector_spec(target, sharding.spec, sharding.mesh))
+        return metadata, NamedSharding(sharding.mesh, vector_spec(target, sharding.spec, sharding.mesh))
     return metadata, None
 
 
 def has_vectors(model: nnx.Module) -> bool:
-    return any(isinstance(getattr(m, VECTOR, None), IA3Vector) for _, m in _modules(model))
+    return any(isinstance(getattr(m, VECTOR, None), IA3Vector) for _, m in named_modules(model))
 
 
 def ia3_init(
@@ -353,7 +353,7 @@ def ia3_init(
     if has_vectors(model):
         raise AdapterExistsError("the model already holds IA3 vectors: merge them (ia3_jax.nnx.merge) first.")
     chosen = resolve_targets(_view(model), config)
-    by_path = dict(_modules(model))
+    by_path = dict(named_modules(model))
     traced = _trace(model, {p: by_path[p] for p in chosen}, inputs, input_kwargs)
     idle = sorted(_tree.dotted(p) for p in chosen if p not in traced)
     if idle:
@@ -364,11 +364,11 @@ def ia3_init(
         )
     if copy:
         model = nnx.clone(model)
-        by_path = dict(_modules(model))
+        by_path = dict(named_modules(model))
     keys = iter(jax.random.split(rng, len(chosen))) if rng is not None else None
     for path, feedforward in chosen.items():
         module = by_path[path]
-        name = _weight_name(module)
+        name = weight_name(module)
         assert name is not None  # resolve_targets only returns modules whose view has a kernel
         kernel = getattr(module, name)
         shape = quant.kernel_shape(kernel.get_value())
@@ -389,7 +389,7 @@ def ia3_init(
 # --- the adapter as a plain nested dict (Linen's adapter form: '.'-joinable string keys) ---
 
 
-def _vector_variables(tree: ModelOrState) -> dict[_tree.Path, nnx.Variable]:
+def vector_variables(tree: ModelOrState) -> dict[_tree.Path, nnx.Variable]:
     """Every `IA3Vector` of a model or a state, by module path."""
     state = nnx.state(tree, IA3Vector) if isinstance(tree, nnx.Module) else tree
     return {
@@ -405,7 +405,7 @@ def adapter(tree: ModelOrState) -> dict[str, Any]:
     Keys are strings (``{"layers": {"0": {"attn": {"k_proj": {"ia3_l": array}}}}}``), the form of
     Linen's adapter tree: `ia3_jax.save_adapter`, `ia3_jax.save_peft` and optax take it as it is.
     """
-    vectors = _vector_variables(tree)
+    vectors = vector_variables(tree)
     if not vectors:
         raise StructureError("no IA3 vectors in this model or state: adapt it with ia3_jax.nnx.ia3_init first.")
     return _tree.updated({}, {path + (VECTOR,): v.get_value() for path, v in vectors.items()})
@@ -417,11 +417,11 @@ def set_adapter(model: nnx.Module, adapter_tree: Mapping[str, Any] | nnx.State) 
     `adapter_tree` is a nested dict (`adapter`, `load_adapter`, PEFT files) or an ``nnx.State`` of
     vectors. The vectors keep the model's dtype and placement (sharding) of its current vectors.
     """
-    vectors = _vector_variables(model)
+    vectors = vector_variables(model)
     new = (
         _tree.vectors(_tree.to_dict(adapter_tree))
         if isinstance(adapter_tree, Mapping)
-        else {path: v.get_value() for path, v in _vector_variables(adapter_tree).items()}
+        else {path: v.get_value() for path, v in vector_variables(adapter_tree).items()}
     )
     if set(new) != set(vectors):
         missing, extra = sorted(set(vectors) - set(new)), sorted(set(new) - set(vectors))
@@ -439,7 +439,7 @@ def set_adapter(model: nnx.Module, adapter_tree: Mapping[str, Any] | nnx.State) 
         variable.set_value(jax.device_put(value, sharding) if sharding is not None else value)
 
 
-# --- folding vectors into weights: the Linen fold arithmetic (`merge._rescale`) on NNX variables ---
+# --- folding vectors into weights: the Linen fold arithmetic (`merge.rescale_module`) on NNX variables ---
 
 
 def _folds(
@@ -460,16 +460,16 @@ def _folds(
         if path + ("bias",) in flat and flat[path + ("bias",)].get_value() is not None:
             node["bias"] = flat[path + ("bias",)].get_value()
         target.check_kernel(node["kernel"])
-        arrays = _merge._rescale(node, vector, target, divide)
+        arrays = _merge.rescale_module(node, vector, target, divide)
         written[path] = {weight if name == "kernel" else name: array for name, array in arrays.items()}
     return written
 
 
 def _raise_non_finite(written: Mapping[_tree.Path, dict[str, Any]], what: str) -> None:
-    broken = _merge._non_finite(dict(written))
+    broken = _merge.non_finite_arrays(dict(written))
     if broken:
         raise NonFiniteMergeError(
-            f"{what}: NaN or inf in the written {_merge._listed(broken)}: the vector there is broken or too large for "
+            f"{what}: NaN or inf in the written {_tree.listing(broken)}: the vector there is broken or too large for "
             "the array's dtype; nothing was changed."
         )
 
@@ -489,7 +489,7 @@ def _apply_folds(tree: M | nnx.State, written: Mapping[_tree.Path, dict[str, Any
         ]
         return nnx.from_flat_state(flat)
     model = nnx.clone(tree) if copy else tree
-    for path, module in _modules(model):
+    for path, module in named_modules(model):
         if isinstance(getattr(module, VECTOR, None), IA3Vector):
             for name, array in written.get(path, {}).items():
                 getattr(module, name).set_value(array)
@@ -513,7 +513,7 @@ def merge(tree: M | nnx.State, *, safe_merge: bool = False, copy: bool = True) -
     Example:
       >>> served = ia3_jax.nnx.merge(model)           # runs at full speed, no vectors
     """
-    vectors = _vector_variables(tree)
+    vectors = vector_variables(tree)
     if not vectors:
         raise StructureError("merge: no IA3 vectors in this model or state.")
     state = nnx.state(tree) if isinstance(tree, nnx.Module) else tree
@@ -534,20 +534,20 @@ def unmerge(
     Example:
       >>> base_again = ia3_jax.nnx.unmerge(ia3_jax.nnx.merge(model), model)
     """
-    vectors = _vector_variables(adapter_tree)
+    vectors = vector_variables(adapter_tree)
     if not vectors:
         raise StructureError("unmerge: the adapter holds no IA3 vectors.")
     state = nnx.state(merged) if isinstance(merged, nnx.Module) else merged
     written = _folds(state, vectors, divide=True)
     near = [
         f"{_tree.dotted(p)!r} (smallest |l| {m:.3g})"
-        for p, m in _merge._smallest_magnitudes({p: v.get_value() for p, v in vectors.items()}).items()
+        for p, m in _merge.smallest_magnitudes({p: v.get_value() for p, v in vectors.items()}).items()
         if m < _merge.NEAR_ZERO
     ]
     if safe_unmerge:
         if near:
             raise NonFiniteMergeError(
-                f"unmerge(safe_unmerge=True): vectors with entries near 0 at {_merge._listed(near)}."
+                f"unmerge(safe_unmerge=True): vectors with entries near 0 at {_tree.listing(near)}."
             )
         _raise_non_finite(written, "unmerge(safe_unmerge=True)")
     warnings.warn("Unmerge result can be inaccurate for (IA)^3.", stacklevel=2)
@@ -563,7 +563,7 @@ def unmerge(
         ]
         return nnx.from_flat_state(flat)
     model = nnx.clone(merged) if copy else merged
-    for path, module in _modules(model):
+    for path, module in named_modules(model):
         for name, array in written.get(path, {}).items():
             getattr(module, name).set_value(array)
     return model
@@ -623,7 +623,7 @@ def load_adapter(path: Any, model: nnx.Module, *, step: int | None = None) -> IA
     The arrays are restored straight onto the devices and shardings of the model's vectors, so a
     model built sharded (or with ``nnx.eval_shape`` and then materialised) gets sharded vectors.
     """
-    vectors = _vector_variables(model)
+    vectors = vector_variables(model)
     shardings = _tree.updated(
         {},
         {

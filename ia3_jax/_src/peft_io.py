@@ -77,7 +77,6 @@ _AUTO_MODULES_TO_SAVE = {
     "TOKEN_CLS": ("classifier", "score"),
     "QUESTION_ANS": ("qa_outputs",),
 }
-_SHOWN = 8  # keys listed in an error message
 # The write protocol (module docstring): a committed new pair waiting to be moved into place, and
 # the staging folders of saves in progress (or killed before their commit).
 PENDING_NAME = ".ia3-peft-pending"
@@ -169,19 +168,14 @@ def _entries(
     return {**_vector_entries(params, config, layouts), **_saved_entries(params, config)}
 
 
-def _listing(keys, limit: int = _SHOWN) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def _check_fits(have: Mapping[str, tuple[int, ...]], want: Mapping[str, tuple[int, ...]], where: str) -> None:
     """Raises `AdapterMismatchError` naming the first unknown key, wrong shape or missing key."""
     unknown = sorted(set(have) - set(want))
     if unknown:
         raise AdapterMismatchError(
             f"{where} has entries that match no targeted module or modules_to_save param of these params: "
-            f"{_listing(unknown)}. Entries that do: {_listing(want)}. The adapter is for another "
-            "architecture (or was made with another config)."
+            f"{_tree.listing(unknown)}. Entries that do: {_tree.listing(sorted(want))}. The adapter "
+            "is for another architecture (or was made with another config)."
         )
     for key in sorted(have):
         if tuple(have[key]) != tuple(want[key]):
@@ -191,7 +185,9 @@ def _check_fits(have: Mapping[str, tuple[int, ...]], want: Mapping[str, tuple[in
             )
     missing = sorted(set(want) - set(have))
     if missing:
-        raise AdapterMismatchError(f"{where} lacks {len(missing)} entries that these params need: {_listing(missing)}.")
+        raise AdapterMismatchError(
+            f"{where} lacks {len(missing)} entries that these params need: {_tree.listing(missing)}."
+        )
 
 
 # --- writing ----------------------------------------------------------------------------------
@@ -580,7 +576,7 @@ def _read_float_tensors(file: Path) -> dict[str, Any]:
     return {key: tensors[key] for key in stored}
 
 
-def _read_tensors(directory: Path) -> tuple[Path, dict[str, str], dict[str, np.ndarray]]:
+def read_tensors(directory: Path) -> tuple[Path, dict[str, str], dict[str, np.ndarray]]:
     """``(file, metadata, tensors)`` of the current weights file, every tensor float32 and finite.
 
     Raises `PeftFormatError` for a missing or unreadable file, no tensors, a tensor that is not
@@ -751,7 +747,7 @@ def load_peft(
     _warn_if_pending(directory)
     config_file, data = _read_config_data(directory)
     config = _parse_config(config_file, data)
-    weights_file, metadata, tensors = _read_tensors(directory)
+    weights_file, metadata, tensors = read_tensors(directory)
     _check_stamp(config_file, data, weights_file, metadata)
     try:
         prefix, entries, config = _choose_prefix(without_vectors(params), config, sorted(tensors), layouts)

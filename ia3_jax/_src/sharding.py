@@ -84,7 +84,7 @@ def _mesh_axes_size(entry: Any, mesh: AnyMesh) -> int:
     return math.prod(mesh.shape[n] for n in names)
 
 
-def _vector_spec(target: Target, kernel_spec: PartitionSpec, mesh: AnyMesh | None) -> PartitionSpec:
+def vector_spec(target: Target, kernel_spec: PartitionSpec, mesh: AnyMesh | None) -> PartitionSpec:
     """The kernel's mesh axes, read at the kernel axes that the vector's axes follow."""
     key, vector_shape = target.key, target.vector_shape
     padded = tuple(kernel_spec) + (None,) * (len(target.kernel_shape) - len(kernel_spec))
@@ -156,9 +156,9 @@ def adapter_shardings(
         target = vector_target(module, _tree.get(base, module), np.shape(_tree.unbox(leaf)), config, layouts)
         kernel_sharding = by_path[module + ("kernel",)]
         spec, kernel_mesh = _spec_and_mesh(kernel_sharding, mesh, f"kernel of {key!r}")
-        vector_spec = _vector_spec(target, spec, kernel_mesh)
+        spec = vector_spec(target, spec, kernel_mesh)
         named = isinstance(kernel_sharding, NamedSharding)  # then its mesh is the vector's too
-        out[path] = NamedSharding(kernel_sharding.mesh, vector_spec) if named else vector_spec
+        out[path] = NamedSharding(kernel_sharding.mesh, spec) if named else spec
     return _tree.updated({}, out)
 
 

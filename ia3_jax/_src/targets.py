@@ -27,12 +27,6 @@ _OUTPUT_LAYERS = ("lm_head",)
 _CLASSIFIER_LAYERS = ("classifier", "score")
 
 
-def _listing(paths, limit: int = 40) -> str:
-    keys = [_tree.dotted(p) for p in paths]
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
 def _all_linear(layers: dict[_tree.Path, Mapping[str, Any]], config: IA3Config) -> set[_tree.Path]:
     linear = {p for p, node in layers.items() if len(quant.kernel_shape(node["kernel"])) == 2}
     skip = set(_OUTPUT_LAYERS)
@@ -66,13 +60,14 @@ def resolve_targets(params: Mapping[str, Any], config: IA3Config) -> dict[_tree.
     if not_layers:
         raise TargetError(
             f"target_modules={config.target_modules!r} matches modules that are not layers with a kernel "
-            f"(an embedding, a norm or a block): {_listing(not_layers)}. Target their Dense/Conv children instead."
+            f"(an embedding, a norm or a block): {_tree.listing(map(_tree.dotted, not_layers), 40)}. Target their "
+            "Dense/Conv children instead."
         )
     if not chosen:
         raise TargetError(
             f"target_modules={config.target_modules!r} matches no module "
             f"(exclude_modules={config.exclude_modules!r}, modules_to_save={config.modules_to_save!r}). "
-            f"Layers with a kernel in these params: {_listing(sorted(layers))}."
+            f"Layers with a kernel in these params: {_tree.listing(map(_tree.dotted, sorted(layers)), 40)}."
         )
     keys = [_tree.dotted(p) for p in chosen]
     if isinstance(config.target_modules, tuple):
@@ -92,7 +87,7 @@ def resolve_targets(params: Mapping[str, Any], config: IA3Config) -> dict[_tree.
         if not modules_to_save_roots(params, config.replace(modules_to_save=[entry])):
             raise TargetError(
                 f"modules_to_save entry {entry!r} matches no module; modules in these params: "
-                f"{_listing(sorted(all_modules))}."
+                f"{_tree.listing(map(_tree.dotted, sorted(all_modules)), 40)}."
             )
     return {p: config.is_feedforward(_tree.dotted(p)) for p in sorted(chosen)}
 

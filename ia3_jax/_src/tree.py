@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -149,3 +149,13 @@ def rooted(paths: Collection[Path], trees: Collection[frozenset[Path]]) -> dict[
                 out[path] = path[i:]
                 break
     return out
+
+
+def listing(names: Iterable[str], limit: int = 8) -> str:
+    """The first `limit` of `names` joined for an error message, with a count of the rest.
+
+    Example: ``listing(["a", "b", "c"], limit=2) == "a, b, ... (1 more)"``.
+    """
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")

@@ -89,8 +89,8 @@ def sites(model: nnx.Module) -> dict[_tree.Path, Site]:
         for torch_pattern, (nnx_key, transform) in mapping.items()
     ]
     out = {}
-    for path, module in _nnx._modules(model):
-        weight = _nnx._weight_name(module)
+    for path, module in _nnx.named_modules(model):
+        weight = _nnx.weight_name(module)
         if weight is None:
             continue
         flat = _tree.dotted(path + (weight,))
@@ -183,7 +183,7 @@ def _torch_index(target: Target, transform: tuple[Any, Any] | None) -> np.ndarra
 def _vectors(model: nnx.Module) -> dict[_tree.Path, tuple[Site, Target, Any]]:
     known = sites(model)
     out = {}
-    for path, variable in _nnx._vector_variables(model).items():
+    for path, variable in _nnx.vector_variables(model).items():
         if path not in known:
             raise AdapterMismatchError(
                 f"IA3 vector at {_tree.dotted(path)!r} is on a module with no Hugging Face twin."
@@ -223,7 +223,7 @@ def load_peft(path: str | Path, model: M, *inputs: Any) -> tuple[M, IA3Config]:
     """
     directory = Path(path).expanduser()
     config = peft_io.read_peft_config(directory)
-    _, _, tensors = peft_io._read_tensors(directory)
+    _, _, tensors = peft_io.read_tensors(directory)
     vectors = {
         key.removeprefix(peft_io.PEFT_KEY_PREFIX).removesuffix("." + _tree.VECTOR): np.asarray(t, np.float32).ravel()
         for key, t in tensors.items()
