@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class MLP(nn.Module):
@@ -70,3 +71,18 @@ class Attention(nn.Module):
 
 def init(model: nn.Module, x: jax.Array, seed: int = 0):
     return model.init(jax.random.key(seed), x)["params"]
+
+
+def init_from_numpy(model: nn.Module, x: jax.Array, seed: int = 0):
+    """Params of `model`'s shapes drawn with numpy, N(0, 1/fan_in) (lecun-normal-like).
+
+    For models whose XLA initialisers take seconds to compile on a CPU (3-D convs: ~15 s).
+    """
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(model.init, jax.random.key(seed), x)["params"]
+
+    def draw(s: jax.ShapeDtypeStruct) -> jax.Array:
+        fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 1
+        return jnp.asarray(rng.normal(0.0, fan_in**-0.5, s.shape), s.dtype)
+
+    return jax.tree.map(draw, shapes)

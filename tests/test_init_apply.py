@@ -84,7 +84,7 @@ def test_fan_in_fan_out_kernels():
 def test_convs_interceptor_equals_merged(spatial, feedforward):
     x = jax.random.normal(KEY, (1,) + (4,) * spatial + (4,))
     model = models.ConvNet(spatial=spatial)
-    params = models.init(model, x)
+    params = models.init_from_numpy(model, x)  # and jitted below: eager 3-D convs compile op by op
     config = IA3Config(target_modules=["conv0", "conv1", "conv2"], feedforward_modules=feedforward)
     layouts = ia3_jax.infer_layouts(model.apply, {"params": params}, x)
     assert layouts["conv1"].in_features == 8  # grouped: the kernel holds 8 / 4 input channels
@@ -93,22 +93,27 @@ def test_convs_interceptor_equals_merged(spatial, feedforward):
     for name, size in expected_sizes.items():
         chex.assert_shape(adapted[name]["ia3_l"], (size,))
     got = jax.jit(ia3_jax.apply_fn(model.apply, config))({"params": adapted}, x)
-    merged = jax.jit(model.apply)({"params": ia3_jax.merge(adapted, config, layouts=layouts)}, x)
+    merge = jax.jit(functools.partial(ia3_jax.merge, config=config, layouts=layouts))
+    merged = jax.jit(model.apply)({"params": merge(adapted)}, x)
     # By hand with lax convolutions: output vectors scale conv(h) + b, input vectors scale h.
     spatial_dims = "DHW"[3 - spatial :]
     numbers = ("N" + spatial_dims + "C", spatial_dims + "IO", "N" + spatial_dims + "C")
 
-    def conv(h, name, groups=1):
-        p, vector = adapted[name], adapted[name]["ia3_l"]
+    def conv(h, p, name, groups=1):
+        vector = p[name]["ia3_l"]
         if name in feedforward:
             h = h * vector
         y = jax.lax.conv_general_dilated(
-            h, p["kernel"], (1,) * spatial, "SAME", dimension_numbers=numbers, feature_group_count=groups
-        ) + p["bias"]
+            h, p[name]["kernel"], (1,) * spatial, "SAME", dimension_numbers=numbers, feature_group_count=groups
+        ) + p[name]["bias"]
         return y if name in feedforward else y * vector
 
-    h = conv(nn.relu(conv(nn.relu(conv(x, "conv0")), "conv1", groups=4)), "conv2")
-    expected = h.reshape(1, -1) @ params["head"]["kernel"] + params["head"]["bias"]
+    @jax.jit
+    def by_hand(p, x):
+        h = conv(nn.relu(conv(nn.relu(conv(x, p, "conv0")), p, "conv1", groups=4)), p, "conv2")
+        return h.reshape(1, -1) @ p["head"]["kernel"] + p["head"]["bias"]
+
+    expected = by_hand(adapted, x)
     chex.assert_trees_all_close(got, expected, rtol=1e-4, atol=1e-5)
     chex.assert_trees_all_close(merged, expected, rtol=1e-4, atol=1e-5)
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.core import meta
 
 from ia3_jax._src import tree as _tree
@@ -67,12 +69,19 @@ def ia3_init(
             "split them off with ia3_jax.split(params) first, or merge them."
         )
     resolved = targets(params, config, layouts)
-    keys = jax.random.split(rng, len(resolved)) if rng is not None else [None] * len(resolved)
-    changes = {}
-    for key, (path, target) in zip(keys, resolved.items()):
-        if config.init_ia3_weights:
-            vector = jnp.ones(target.vector_shape, dtype)
-        else:
-            vector = jax.random.normal(key, target.vector_shape, dtype)
-        changes[path + (_tree.VECTOR,)] = _boxed_like(_tree.get(params, path)["kernel"], vector, target)
+    shapes = tuple(target.vector_shape for target in resolved.values())
+    if config.init_ia3_weights:
+        vectors = [jnp.asarray(np.ones(shape, dtype)) for shape in shapes]  # host-made: nothing to compile
+    else:
+        vectors = _standard_normal(shapes, jnp.dtype(dtype), rng)
+    changes = {
+        (*path, _tree.VECTOR): _boxed_like(_tree.get(params, path)["kernel"], vector, target)
+        for (path, target), vector in zip(resolved.items(), vectors)
+    }
     return _tree.updated(_tree.to_dict(params), changes)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _standard_normal(shapes: tuple[tuple[int, ...], ...], dtype: jnp.dtype, rng: jax.Array) -> list[jax.Array]:
+    """One standard-normal vector per shape, from ``split(rng, len(shapes))``: one compiled call for them all."""
+    return [jax.random.normal(key, shape, dtype) for key, shape in zip(jax.random.split(rng, len(shapes)), shapes)]
