@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
+import sys
 
 import chex
 import flax.linen as nn
@@ -20,7 +20,7 @@ from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
 import ia3_jax
-from ia3_jax import AdapterMismatchError, CheckpointError, StructureError
+from ia3_jax import AdapterMismatchError, CheckpointError, IA3ConfigError, StructureError
 
 
 class Block(nn.Module):
@@ -280,7 +280,7 @@ def test_missing_empty_and_half_written_directories(tmp_path):
 def test_bad_save_input_writes_nothing(tmp_path):
     adapter, _ = _setup()
     target = tmp_path / "ckpt"
-    with pytest.raises(TypeError, match="IA3Config"):
+    with pytest.raises(IA3ConfigError, match="IA3Config"):
         ia3_jax.save_adapter(target, adapter, CONFIG.to_dict())
     with pytest.raises(StructureError, match="non-empty nested dict"):
         ia3_jax.save_adapter(target, {}, CONFIG)
@@ -297,7 +297,7 @@ def test_bad_save_input_writes_nothing(tmp_path):
     # Never replace a directory that is not an adapter checkpoint.
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("keep me")
-    with pytest.raises(CheckpointError, match="not an adapter checkpoint written by save_adapter; refusing"):
+    with pytest.raises(CheckpointError, match="not exactly an adapter checkpoint written by save_adapter; refusing"):
         ia3_jax.save_adapter(tmp_path / "precious", adapter, CONFIG, overwrite=True)
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
     # Step checkpoints need their own root.
@@ -416,7 +416,7 @@ def test_max_to_keep_refuses_a_step_it_would_delete(tmp_path):
     # A step directory that save_adapter did not write is never deleted by max_to_keep.
     (root / "3").mkdir()
     (root / "3" / "mine.txt").write_text("x")
-    with pytest.raises(CheckpointError, match=r"would delete .*run/3, which is not an adapter checkpoint"):
+    with pytest.raises(CheckpointError, match=r"would delete .*run/3, which is not exactly an adapter checkpoint"):
         ia3_jax.save_adapter(root, adapter, CONFIG, step=8, max_to_keep=2)
     assert (root / "3" / "mine.txt").exists() and _step_names(root) == ["3", "6", "7"]
     with pytest.raises(ValueError, match="positive int"):
@@ -438,7 +438,7 @@ def test_modules_to_save_copy_is_required(tmp_path):
     params = ia3_jax.join(base, adapter)
     without_copy = ia3_jax.split(params)[0]  # no config: the head's copy is left out
     assert "head" not in without_copy
-    with pytest.raises(StructureError, match=r"modules_to_save lists 'head'.*split\(params, config\)"):
+    with pytest.raises(StructureError, match=r"no copy of module 'head'.*split\(params, config\)"):
         ia3_jax.save_adapter(tmp_path / "ckpt", without_copy, CONFIG)
     assert not (tmp_path / "ckpt").exists()
 
@@ -454,19 +454,44 @@ def test_step_must_be_an_int_and_home_is_expanded(tmp_path, monkeypatch):
     chex.assert_trees_all_equal(ia3_jax.load_adapter("~/ckpt")[0], adapter)
 
 
-def test_second_writer_is_refused_and_a_dead_ones_lock_taken_over(tmp_path):
+def test_second_writer_is_refused_until_the_first_one_exits(tmp_path):
+    """The lock is flock(2) on <path>.ia3-lock: held by a live process, released by the kernel when it dies."""
     adapter, _ = _setup()
     lock = tmp_path / "ckpt.ia3-lock"
-    with subprocess.Popen(["sleep", "60"]) as writer:  # a live process holding the lock
-        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": writer.pid, "token": "t"}))
-        with pytest.raises(CheckpointError, match=rf"another save .*pid {writer.pid}.*one writer per path"):
+    holder = (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'pid %d on elsewhere' % os.getpid()); print(flush=True); "
+        "time.sleep(60)"
+    )
+    with subprocess.Popen([sys.executable, "-c", holder, str(lock)], stdout=subprocess.PIPE) as writer:
+        writer.stdout.readline()  # it holds the lock now
+        with pytest.raises(CheckpointError, match=rf"another save .*\(pid {writer.pid} on elsewhere holds .*one writer"):
             ia3_jax.save_adapter(tmp_path / "ckpt", adapter, CONFIG)
         assert _step_names(tmp_path) == ["ckpt.ia3-lock"]
-        writer.kill()
-    ia3_jax.save_adapter(tmp_path / "ckpt", adapter, CONFIG)  # its process is dead: the lock is stale
+        writer.kill()  # as SIGKILL does: the kernel releases the lock, the file stays
+    ia3_jax.save_adapter(tmp_path / "ckpt", adapter, CONFIG)
     assert _step_names(tmp_path) == ["ckpt"]
-    # On another host the owner's liveness is unknown: refused, saying which file to delete.
-    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "token": "t"}))
-    with pytest.raises(CheckpointError, match=rf"pid 1 on elsewhere.*delete {lock}"):
-        ia3_jax.save_adapter(tmp_path / "ckpt", adapter, CONFIG, overwrite=True)
     chex.assert_trees_all_equal(ia3_jax.load_adapter(tmp_path / "ckpt")[0], adapter)
+
+
+def test_files_added_to_a_checkpoint_are_never_deleted(tmp_path):
+    """overwrite=True and max_to_keep replace or delete only exactly what save_adapter wrote."""
+    a1, _ = _setup(seed=0)
+    a2, _ = _setup(seed=5)
+    single = ia3_jax.save_adapter(tmp_path / "ckpt", a1, CONFIG)
+    (single / "NOTES.md").write_text("mine")
+    with pytest.raises(CheckpointError, match=r"refusing to replace it.*holds \['NOTES\.md'\], which save_adapter"):
+        ia3_jax.save_adapter(single, a2, CONFIG, overwrite=True)
+    (single / "NOTES.md").unlink()
+    (single / "adapter" / "eval").mkdir()
+    (single / "adapter" / "eval" / "scores.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"holds \['adapter/eval/', 'adapter/eval/scores\.json'\]"):
+        ia3_jax.save_adapter(single, a2, CONFIG, overwrite=True)
+    assert (single / "adapter" / "eval" / "scores.json").read_text() == "{}"
+    chex.assert_trees_all_equal(ia3_jax.load_adapter(single)[0], a1)  # still loads: the added files are ignored
+    root = tmp_path / "run"
+    step = ia3_jax.save_adapter(root, a1, CONFIG, step=1, max_to_keep=1)
+    (step / "NOTES.md").write_text("mine")
+    with pytest.raises(CheckpointError, match=r"would delete .*run/1, which is not exactly.*NOTES\.md"):
+        ia3_jax.save_adapter(root, a2, CONFIG, step=2, max_to_keep=1)
+    assert (step / "NOTES.md").read_text() == "mine" and _step_names(root) == ["1"]

@@ -121,9 +121,11 @@ def test_save_replaces_the_pair_and_keeps_other_files(saved):
 
 
 def _rewrite_tensors(directory: Path, change) -> None:
+    """Changes the tensors as a hand edit (or PyTorch PEFT) would write them: no per-tensor hashes."""
     tensors = safetensors.numpy.load_file(directory / WEIGHTS_NAME)
     with open(directory / WEIGHTS_NAME, "rb") as f:
         metadata = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
+    del metadata["ia3_jax.tensor_sha256"]
     change(tensors)
     safetensors.numpy.save_file(tensors, directory / WEIGHTS_NAME, metadata=metadata)
 
@@ -205,19 +207,6 @@ def test_hand_edited_informational_fields_keep_the_pair(saved):
     assert_identical(load_peft(directory, base)[0], adapter)
 
 
-def test_leftover_temp_files_of_an_earlier_version_are_pointed_out(saved, tmp_path):
-    """An earlier ia3_jax replaced the files one by one; a kill left a temp file and a mixed pair."""
-    directory, _, config, base = saved
-    wider = {**base, "enc": {**base["enc"], "q": {"kernel": np.zeros((4, 8), np.float32)}}}
-    other_adapter = {**build(1)[0], "enc": {"q": {"ia3_l": np.ones(8, np.float32)}, "ff": build(1)[0]["enc"]["ff"]}}
-    other = save_peft(tmp_path / "other", other_adapter, config, params=wider)
-    tensors = safetensors.numpy.load_file(other / WEIGHTS_NAME)  # written back as an earlier version did: no stamp
-    safetensors.numpy.save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
-    (directory / ".adapter_config.json.k3j_x9").write_text("{")
-    with pytest.raises(AdapterMismatchError, match=r"another size.*\.adapter_config\.json\.k3j_x9.*different saves"):
-        load_peft(directory, base)
-
-
 # --- crash safety -----------------------------------------------------------------------------
 
 
@@ -254,23 +243,15 @@ def test_a_failing_save_leaves_the_old_pair_and_no_leftovers(saved, monkeypatch)
     assert_identical(load_peft(directory, base)[0], adapter)
 
 
-def test_only_dead_processes_staging_folders_are_swept(saved):
+def test_staging_folders_of_killed_saves_are_swept(saved):
+    """Under the lock every staging folder is a dead save's: all of them go, nothing else does."""
     directory, _, config, base = saved
-    host = "".join(c if c.isalnum() else "_" for c in __import__("socket").gethostname())
-    live = directory / f".ia3-peft-partial-{host}-{os.getpid()}-00000000"
-    other_host = directory / ".ia3-peft-partial-elsewhere-1-00000000"
-    dead = directory / f".ia3-peft-partial-{host}-{_dead_pid()}-00000000"
-    for folder in (live, other_host, dead):
-        folder.mkdir()
-        (folder / WEIGHTS_NAME).write_bytes(b"partial")
+    for name in (".ia3-peft-partial-0000abcd", ".ia3-peft-partial-elsewhere-1-00000000"):
+        (directory / name).mkdir()
+        (directory / name / WEIGHTS_NAME).write_bytes(b"partial")
+    (directory / ".ia3-peft-partials-mine").mkdir()
     save_peft(directory, build(1)[0], config, params=base)
-    assert live.is_dir() and other_host.is_dir() and not dead.exists()
-
-
-def _dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
+    assert sorted(p.name for p in directory.iterdir()) == [".ia3-peft-partials-mine", CONFIG_NAME, WEIGHTS_NAME]
 
 
 # The child imports ia3_jax and numpy only, then forks one grandchild per filesystem step: each
@@ -335,7 +316,8 @@ def test_sigkill_at_every_filesystem_step_leaves_old_or_new_pair(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     steps = json.loads(result.stdout.strip().splitlines()[-1])
     ops = [s.split()[0] for s in steps]
-    assert ops == ["mkdir", "open", "open", "rename", "replace", "replace", "rmdir"], steps
+    # lock, staging folder, the two files, the commit, the two moves, the empty folder, the lock's unlink
+    assert ops == ["os.open", "mkdir", "open", "open", "rename", "replace", "replace", "rmdir", "unlink"], steps
     commit = next(i for i, s in enumerate(steps, start=1) if s.startswith("rename") and s.endswith(PENDING))
     assert_identical(load_peft(tmp_path / "count", base)[0], new)
     for k in range(1, len(steps) + 1):
@@ -348,3 +330,126 @@ def test_sigkill_at_every_filesystem_step_leaves_old_or_new_pair(tmp_path):
         save_peft(directory, new, config, params=base)  # the next save finishes or sweeps what the kill left
         assert sorted(p.name for p in directory.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME], k
         assert_identical(load_peft(directory, base)[0], new)
+
+
+# --- one writer per directory: writer 2 started at each filesystem step of writer 1 -------------
+
+
+def test_second_writer_at_every_step_of_the_first_is_refused(saved, monkeypatch):
+    """In-process and enumerated: flock locks conflict between two opens of the file in one process too."""
+    import builtins
+
+    directory, old, config, base = saved
+    first, second = build(1)[0], build(2)[0]
+    template = directory.parent / "template"
+    shutil.copytree(directory, template)
+    state = {"count": 0, "at": None, "nested": False, "outcome": None}
+
+    def counted(real, is_write=lambda *a, **k: True):
+        def call(*args, **kwargs):
+            if not state["nested"] and is_write(*args, **kwargs):
+                state["count"] += 1
+                if state["count"] == state["at"]:
+                    state["nested"] = True
+                    try:
+                        save_peft(directory, second, config, params=base)
+                        state["outcome"] = "ok"
+                    except CheckpointError as err:
+                        state["outcome"] = str(err)
+                    finally:
+                        state["nested"] = False
+            return real(*args, **kwargs)
+
+        return call
+
+    for name in ("replace", "rename", "mkdir", "unlink", "rmdir"):
+        monkeypatch.setattr(os, name, counted(getattr(os, name)))
+    monkeypatch.setattr(os, "open", counted(os.open, lambda path, flags, *a, **k: bool(flags & os.O_CREAT)))
+    monkeypatch.setattr(builtins, "open", counted(builtins.open, lambda f, mode="r", *a, **k: "x" in mode))
+    save_peft(directory, first, config, params=base)
+    steps = state["count"]
+    assert steps == 9
+    for at in range(1, steps + 1):
+        shutil.rmtree(directory)
+        shutil.copytree(template, directory)
+        state.update(count=0, at=at, outcome=None)
+        save_peft(directory, first, config, params=base)  # writer 1 always succeeds: it reports last
+        if at == 1:  # before writer 1 opened the lock: writer 2 ran to the end first
+            assert state["outcome"] == "ok"
+        else:
+            assert state["outcome"].startswith(f"another save to {directory} is running (pid {os.getpid()} on"), at
+        assert sorted(p.name for p in directory.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME], at
+        assert sorted(p.name for p in directory.parent.iterdir()) == ["adapter", "template"], at  # no lock left
+        assert_identical(load_peft(directory, base)[0], first)
+
+
+# --- saving refuses what the file must not hold ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (np.arange(6, dtype=np.int32), r"'enc\.q\.ia3_l' has dtype int32"),
+        (np.array([1, 2, np.nan, 1, 1, 1], np.float32), r"'enc\.q\.ia3_l' holds NaN or inf"),
+        (np.array([1, 2, 1e300, 1, 1, 1], np.float64), r"'enc\.q\.ia3_l' holds NaN or inf \(as float32"),
+    ],
+)
+def test_save_refuses_integer_and_non_finite_tensors(tmp_path, value, message):
+    adapter, config, base = build(0)
+    adapter["enc"]["q"]["ia3_l"] = value
+    with pytest.raises(ia3_jax.AdapterDtypeError, match=message):
+        save_peft(tmp_path / "adapter", adapter, config, params=base)
+    assert not any(tmp_path.iterdir())
+
+
+# --- damaged files: PeftFormatError naming the file, or the exact values ----------------------
+
+
+def _damage(file: Path, how: str) -> None:
+    data = file.read_bytes()
+    if how == "delete":
+        file.unlink()
+        return
+    middle = len(data) // 2
+    file.write_bytes(
+        {
+            "truncate": data[:middle],
+            "zero": bytes(len(data)),
+            "flip": data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :],
+        }[how]
+    )
+
+
+def _flip_positions(file: Path) -> list[int]:
+    """The middle byte, and one byte inside each tensor's data (the part that would load as other values)."""
+    data = file.read_bytes()
+    header = int.from_bytes(data[:8], "little")
+    offsets = [v["data_offsets"] for k, v in json.loads(data[8 : 8 + header]).items() if k != "__metadata__"]
+    return [len(data) // 2] + [8 + header + (start + end) // 2 for start, end in offsets]
+
+
+def test_damaged_files_give_peft_format_error_or_exact_values(saved, tmp_path):
+    directory, adapter, config, base = saved
+    cases = [(name, how) for name in (CONFIG_NAME, WEIGHTS_NAME) for how in ("truncate", "zero", "flip", "delete")]
+    cases += [(WEIGHTS_NAME, position) for position in _flip_positions(directory / WEIGHTS_NAME)]
+    cases += [("both", "delete")]
+    errors = 0
+    for name, how in cases:
+        case = tmp_path / "case"
+        shutil.rmtree(case, ignore_errors=True)
+        shutil.copytree(directory, case)
+        for target in ((CONFIG_NAME, WEIGHTS_NAME) if name == "both" else (name,)):
+            if isinstance(how, int):  # one bit pattern changed inside a tensor's data
+                data = bytearray((case / target).read_bytes())
+                data[how] ^= 0x01
+                (case / target).write_bytes(bytes(data))
+            else:
+                _damage(case / target, how)
+        try:
+            loaded, _ = load_peft(case, base)
+        except PeftFormatError as err:
+            assert (CONFIG_NAME if name == "both" else name) in str(err), (name, how, str(err))
+            errors += 1
+        else:
+            assert_identical(loaded, adapter)
+    assert errors == len(cases)  # each of these damages changes bytes that are read: none goes unnoticed

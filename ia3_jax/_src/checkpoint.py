@@ -1,51 +1,39 @@
 """Adapter-only checkpoints on orbax: the adapter tree and its `IA3Config` (PEFT's JSON keys).
 
-A checkpoint is one orbax composite directory::
+A checkpoint is one orbax composite directory plus our manifest::
 
     path/
-      adapter/    the adapter tree (``ia3_l`` vectors and ``modules_to_save`` copies), orbax PyTree
-      config/     ``IA3Config.to_dict()`` (the keys of PEFT's adapter_config.json), orbax JSON
-      opt_state/  optional: the optimizer state over the adapter, to resume training (`load_opt_state`)
+      adapter/     the adapter tree (``ia3_l`` vectors and ``modules_to_save`` copies), orbax PyTree
+      config/      ``IA3Config.to_dict()`` (the keys of PEFT's adapter_config.json), orbax JSON
+      opt_state/   optional: the optimizer state over the adapter, to resume training (`load_opt_state`)
+      ia3_jax_checkpoint.json   written last: format version, SHA-256 of the config and of every
+                   array, and the list of every entry the save wrote
 
 With ``step=`` the same directories live under ``path/<step>/`` (keep the last N, resume the latest).
-``_CHECKPOINT_METADATA`` also holds a SHA-256 of every saved array and of the config, so that a
-damaged file never loads as other values.
+A directory is an adapter checkpoint when its manifest says so; orbax's own file names are never
+relied on. Saves follow the protocol of `ia3_jax._src.atomic` (one writer per path through
+``<path>.ia3-lock``; staged, read back, fsynced, renamed into place; a kill between the two renames
+of an overwrite is recovered by the next save, and `load_adapter` reads the copy meanwhile).
 
-What a save guarantees (the README's promise, kept by the steps below):
-
-- One writer per path. A save holds the lock file ``<path>.ia3-lock`` (created with ``O_CREAT |
-  O_EXCL``, holding host, pid and a token) from its first write to its return; a second writer gets
-  `CheckpointError` and changes nothing. A lock whose process is dead (same host) is taken over.
-- A kill at any step leaves the previous checkpoint loadable. The new checkpoint is written into a
-  staging directory next to `path` (``<name>.ia3-staging-<hash>-<tag>``, glob characters replaced)
-  and read back (every array checked against its hash) before it is renamed into place. An
-  overwrite first renames the old checkpoint to ``<name>.ia3-replaced-<hash>-<tag>``: killed between
-  the two renames, `path` is missing and `load_adapter` reads that copy once it has checked that it
-  is complete (with a warning); the next save moves it back before anything else. Directories are
-  renamed to ``<name>.ia3-trash-<hash>-<tag>`` before they are deleted, so a half-deleted one never
-  has a loadable name.
-- Nothing that save_adapter did not write is deleted: only a directory holding every file that
-  save_adapter writes (and a config that parses) is replaced, and leftovers are matched by exact
-  name prefix, never by glob.
-- A damaged or missing file gives `CheckpointError` naming it; a load gives exact values or fails.
+- Nothing that save_adapter did not write is deleted: `overwrite=True` and ``max_to_keep`` replace
+  or delete only a directory whose entries are exactly those its manifest lists (checked again right
+  before the renames), and leftovers are matched by exact name prefix.
+- A load gives the saved values bit for bit, or `CheckpointError` naming the damaged or missing file.
   `load_adapter` never reads ``opt_state/``.
+- Arrays are restored to host memory, checked against their hashes, then placed (`shardings`); each
+  process of a multi-host job reads and checks the whole (small) adapter and places its shards.
 
-Paths are local (or mounted) filesystem paths: the lock and the renames need POSIX semantics.
+Paths are local (or mounted) filesystem paths: the lock and the atomic renames need POSIX semantics.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import glob
 import hashlib
 import json
 import os
 import re
-import shutil
-import socket
-import time
-import uuid
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -55,32 +43,30 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from ia3_jax._src import atomic
 from ia3_jax._src import tree as _tree
 from ia3_jax._src.config import IA3Config
-from ia3_jax._src.errors import AdapterMismatchError, CheckpointError, IA3Error, StructureError, TargetError
+from ia3_jax._src.errors import (
+    AdapterMismatchError,
+    CheckpointError,
+    IA3ConfigError,
+    IA3Error,
+    StructureError,
+    TargetError,
+)
 from ia3_jax._src.init import ia3_init
 from ia3_jax._src.layout import KernelLayout
 from ia3_jax._src.partition import is_trainable, split, without_vectors
-from ia3_jax._src.targets import modules_to_save_roots
+from ia3_jax._src.peft_io import TASK_MODULES_TO_SAVE
+from ia3_jax._src.targets import check_modules_to_save_copies, modules_to_save_roots
 
 ADAPTER_ITEM = "adapter"
 CONFIG_ITEM = "config"
 OPT_STATE_ITEM = "opt_state"
-_METADATA = "_CHECKPOINT_METADATA"
-_CONFIG_FILE = f"{CONFIG_ITEM}/metadata"
-_TREE_FILE = f"{ADAPTER_ITEM}/_METADATA"
-# Every file that save_adapter writes at fixed names: a directory is an adapter checkpoint only with all.
-_COMPLETE_MARKERS = ("commit_success.txt", _METADATA, _TREE_FILE, _CONFIG_FILE)
-_HASHES = "ia3_jax"  # key of our hashes in orbax's custom metadata
-_RESERVED = ".ia3-"  # names next to `path` that start with `path.name + _RESERVED` belong to its saves
-_STAGING = ".ia3-staging-"
-_REPLACED = ".ia3-replaced-"
-_TRASH = ".ia3-trash-"
-_LOCK = ".ia3-lock"
-# A live writer fills its lock file microseconds after creating it: one still empty after this was
-# left by a writer killed in between.
-_EMPTY_LOCK_STALE_S = 10.0
-_HELD_TOKENS: set[str] = set()  # tokens of the locks this process holds (a pid alone cannot tell threads)
+MANIFEST = "ia3_jax_checkpoint.json"
+_FORMAT = "ia3_jax adapter checkpoint"
+_VERSION = 1
+_CONFIG_FILE = f"{CONFIG_ITEM}/metadata"  # where orbax's JsonSave puts the config
 
 
 # --- what a checkpoint holds -------------------------------------------------------------------
@@ -107,11 +93,10 @@ def _config_hash(config: Mapping[str, Any]) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class _Payload:
-    """What one save writes, validated: orbax's items and the hashes that go into its metadata."""
+    """What one save writes, validated: orbax's items and the manifest (without its entry list)."""
 
     args: ocp.args.Composite
-    hashes: dict[str, Any]
-    config: IA3Config
+    manifest: dict[str, Any]
     opt_state: Any
 
 
@@ -130,26 +115,10 @@ def _adapter_leaves(adapter: Mapping[str, Any], prefix: _tree.Path = ()) -> Iter
             yield prefix + (key,), child
 
 
-def _check_copies(adapter: Mapping[str, Any], config: IA3Config, arrays: Mapping[_tree.Path, Any]) -> None:
-    """Raises `StructureError` when a ``modules_to_save`` module has no copy in an adapter with vectors.
-
-    ``split(params)`` without the config drops the copies: saved that way, the module is never trained.
-    """
-    if not config.modules_to_save or not any(p[-1] == _tree.VECTOR for p in arrays):
-        return
-    for name in config.modules_to_save:
-        if not modules_to_save_roots(adapter, config.replace(modules_to_save=[name])):
-            raise StructureError(
-                f"config.modules_to_save lists {name!r} but the adapter holds no copy of it, so its trained "
-                "params would be lost. split(params) without the config leaves these copies out: save the first "
-                "result of ia3_jax.split(params, config)."
-            )
-
-
 def _payload(adapter: Mapping[str, Any], config: IA3Config, opt_state: Any) -> _Payload:
     """Checks the adapter against its config and prepares the items; raises before anything is written."""
     if not isinstance(config, IA3Config):
-        raise TypeError(f"config must be an ia3_jax.IA3Config, got {type(config).__name__}.")
+        raise IA3ConfigError(f"config must be an ia3_jax.IA3Config, got {type(config).__name__}.")
     if not isinstance(adapter, Mapping) or not adapter:
         raise StructureError(
             f"adapter must be a non-empty nested dict (the first result of ia3_jax.split), got {adapter!r:.80}."
@@ -174,17 +143,19 @@ def _payload(adapter: Mapping[str, Any], config: IA3Config, opt_state: Any) -> _
                 "name orbax stores arrays under: one would load as the other. Rename the key with the dot."
             )
         arrays[path] = value
-    _check_copies(adapter, config, arrays)
+    check_modules_to_save_copies(adapter, config, alternatives=TASK_MODULES_TO_SAVE.get(config.task_type or "", ()))
     tree = _tree.updated({}, arrays)
-    hashes: dict[str, Any] = {"config": _config_hash(config.to_dict()), ADAPTER_ITEM: _tree_hashes(tree)}
-    items = {
-        ADAPTER_ITEM: ocp.args.StandardSave(tree),
-        CONFIG_ITEM: ocp.args.JsonSave(config.to_dict()),
+    manifest: dict[str, Any] = {
+        "format": _FORMAT,
+        "version": _VERSION,
+        "config_sha256": _config_hash(config.to_dict()),
+        ADAPTER_ITEM: _tree_hashes(tree),
     }
+    items = {ADAPTER_ITEM: ocp.args.StandardSave(tree), CONFIG_ITEM: ocp.args.JsonSave(config.to_dict())}
     if opt_state is not None:
         items[OPT_STATE_ITEM] = ocp.args.StandardSave(opt_state)
-        hashes[OPT_STATE_ITEM] = _tree_hashes(opt_state)
-    return _Payload(ocp.args.Composite(**items), hashes, config, opt_state)
+        manifest[OPT_STATE_ITEM] = _tree_hashes(opt_state)
+    return _Payload(ocp.args.Composite(**items), manifest, opt_state)
 
 
 # --- reading and checking a directory ----------------------------------------------------------
@@ -192,10 +163,10 @@ def _payload(adapter: Mapping[str, Any], config: IA3Config, opt_state: Any) -> _
 
 @dataclasses.dataclass(frozen=True)
 class _Contents:
-    """The small files of a complete checkpoint, parsed."""
+    """The config and the manifest of a complete checkpoint, checked against each other."""
 
     config: IA3Config
-    hashes: Mapping[str, Any] | None  # None for checkpoints written before ia3_jax stored hashes
+    manifest: Mapping[str, Any]
 
 
 def _damaged(file: str, problem: str) -> CheckpointError:
@@ -213,41 +184,78 @@ def _read_json(directory: str, name: str) -> Any:
         raise _damaged(file, f"{type(err).__name__}: {err}") from None
 
 
+def _entries(directory: str) -> list[str]:
+    """Every file and directory (with a trailing '/') under `directory`, relative, the manifest left out."""
+    found = []
+    for root, dirs, files in os.walk(directory):
+        rel = os.path.relpath(root, directory)
+        found += [os.path.normpath(os.path.join(rel, d)) + "/" for d in dirs]
+        found += [os.path.normpath(os.path.join(rel, f)) for f in files]
+    return sorted(e for e in found if e != MANIFEST)
+
+
+def _valid_manifest(manifest: Any) -> bool:
+    return (
+        isinstance(manifest, dict)
+        and manifest.get("format") == _FORMAT
+        and manifest.get("version") == _VERSION
+        and isinstance(manifest.get("config_sha256"), str)
+        and isinstance(manifest.get(ADAPTER_ITEM), dict)
+        and isinstance(manifest.get(OPT_STATE_ITEM, {}), dict)
+        and isinstance(manifest.get("entries"), list)
+        and all(isinstance(e, str) for e in manifest["entries"])
+    )
+
+
 def _contents(directory: str) -> _Contents:
-    """Parses the marker files of `directory`; `CheckpointError` naming the first missing or bad one."""
-    missing = [m for m in _COMPLETE_MARKERS if not os.path.isfile(os.path.join(directory, m))]
+    """The checked manifest and config of `directory`; `CheckpointError` naming the first missing or bad file.
+
+    Entries under ``opt_state/`` are not required: `load_adapter` never reads them.
+    """
+    manifest_file = os.path.join(directory, MANIFEST)
+    if not os.path.isfile(manifest_file):
+        raise CheckpointError(
+            f"{directory} is not a complete adapter checkpoint (no {MANIFEST}, which save_adapter writes last): a "
+            "save into it was interrupted, the file was deleted, or save_adapter did not write it. Load another "
+            "step or save again."
+        )
+    manifest = _read_json(directory, MANIFEST)
+    if not _valid_manifest(manifest):
+        raise _damaged(manifest_file, f"not a manifest of an {_FORMAT}, version {_VERSION}")
+    needed = [e for e in manifest["entries"] if not e.startswith(OPT_STATE_ITEM + "/")]
+    missing = [e for e in needed if not os.path.lexists(os.path.join(directory, e))]
     if missing:
         raise CheckpointError(
-            f"{directory} is not a complete adapter checkpoint (missing {missing}): a save into it was "
-            "interrupted or the files were damaged. Load another step or save again."
+            f"{directory} is not a complete adapter checkpoint (missing {missing[:8]}): its files were deleted or "
+            "damaged. Load another step or save again."
         )
-    metadata = _read_json(directory, _METADATA)
-    if not isinstance(metadata, dict) or not {ADAPTER_ITEM, CONFIG_ITEM} <= set(metadata.get("item_handlers") or ()):
-        raise _damaged(os.path.join(directory, _METADATA), f"no {ADAPTER_ITEM} and {CONFIG_ITEM} items listed")
-    tree = _read_json(directory, _TREE_FILE)
-    if not isinstance(tree, dict) or not isinstance(tree.get("tree_metadata"), dict):
-        raise _damaged(os.path.join(directory, _TREE_FILE), "no tree_metadata")
     stored = _read_json(directory, _CONFIG_FILE)
     config_file = os.path.join(directory, _CONFIG_FILE)
+    if _config_hash(stored) != manifest["config_sha256"]:
+        raise _damaged(config_file, "its contents do not match the hash saved with them")
     try:
         config = IA3Config.from_dict(stored)
     except (IA3Error, TypeError, ValueError, KeyError, AttributeError) as err:
         raise _damaged(config_file, f"not an IA3 config: {err}") from None
-    hashes = (metadata.get("custom_metadata") or {}).get(_HASHES)
-    if hashes is not None:
-        if not isinstance(hashes, dict) or not isinstance(hashes.get(ADAPTER_ITEM), dict):
-            raise _damaged(os.path.join(directory, _METADATA), f"custom_metadata.{_HASHES} is malformed")
-        if hashes.get("config") != _config_hash(stored):
-            raise _damaged(config_file, "its contents do not match the hash saved with them")
-    return _Contents(config, hashes)
+    return _Contents(config, manifest)
 
 
-def _incomplete(directory: str) -> str | None:
-    """Why `directory` is not a complete adapter checkpoint, or None when it is one."""
+def checkpoint_problem(directory: str) -> str | None:
+    """Why `directory` is not exactly a checkpoint that save_adapter wrote, or None when it is one.
+
+    Exactly: a complete checkpoint whose entries are the ones its manifest lists, nothing added (a
+    user's ``NOTES.md`` or ``eval/scores.json``) and nothing missing. Only such a directory is ever
+    replaced or deleted.
+    """
     try:
-        _contents(directory)
+        listed = set(_contents(directory).manifest["entries"])
     except CheckpointError as err:
         return str(err)
+    present = set(_entries(directory))
+    if present - listed:
+        return f"it holds {sorted(present - listed)[:8]}, which save_adapter did not write"
+    if listed - present:
+        return f"it lacks {sorted(listed - present)[:8]}, which save_adapter wrote"
     return None
 
 
@@ -260,39 +268,54 @@ def _unreadable(item: str, err: Exception) -> CheckpointError:
     return _damaged(manifest if not os.path.exists(manifest) else where, f"{type(err).__name__}: {text[:400]}")
 
 
-def _restore_item(item: str, target: Any) -> Any:
+def _saved_tree(item: str) -> Any:
+    """The tree under `item` as `jax.ShapeDtypeStruct` leaves, from orbax's metadata (no array is read)."""
     handler = ocp.StandardCheckpointHandler()
     try:
-        return handler.restore(epath.Path(item), args=ocp.args.StandardRestore(target))
+        metadata = handler.metadata(epath.Path(item)).tree
     except Exception as err:  # tensorstore raises ValueError or a bare Exception for damaged data
         raise _unreadable(item, err) from err
     finally:
         handler.close()
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata)
 
 
-def _item_metadata(item: str) -> Any:
+def _host_restore(item: str, hashes: Mapping[str, Any], like: Any) -> Any:
+    """The tree under `item`, structured like `like`, as numpy arrays checked bit for bit against `hashes`."""
+    target = jax.tree.map(lambda x: np.empty(np.shape(x), np.result_type(x)), like)
     handler = ocp.StandardCheckpointHandler()
     try:
-        return handler.metadata(epath.Path(item)).tree
+        tree = handler.restore(epath.Path(item), args=ocp.args.StandardRestore(target))
     except Exception as err:
         raise _unreadable(item, err) from err
     finally:
         handler.close()
-
-
-def _check_hashes(tree: Any, hashes: Mapping[str, Any] | None, item: str) -> None:
-    """Raises `CheckpointError` unless every array read from `item` is bit-identical to the one saved."""
-    if hashes is None:
-        return
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    if not all(getattr(leaf, "is_fully_addressable", True) for _, leaf in flat):
-        return  # another process holds part of the data; its own read checks its part
-    got = {jax.tree_util.keystr(path): _array_hash(leaf) for path, leaf in flat}
+    got = _tree_hashes(tree)
     if got.keys() != hashes.keys():
         raise _damaged(item, f"read {sorted(got)[:8]}, saved {sorted(hashes)[:8]}")
     for key, want in hashes.items():
         if got[key] != want:
             raise _damaged(item, f"the data of {key} does not match the hash saved with it")
+    return tree
+
+
+def _put(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A host array onto `sharding`'s devices (each process places its addressable shards)."""
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def _place(tree: Any, shardings: Any) -> Any:
+    """Host arrays placed by `shardings` (one `Sharding` or a tree of them; default: the first device)."""
+    if shardings is None:
+        shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda a: _put(a, shardings), tree)
+    try:
+        return jax.tree.map(_put, tree, shardings)
+    except ValueError as err:
+        raise StructureError(
+            f"shardings must be one jax.sharding.Sharding or a tree shaped like the adapter: {err}"
+        ) from None
 
 
 # --- locating checkpoints ----------------------------------------------------------------------
@@ -309,31 +332,9 @@ def _resolve(path: epath.PathLike) -> str:
     return os.path.abspath(os.path.expanduser(text))
 
 
-def _prefix(path: str, marker: str) -> str:
-    """The start of the names of `path`'s temporary directories (``marker``: staging, replaced or trash).
-
-    Glob characters are replaced (orbax globs inside the directories it writes); a hash of the exact
-    name keeps ``run[0]`` and ``run_0_`` apart.
-    """
-    name = os.path.basename(path)
-    safe = re.sub(r"[][*?]", "_", name)
-    return os.path.join(os.path.dirname(path), f"{safe}{marker}{hashlib.sha256(name.encode()).hexdigest()[:8]}-")
-
-
-def _siblings(path: str, marker: str) -> list[str]:
-    """The entries next to `path` whose names start with ``_prefix(path, marker)`` (never a glob)."""
-    start = _prefix(path, marker)
-    parent, prefix = os.path.dirname(start), os.path.basename(start)
-    try:
-        names = os.listdir(parent)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    return sorted(os.path.join(parent, n) for n in names if n.startswith(prefix))
-
-
 def _replaced_copy(path: str) -> str | None:
-    """The newest complete checkpoint that an interrupted overwrite of `path` moved aside, if any."""
-    complete = [d for d in _siblings(path, _REPLACED) if os.path.isdir(d) and _incomplete(d) is None]
+    """The complete checkpoint that an overwrite of `path`, killed between its renames, left aside."""
+    complete = [d for d in atomic.leftovers(path, atomic.REPLACED) if checkpoint_problem(d) is None]
     return max(complete, key=os.path.getmtime, default=None)
 
 
@@ -345,16 +346,17 @@ def _steps(root: str) -> list[int]:
 
 
 def _looks_single(path: str) -> bool:
-    return any(os.path.exists(os.path.join(path, n)) for n in (ADAPTER_ITEM, CONFIG_ITEM, _METADATA))
+    return any(os.path.exists(os.path.join(path, n)) for n in (MANIFEST, ADAPTER_ITEM, CONFIG_ITEM))
 
 
 def _leftovers(path: str) -> str:
-    found = [os.path.basename(p) for marker in (_STAGING, _REPLACED, _TRASH) for p in _siblings(path, marker)]
+    markers = (atomic.STAGING, atomic.REPLACED, atomic.TRASH)
+    found = [os.path.basename(p) for marker in markers for p in atomic.leftovers(path, marker)]
     return f" Unfinished saves next to it (not loadable): {found}." if found else ""
 
 
 def _locate(path: epath.PathLike, step: int | None) -> tuple[str, _Contents]:
-    """The complete checkpoint directory that a load reads, with its parsed small files."""
+    """The complete checkpoint directory that a load reads, with its checked manifest and config."""
     path = _resolve(path)
     if not os.path.lexists(path):
         replaced = _replaced_copy(path) if step is None else None
@@ -369,7 +371,7 @@ def _locate(path: epath.PathLike, step: int | None) -> tuple[str, _Contents]:
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is a file; an adapter checkpoint is a directory written by save_adapter.")
     name = os.path.basename(path)
-    if ocp.step.TMP_DIR_SUFFIX in name or _RESERVED in name:
+    if ocp.step.TMP_DIR_SUFFIX in name or atomic.RESERVED in name:
         raise CheckpointError(f"{path} is the temporary directory of an unfinished save, not a checkpoint.")
     if _looks_single(path):
         if step is not None:
@@ -386,8 +388,8 @@ def _locate(path: epath.PathLike, step: int | None) -> tuple[str, _Contents]:
     if not names:
         raise CheckpointError(f"{path} is an empty directory, not an adapter checkpoint.")
     raise CheckpointError(
-        f"{path} is not an adapter checkpoint: expected {ADAPTER_ITEM}/ and {CONFIG_ITEM}/ (from save_adapter) "
-        f"or step directories (from save_adapter(..., step=)); found {names[:20]}."
+        f"{path} is not an adapter checkpoint: expected {MANIFEST} (from save_adapter) or step directories "
+        f"(from save_adapter(..., step=)); found {names[:20]}."
     )
 
 
@@ -401,238 +403,54 @@ def checkpoint_directory(path: epath.PathLike, step: int | None = None) -> epath
     return epath.Path(_locate(path, step)[0])
 
 
-# --- one writer per path -----------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class _Held:
-    """A lock file as read once: contents and identity (a later file at that name differs)."""
-
-    data: bytes
-    inode: int
-    mtime_ns: int
-
-
-def _read_held(file: str) -> _Held | None:
-    try:
-        with open(file, "rb") as f:
-            return _Held(f.read(), os.fstat(f.fileno()).st_ino, os.fstat(f.fileno()).st_mtime_ns)
-    except FileNotFoundError:
-        return None
-
-
-def _process_start(pid: int) -> str | None:
-    """Boot id and start time of live process `pid` (Linux), telling it from a later one with its pid.
-
-    ``"dead"`` for a zombie, None where /proc cannot tell.
-    """
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except (OSError, IndexError):
-        return None
-    return "dead" if fields[0] in ("Z", "X") else f"{boot}:{fields[19]}"
-
-
-def _lock_record(token: str) -> bytes:
-    pid = os.getpid()
-    return json.dumps(
-        {"host": socket.gethostname(), "pid": pid, "process": _process_start(pid), "token": token}
-    ).encode()
-
-
-def _owner(held: _Held) -> dict[str, Any] | None:
-    try:
-        owner = json.loads(held.data)
-    except ValueError:
-        return None
-    return owner if isinstance(owner, dict) and {"host", "pid", "token"} <= owner.keys() else None
-
-
-def _is_stale(held: _Held) -> bool:
-    """Whether the process that made this lock file is gone (only decidable on the same host)."""
-    owner = _owner(held)
-    if owner is None:  # killed between creating and filling it
-        return time.time_ns() - held.mtime_ns > _EMPTY_LOCK_STALE_S * 1e9
-    if owner["host"] != socket.gethostname():
-        return False
-    if owner["pid"] == os.getpid():
-        return owner["token"] not in _HELD_TOKENS
-    try:
-        os.kill(owner["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        pass
-    now = _process_start(owner["pid"])
-    return now == "dead" or (now is not None and owner.get("process") not in (None, now))
-
-
-def _busy(file: str, held: _Held | None) -> CheckpointError:
-    owner = _owner(held) if held is not None else None
-    who = f"pid {owner['pid']} on {owner['host']}" if owner else "a process that is still creating it"
-    return CheckpointError(
-        f"another save to this path holds {file} ({who}): one writer per path. Wait for it to finish or save "
-        f"elsewhere; if no save is running (its process was killed on another host), delete {file}."
-    )
-
-
-def _create_exclusive(file: str, data: bytes) -> None:
-    fd = os.open(file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-
-
-def _claim(file: str, record: bytes, depth: int = 0) -> None:
-    """Creates `file` holding `record`; a file left by a dead process is removed first.
-
-    Removing a stale file is itself claimed through ``<file>.break-<identity>``, so that of several
-    processes that find the same stale file only one removes it, and never a newer file at that name.
-    """
-    try:
-        return _create_exclusive(file, record)
-    except FileExistsError:
-        held = _read_held(file)
-    if held is not None:
-        if depth == 2 or not _is_stale(held):
-            raise _busy(file, held)
-        identity = hashlib.sha256(held.data + f"{held.inode}:{held.mtime_ns}".encode()).hexdigest()[:16]
-        breaker = f"{file}.break-{identity}"
-        _claim(breaker, record, depth + 1)
-        try:
-            if _read_held(file) == held:
-                os.unlink(file)
-        finally:
-            os.unlink(breaker)
-    try:
-        _create_exclusive(file, record)
-    except FileExistsError:  # another writer came in between
-        raise _busy(file, _read_held(file)) from None
-
-
-@contextlib.contextmanager
-def _locked(path: str) -> Iterator[None]:
-    """Holds ``<path>.ia3-lock`` for the body; checks at the end that it is still this save's."""
-    lock, token = path + _LOCK, uuid.uuid4().hex
-    record = _lock_record(token)
-    _HELD_TOKENS.add(token)
-    try:
-        _claim(lock, record)
-        try:
-            yield
-            held = _read_held(lock)
-            if held is None or held.data != record:
-                raise CheckpointError(
-                    f"the lock {lock} was taken from this save while it ran (deleted by hand, or by a process that "
-                    f"thought this one dead): what {path} holds now may be another writer's. Check it and save again."
-                )
-        finally:
-            held = _read_held(lock)
-            if held is not None and held.data == record:
-                os.unlink(lock)
-    finally:
-        _HELD_TOKENS.discard(token)
-
-
 # --- writing -----------------------------------------------------------------------------------
 
 
-def _remove(directory: str, path: str) -> None:
-    """Deletes a directory of `path`'s saves; a loadable one is renamed to a trash name first."""
-    if not os.path.lexists(directory):
-        return
-    name = os.path.basename(directory)
-    if _STAGING not in name and _TRASH not in name:
-        trash = _prefix(path, _TRASH) + uuid.uuid4().hex[:8]
-        os.rename(directory, trash)
-        directory = trash
-    if os.path.isdir(directory) and not os.path.islink(directory):
-        shutil.rmtree(directory)
-    else:
-        os.unlink(directory)
-
-
-def _discard_staging(staging: str, path: str) -> None:
-    """Removes a failed save's staging directory and orbax's temporary one next to it."""
-    for leftover in (staging, staging + ocp.step.TMP_DIR_SUFFIX):
-        _remove(leftover, path)
-
-
-def _sweep(path: str, markers: tuple[str, ...]) -> None:
-    """Removes what killed saves of `path` left (called under the lock: no other save of it is running)."""
-    for marker in markers:
-        for leftover in _siblings(path, marker):
-            _remove(leftover, path)
-
-
 def _write_verified(directory: str, payload: _Payload) -> None:
-    """Writes the checkpoint into the new `directory`, then reads all of it back and checks every hash."""
+    """Writes the checkpoint into the new `directory`, reads all of it back, then writes the manifest last."""
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        checkpointer.save(epath.Path(directory), args=payload.args, custom_metadata={_HASHES: payload.hashes})
-    contents = _contents(directory)
-    if contents.config != payload.config or contents.hashes != payload.hashes:
-        raise CheckpointError(f"{directory} does not hold what was just written to it: the save is abandoned.")
+        checkpointer.save(epath.Path(directory), args=payload.args)
+    manifest = {**payload.manifest, "entries": _entries(directory)}
+    if _config_hash(_read_json(directory, _CONFIG_FILE)) != manifest["config_sha256"]:
+        raise CheckpointError(f"{directory} does not hold the config just written to it: the save is abandoned.")
     item = os.path.join(directory, ADAPTER_ITEM)
-    _check_hashes(_restore_item(item, _restore_target(_item_metadata(item), None)), payload.hashes[ADAPTER_ITEM], item)
+    _host_restore(item, manifest[ADAPTER_ITEM], _saved_tree(item))
     if payload.opt_state is not None:
-        item = os.path.join(directory, OPT_STATE_ITEM)
-        like = jax.tree.map(ocp.utils.to_shape_dtype_struct, payload.opt_state)
-        _check_hashes(_restore_item(item, like), payload.hashes[OPT_STATE_ITEM], item)
-
-
-def _check_renamed(directory: str, inode: int) -> None:
-    """Raises unless `directory` is the verified one just renamed there (never report another's data)."""
-    if os.stat(directory).st_ino != inode:
-        raise CheckpointError(
-            f"{directory} changed during the save: another process wrote to it. Check it and save again."
-        )
+        _host_restore(os.path.join(directory, OPT_STATE_ITEM), manifest[OPT_STATE_ITEM], payload.opt_state)
+    with open(os.path.join(directory, MANIFEST), "x", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
 
 
 def _check_single_target(path: str, overwrite: bool) -> None:
     """Raises `CheckpointError` unless a checkpoint may be written at `path`; reads only."""
-    if os.path.lexists(path) and not os.path.isdir(path):
+    if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
+        kind = "a symbolic link" if os.path.islink(path) else "a file"
         raise CheckpointError(
-            f"{path} is a file, not an adapter checkpoint; refusing to replace it. Choose another path."
+            f"{path} is {kind}, not an adapter checkpoint; refusing to replace it. Choose another path."
         )
     if not overwrite and (os.path.isdir(path) or _replaced_copy(path) is not None):
         raise CheckpointError(f"{path} already exists: pass overwrite=True to replace it, or step= to keep versions.")
     if os.path.isdir(path) and os.listdir(path):
-        problem = _incomplete(path)
+        problem = checkpoint_problem(path)
         if problem is not None:
             raise CheckpointError(
-                f"{path} exists and is not an adapter checkpoint written by save_adapter; refusing to replace it. "
-                f"Choose another path, or move it away. ({problem})"
+                f"{path} exists and is not exactly an adapter checkpoint written by save_adapter; refusing to replace "
+                f"it. Choose another path, or move it (or the files added to it) away. ({problem})"
             )
 
 
 def _save_single(path: str, payload: _Payload, overwrite: bool) -> None:
-    _check_single_target(path, overwrite)
+    _check_single_target(path, overwrite)  # fail fast; checked again under the lock and before the renames
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with _locked(path):
-        if not os.path.lexists(path) and (replaced := _replaced_copy(path)) is not None:
-            os.rename(replaced, path)  # an overwrite killed between its renames: put the old checkpoint back
+    with atomic.locked(path):
+        atomic.sweep(path)
         _check_single_target(path, overwrite)
-        tag = uuid.uuid4().hex[:8]
-        staging, replaced = _prefix(path, _STAGING) + tag, _prefix(path, _REPLACED) + tag
-        moved = False
+        staging = atomic.new_staging(path)
         try:
             _write_verified(staging, payload)
-            inode = os.stat(staging).st_ino
-            if os.path.lexists(path):
-                os.rename(path, replaced)
-                moved = True
-            os.rename(staging, path)
-        except BaseException:
-            if moved and not os.path.lexists(path):
-                os.rename(replaced, path)
-            _discard_staging(staging, path)
-            raise
-        _check_renamed(path, inode)
-        _sweep(path, (_REPLACED, _STAGING, _TRASH))
+            atomic.commit(staging, path, lambda target: _check_single_target(target, overwrite))
+        finally:
+            atomic.sweep(path)  # a failed save's staging (and orbax's temporary) directory
 
 
 def _check_step_target(root: str, step: int, max_to_keep: int | None) -> list[int]:
@@ -655,11 +473,11 @@ def _check_step_target(root: str, step: int, max_to_keep: int | None) -> list[in
         )
     expired = [s for s in steps if s not in kept]
     for s in expired:
-        problem = _incomplete(os.path.join(root, str(s)))
+        problem = checkpoint_problem(os.path.join(root, str(s)))
         if problem is not None:
             raise CheckpointError(
-                f"max_to_keep={max_to_keep} would delete {root}/{s}, which is not an adapter checkpoint written by "
-                f"save_adapter; refusing. Move it away. ({problem})"
+                f"max_to_keep={max_to_keep} would delete {root}/{s}, which is not exactly an adapter checkpoint "
+                f"written by save_adapter; refusing. Move it (or the files added to it) away. ({problem})"
             )
     return expired
 
@@ -667,21 +485,25 @@ def _check_step_target(root: str, step: int, max_to_keep: int | None) -> list[in
 def _save_step(root: str, step: int, payload: _Payload, max_to_keep: int | None) -> None:
     _check_step_target(root, step, max_to_keep)
     os.makedirs(os.path.dirname(root), exist_ok=True)
-    with _locked(root):
+    with atomic.locked(root):
+        atomic.sweep(root)
         expired = _check_step_target(root, step, max_to_keep)
-        staging, final = _prefix(root, _STAGING) + uuid.uuid4().hex[:8], os.path.join(root, str(step))
+        staging = atomic.new_staging(root)
         try:
             _write_verified(staging, payload)
-            inode = os.stat(staging).st_ino
-            os.makedirs(root, exist_ok=True)
-            os.rename(staging, final)
-        except BaseException:
-            _discard_staging(staging, root)
-            raise
-        _check_renamed(final, inode)
+            if not os.path.isdir(root):
+                os.mkdir(root)
+                atomic.fsync_path(os.path.dirname(root))
+            final = os.path.join(root, str(step))
+            atomic.commit(staging, final, lambda _: _check_step_target(root, step, max_to_keep))
+        finally:
+            atomic.sweep(root)
         for s in expired:
-            _remove(os.path.join(root, str(s)), root)
-        _sweep(root, (_STAGING, _TRASH))
+            problem = checkpoint_problem(os.path.join(root, str(s)))
+            if problem is None:
+                atomic.discard(os.path.join(root, str(s)), root)
+            else:  # changed since the check before the save: keep it
+                warnings.warn(f"max_to_keep: kept {root}/{s}, changed during this save ({problem}).", stacklevel=3)
 
 
 def save_adapter(
@@ -697,8 +519,8 @@ def save_adapter(
     """Writes the adapter tree and its config as one orbax checkpoint; returns its directory.
 
     Only the adapter is written (a few hundred KB for T5-base), never the base model. The
-    checkpoint is written next to `path`, read back in full, and only then renamed into place; a
-    second save to the same path while this one runs fails with `CheckpointError` (module docstring).
+    checkpoint is written next to `path`, read back in full, flushed to disk, and only then renamed
+    into place; a second save to the same path while this one runs fails with `CheckpointError`.
 
     Args:
       path: the checkpoint directory (``~`` expanded); with `step`, the root that holds one directory
@@ -708,17 +530,19 @@ def save_adapter(
       step: save as step ``step`` (a non-negative int) under `path`.
       max_to_keep: with `step`, keep only the newest ``max_to_keep`` steps (None keeps all). A step
         older than all of those is refused, as it would be deleted at once.
-      overwrite: without `step`, replace an existing checkpoint at `path` (only a directory that
-        save_adapter wrote). The old one is moved away only once the new one is complete.
+      overwrite: without `step`, replace an existing checkpoint at `path` (only a directory holding
+        exactly what save_adapter wrote). The old one is moved away only once the new one is complete.
       opt_state: the optimizer state (``optimizer.init(adapter)`` and its updates), stored next to
         the adapter so that training resumes exactly; read it back with `load_opt_state`.
 
     Raises:
+      IA3ConfigError: `config` is not an `IA3Config`.
       StructureError: the adapter is not what ``split(params, config)`` gives (base params, leaves
         that are not arrays, keys that are not str or collide once joined with '.', a
-        ``modules_to_save`` module without its copy).
-      CheckpointError: `path` holds something that is not an adapter checkpoint, the step exists or
-        would be deleted at once, or another save to `path` is running.
+        ``modules_to_save`` module without its copy: `AdapterMismatchError`).
+      CheckpointError: `path` holds something that is not exactly an adapter checkpoint, the step
+        exists or would be deleted at once, another save to `path` is running, or `step` /
+        `max_to_keep` are not valid.
 
     Example:
       >>> save_adapter("ckpt/adapter", adapter, config)
@@ -728,8 +552,10 @@ def save_adapter(
     """
     payload = _payload(adapter, config, opt_state)
     path = _resolve(path)
-    if _RESERVED in os.path.basename(path) or ocp.step.TMP_DIR_SUFFIX in os.path.basename(path):
-        raise CheckpointError(f"{path}: names containing {_RESERVED!r} or orbax's temporary suffix are reserved.")
+    if atomic.RESERVED in os.path.basename(path) or ocp.step.TMP_DIR_SUFFIX in os.path.basename(path):
+        raise CheckpointError(
+            f"{path}: names containing {atomic.RESERVED!r} or orbax's temporary suffix are reserved."
+        )
     if glob.has_magic(os.path.dirname(path)):
         raise CheckpointError(
             f"{os.path.dirname(path)}: orbax cannot write below a directory whose path holds glob characters "
@@ -742,15 +568,15 @@ def save_adapter(
         )
     if step is None:
         if max_to_keep is not None:
-            raise ValueError("max_to_keep applies to step checkpoints: pass step= as well.")
+            raise CheckpointError("max_to_keep applies to step checkpoints: pass step= as well.")
         _save_single(path, payload, overwrite)
         return epath.Path(path)
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-        raise ValueError(f"step must be a non-negative int, got {step!r}.")
+        raise CheckpointError(f"step must be a non-negative int, got {step!r}.")
     if max_to_keep is not None and (
         isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1
     ):
-        raise ValueError(f"max_to_keep must be a positive int or None, got {max_to_keep!r}.")
+        raise CheckpointError(f"max_to_keep must be a positive int or None, got {max_to_keep!r}.")
     _save_step(path, int(step), payload, max_to_keep)
     return epath.Path(path) / str(int(step))
 
@@ -801,21 +627,6 @@ def check_adapter(
         )
 
 
-def _restore_target(metadata: Any, shardings: Any) -> Any:
-    """Abstract arrays shaped like the saved ones, placed by `shardings` (default: the first device)."""
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata)
-    if shardings is None:
-        shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    if isinstance(shardings, jax.sharding.Sharding):
-        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shardings), abstract)
-    try:
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    except ValueError as err:
-        raise StructureError(
-            f"shardings must be one jax.sharding.Sharding or a tree shaped like the adapter: {err}"
-        ) from None
-
-
 def load_adapter(
     path: epath.PathLike,
     *,
@@ -826,8 +637,10 @@ def load_adapter(
 ) -> tuple[dict[str, Any], IA3Config]:
     """Reads an adapter checkpoint written by `save_adapter`; returns ``(adapter, config)``.
 
-    Every array is checked against the hash saved with it: the result is bit-identical to what was
-    saved, or `CheckpointError` names the damaged file. ``opt_state/`` is never read.
+    The arrays are read into host memory and checked against the hashes saved with them before
+    they are placed: the result is bit-identical to what was saved, or `CheckpointError` names the
+    damaged file. ``opt_state/`` is never read. In a multi-host job every process reads the whole
+    adapter (it is small) and places its own shards.
 
     Args:
       path: a checkpoint directory, or a root of step checkpoints (the latest step is read).
@@ -851,13 +664,11 @@ def load_adapter(
     """
     directory, contents = _locate(path, step)
     item = os.path.join(directory, ADAPTER_ITEM)
-    metadata = _item_metadata(item)
+    saved = _saved_tree(item)
     if params is not None:
-        abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata)
-        check_adapter(abstract, params, contents.config, layouts=layouts)
-    adapter = _tree.to_dict(_restore_item(item, _restore_target(metadata, shardings)))
-    _check_hashes(adapter, contents.hashes[ADAPTER_ITEM] if contents.hashes else None, item)
-    return adapter, contents.config
+        check_adapter(saved, params, contents.config, layouts=layouts)
+    adapter = _tree.to_dict(_host_restore(item, contents.manifest[ADAPTER_ITEM], saved))
+    return _place(adapter, shardings), contents.config
 
 
 def load_opt_state(path: epath.PathLike, like: Any, *, step: int | None = None) -> Any:
@@ -879,26 +690,18 @@ def load_opt_state(path: epath.PathLike, like: Any, *, step: int | None = None) 
     """
     directory, contents = _locate(path, step)
     item = os.path.join(directory, OPT_STATE_ITEM)
-    if not os.path.isdir(item):
+    saved = contents.manifest.get(OPT_STATE_ITEM)
+    if saved is None or not os.path.isdir(item):
         raise CheckpointError(
             f"{directory} holds no optimizer state: it was saved without save_adapter(..., opt_state=). "
             "Start from optimizer.init(adapter) instead."
         )
-    saved = contents.hashes.get(OPT_STATE_ITEM) if contents.hashes else None
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    if saved is not None:
-        flat, _ = jax.tree_util.tree_flatten_with_path(like)
-        wanted = {jax.tree_util.keystr(p): (np.result_type(x).name, list(np.shape(x))) for p, x in flat}
-        have = {k: (h["dtype"], h["shape"]) for k, h in saved.items()}
-        if wanted != have:
-            differ = sorted(k for k in wanted.keys() | have.keys() if wanted.get(k) != have.get(k))
-            raise StructureError(
-                f"the optimizer state in {directory} does not fit `like`: entries {differ[:8]} differ."
-            )
-        restored = _restore_item(item, target)
-        _check_hashes(restored, saved, item)
-        return restored
-    try:  # saved before ia3_jax stored hashes: orbax's message lists the differing tree entries
-        return _restore_item(item, target)
-    except CheckpointError as err:
-        raise StructureError(f"the optimizer state in {directory} does not fit `like`: {err.__cause__}") from None
+    flat, _ = jax.tree_util.tree_flatten_with_path(like)
+    wanted = {jax.tree_util.keystr(p): (np.result_type(x).name, list(np.shape(x))) for p, x in flat}
+    have = {k: (h["dtype"], h["shape"]) for k, h in saved.items()}
+    if wanted != have:
+        differ = sorted(k for k in wanted.keys() | have.keys() if wanted.get(k) != have.get(k))
+        raise StructureError(f"the optimizer state in {directory} does not fit `like`: entries {differ[:8]} differ.")
+    restored = _host_restore(item, saved, like)
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda a, x: _put(a, x.sharding if isinstance(x, jax.Array) else default), restored, like)

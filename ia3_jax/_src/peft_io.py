@@ -19,27 +19,28 @@ and ``embedding`` are ``weight``, every other name is kept. Everything is stored
 Neither direction needs PyTorch; files in any float dtype (bf16 from a bf16 model) are read as float32.
 
 Crash safety. PEFT reads two files under fixed names, which no single rename can replace together.
-`save_peft` therefore writes both into a private staging folder inside the directory
-(``.ia3-peft-partial-<host>-<pid>-<random>``), renames it to ``.ia3-peft-pending`` (the commit
-point: from then on the new pair is complete on disk), moves the two files into place and removes
-the empty folder. Killed before the commit, the directory still holds the old pair (the staging
-folder is ignored, and swept by the next save); killed after it, `load_peft` reads the new pair
-from ``.ia3-peft-pending`` and the directory, and the next `save_peft` finishes the move. The
-weights file's safetensors metadata also carries a stamp of the config it was written with
-(``ia3_jax.config_sha256``; PEFT and transformers ignore metadata keys they do not know), so that a
-pair mixed by any other means is reported as such rather than as "another model".
+`save_peft` holds ``<path>.ia3-lock`` (`ia3_jax._src.atomic.locked`: one writer per directory; a
+second one gets `CheckpointError`), writes both files into a staging folder inside the directory
+(``.ia3-peft-partial-<random>``), fsyncs them and the folder, and renames it to ``.ia3-peft-pending``
+(the commit point: from then on the new pair is complete on disk); it then moves the two files into
+place, removes the empty folder and fsyncs the directory. Killed before the commit, the directory
+still holds the old pair (the staging folder is ignored, and swept by the next save); killed after
+it, `load_peft` reads the new pair from ``.ia3-peft-pending`` and the directory, and the next
+`save_peft` finishes the move. The weights file's safetensors metadata also carries a stamp of the
+config it was written with (``ia3_jax.config_sha256``) and a SHA-256 of every tensor's stored bytes
+(``ia3_jax.tensor_sha256``); PEFT and transformers ignore metadata keys they do not know. A pair mixed
+by any other means is reported as such, and a damaged tensor as damaged, never loaded as other
+values. Files written by PyTorch PEFT carry neither: they get every other check.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import json
 import os
 import secrets
 import shutil
-import socket
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,9 +53,11 @@ import safetensors
 import safetensors.flax
 import safetensors.numpy
 
+from ia3_jax._src import atomic
 from ia3_jax._src import tree as _tree
 from ia3_jax._src.config import IA3Config, suffix_regex
 from ia3_jax._src.errors import (
+    AdapterDtypeError,
     AdapterMismatchError,
     CheckpointError,
     IA3ConfigError,
@@ -64,26 +67,28 @@ from ia3_jax._src.errors import (
 )
 from ia3_jax._src.layout import KernelLayout
 from ia3_jax._src.partition import without_vectors
-from ia3_jax._src.targets import modules_to_save_roots, targets
+from ia3_jax._src.targets import check_modules_to_save_copies, modules_to_save_roots, targets
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_KEY_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before the module path
 # The PEFT release whose files the parity tests compare against; written as `peft_version`.
 PEFT_FORMAT_VERSION = "0.21.2"
-# What PEFT's task wrappers add to modules_to_save by themselves, whether the model has them or not.
-_AUTO_MODULES_TO_SAVE = {
+# What PEFT's task wrappers add to modules_to_save by themselves, whether the model has them or not
+# (alternatives: a model has one of them).
+TASK_MODULES_TO_SAVE = {
     "SEQ_CLS": ("classifier", "score"),
     "TOKEN_CLS": ("classifier", "score"),
     "QUESTION_ANS": ("qa_outputs",),
 }
 # The write protocol (module docstring): a committed new pair waiting to be moved into place, and
-# the staging folders of saves in progress (or killed before their commit).
+# the staging folders of saves killed before their commit.
 PENDING_NAME = ".ia3-peft-pending"
 _PARTIAL_PREFIX = ".ia3-peft-partial-"
-_COMMIT_TRIES = 8  # a concurrent save may commit between our finishing its pair and committing ours
-# Safetensors metadata key of the config stamp: sha256 of the config fields that decide the tensors.
+# Safetensors metadata keys: the config stamp (sha256 of the config fields that decide the tensors)
+# and the per-tensor hashes (JSON ``{key: sha256 of the stored bytes}``).
 STAMP_KEY = "ia3_jax.config_sha256"
+HASHES_KEY = "ia3_jax.tensor_sha256"
 _STAMPED_KEYS = ("peft_type", "target_modules", "exclude_modules", "feedforward_modules", "fan_in_fan_out",
                  "modules_to_save", "task_type")
 # Keys adapter_config.json may hold that IA3Config does not model (PEFT fills them in itself).
@@ -251,36 +256,6 @@ def config_stamp(data: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
 
-def _check_saved_copies(
-    adapter: Mapping[str, Any], config: IA3Config, params: Mapping[str, Any] | None
-) -> None:
-    """Raises `AdapterMismatchError` naming a ``modules_to_save`` module that has no copy in `adapter`.
-
-    Without the copy PEFT would keep the base model's untrained module: the usual cause is
-    ``split(params)`` without the config, which returns the vectors only.
-    """
-    if not config.modules_to_save:
-        return
-    fix = (
-        f"modules_to_save={list(config.modules_to_save)} lists it, so the trained copy must be in the adapter "
-        "(split(params) without the config leaves it out: use ia3_jax.split(params, config))."
-    )
-    if params is not None:
-        for root in modules_to_save_roots(params, config):
-            try:
-                _tree.get(adapter, root)
-            except (KeyError, TypeError):
-                raise AdapterMismatchError(f"the adapter has no copy of module {_tree.dotted(root)!r}: {fix}") from None
-        return
-    # Without params only the adapter tells which modules exist: PEFT's task defaults (e.g. "classifier"
-    # and "score" for SEQ_CLS) are alternatives, of which the model has one.
-    auto = set(_AUTO_MODULES_TO_SAVE.get(config.task_type or "", ())) & set(config.modules_to_save)
-    present = {m for m in config.modules_to_save if modules_to_save_roots(adapter, config.replace(modules_to_save=[m]))}
-    absent = [m for m in config.modules_to_save if m not in present and not (m in auto and present & auto)]
-    if absent:
-        raise AdapterMismatchError(f"the adapter has no copy of module {absent[0]!r}: {fix}")
-
-
 # --- the crash-safe write (module docstring) ---------------------------------------------------
 
 
@@ -292,97 +267,65 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    """Flushes a directory's entries (renames, new files) to disk, where the OS allows it."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened; renames there are durable on return
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _host() -> str:
-    return "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
-
-
-def _is_dead_partial(name: str) -> bool:
-    """A staging folder of a process of this host that no longer runs (killed before its commit)."""
-    parts = name.removeprefix(_PARTIAL_PREFIX).split("-")  # host, pid, random
-    if len(parts) != 3 or parts[0] != _host() or not parts[1].isdigit():
-        return False
-    try:
-        os.kill(int(parts[1]), 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # alive, under another user
-        return False
-    return False
-
-
-def _sweep_dead_partials(directory: Path) -> None:
-    """Removes the staging folders that killed saves left here (never a live process's)."""
-    for entry in directory.iterdir():
-        if entry.name.startswith(_PARTIAL_PREFIX) and entry.is_dir() and _is_dead_partial(entry.name):
-            shutil.rmtree(entry, ignore_errors=True)
-
-
 def _finish_pending(directory: Path) -> None:
-    """Moves a committed pair (``.ia3-peft-pending``) into place: completes a save that was interrupted.
-
-    Idempotent and safe alongside another process doing the same: a file already moved is skipped.
-    """
+    """Moves a committed pair (``.ia3-peft-pending``) into place: completes a save that was interrupted."""
     pending = directory / PENDING_NAME
     if not pending.is_dir():
         return
     for name in (WEIGHTS_NAME, CONFIG_NAME):
-        try:
+        if (pending / name).exists():  # else moved before a kill
             os.replace(pending / name, directory / name)
-        except FileNotFoundError:
-            pass  # moved already (before a kill, or by a concurrent save)
-    try:
-        os.rmdir(pending)
-    except FileNotFoundError:
-        pass
-    except OSError as err:  # another save committed its pair here meanwhile: it moves it itself
-        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-            raise
-    _fsync_dir(directory)
+    atomic.fsync_path(str(directory))
+    os.rmdir(pending)
 
 
 def _write_pair(directory: Path, files: Mapping[str, bytes]) -> None:
-    """Replaces `files` in `directory` so that a kill at any point leaves the old or the new set loadable."""
-    if not directory.is_dir():
-        directory.mkdir(parents=True)
-    _finish_pending(directory)
-    _sweep_dead_partials(directory)
-    staging = directory / f"{_PARTIAL_PREFIX}{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
-    os.mkdir(staging)
-    try:
-        for name, data in files.items():
-            _write_file(staging / name, data)
-        _fsync_dir(staging)
-        for _ in range(_COMMIT_TRIES):
-            try:
-                os.rename(staging, directory / PENDING_NAME)  # the commit point
-                break
-            except OSError as err:
-                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                    raise
-                _finish_pending(directory)  # another save's committed pair: put it in place, then ours over it
-        else:
-            raise CheckpointError(
-                f"{str(directory)!r}: other processes keep saving PEFT adapters here at the same time; this save "
-                "changed nothing. Save to separate directories, or one at a time."
+    """Replaces `files` in `directory` so that a kill at any point leaves the old or the new pair loadable."""
+    if not directory.parent.is_dir():
+        directory.parent.mkdir(parents=True)
+    with atomic.locked(str(directory.absolute())):
+        if not directory.is_dir():
+            directory.mkdir()
+        _finish_pending(directory)
+        for entry in directory.iterdir():  # under the lock, every staging folder is a dead save's
+            if entry.name.startswith(_PARTIAL_PREFIX):
+                shutil.rmtree(entry)
+        staging = directory / f"{_PARTIAL_PREFIX}{secrets.token_hex(4)}"
+        os.mkdir(staging)
+        try:
+            for name, data in files.items():
+                _write_file(staging / name, data)
+            atomic.fsync_path(str(staging))
+            os.rename(staging, directory / PENDING_NAME)  # the commit point
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        atomic.fsync_path(str(directory))
+        _finish_pending(directory)
+        atomic.fsync_path(str(directory))
+
+
+def _tensor_hashes(tensors: Mapping[str, Any]) -> dict[str, str]:
+    """``{key: sha256 of the tensor's stored bytes}`` (C order, as safetensors stores them)."""
+    return {key: hashlib.sha256(np.ascontiguousarray(t).tobytes()).hexdigest() for key, t in tensors.items()}
+
+
+def _check_savable(leaves: Mapping[str, Any]) -> None:
+    """Raises `AdapterDtypeError` naming a leaf that is not floating point or holds NaN or inf."""
+    for key, leaf in leaves.items():
+        dtype = np.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise AdapterDtypeError(
+                f"adapter tensor {key!r} has dtype {dtype}: PEFT stores IA3 vectors and modules_to_save params as "
+                "floats, and ia3_jax never casts other dtypes (the values would change). Save a float adapter."
             )
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # our own staging folder only
-        raise
-    _finish_pending(directory)
+        with np.errstate(over="ignore"):
+            finite = np.isfinite(np.asarray(leaf, np.float32)).all()
+        if not finite:
+            raise AdapterDtypeError(
+                f"adapter tensor {key!r} holds NaN or inf (as float32, PEFT's stored dtype): the adapter diverged "
+                "in training or overflows float32. Save an earlier adapter, or train with a lower learning rate."
+            )
 
 
 def save_peft(
@@ -413,13 +356,15 @@ def save_peft(
       The directory.
 
     A kill at any point leaves the directory's previous adapter or the new one loadable by
-    `load_peft` (module docstring); other files in the directory are never touched.
+    `load_peft`, and success is reported only once the pair is on disk (module docstring); other
+    files in the directory are never touched.
 
     Raises:
       AdapterMismatchError: a vector on a module the config does not target, a missing vector, a
         ``modules_to_save`` module without its copy (named), a shape that does not fit the params, a
         leaf that is neither a vector nor a ``modules_to_save`` param.
-      CheckpointError: `path` is an existing file, not a directory.
+      AdapterDtypeError: a tensor that is not floating point, or holds NaN or inf (named).
+      CheckpointError: `path` is an existing file, not a directory, or another save to it is running.
 
     Example:
       >>> adapter, base = ia3_jax.split(trained_params, config)
@@ -430,16 +375,22 @@ def save_peft(
     if not _tree.vector_modules(adapter):
         raise AdapterMismatchError("the adapter holds no IA3 vector (`ia3_l` leaf): nothing to save.")
     base = without_vectors(params) if params is not None else None
-    _check_saved_copies(adapter, config, base)
+    alternatives = TASK_MODULES_TO_SAVE.get(config.task_type or "", ())
+    check_modules_to_save_copies(adapter, config, params=base, alternatives=alternatives)
     want = _entries(base, config, layouts) if base is not None else _free_entries(adapter, config)
     have = _adapter_leaves(adapter)
+    _check_savable(have)
     _check_fits({k: np.shape(leaf) for k, leaf in have.items()}, {k: e.shape for k, e in want.items()}, "the adapter")
     tensors = {PEFT_KEY_PREFIX + key: entry.to_peft(have[key]) for key, entry in want.items()}
     vector_keys = [k for k in want if k.endswith("." + _tree.VECTOR)]
     config_data = _adapter_config(config, vector_keys)
     text = json.dumps(config_data, indent=2, sort_keys=True)
     # "format": "pt" is what PEFT writes (transformers' loaders check it); the stamp ties the pair.
-    metadata = {"format": "pt", STAMP_KEY: config_stamp(config_data)}
+    metadata = {
+        "format": "pt",
+        STAMP_KEY: config_stamp(config_data),
+        HASHES_KEY: json.dumps(_tensor_hashes(tensors), sort_keys=True),
+    }
     weights = safetensors.numpy.save(tensors, metadata=metadata)
 
     directory = Path(path).expanduser()
@@ -601,6 +552,7 @@ def read_tensors(directory: Path) -> tuple[Path, dict[str, str], dict[str, np.nd
         raise PeftFormatError(f"{str(file)!r} is not a readable safetensors file: {err}") from None
     if not raw:
         raise PeftFormatError(f"{str(file)!r} holds no tensors.")
+    _check_hashes(file, metadata, raw)
     tensors = {}
     for key, tensor in raw.items():
         with np.errstate(over="ignore"):  # an overflow is reported below, naming the tensor
@@ -620,6 +572,26 @@ def read_tensors(directory: Path) -> tuple[Path, dict[str, str], dict[str, np.nd
     return file, metadata, tensors
 
 
+def _check_hashes(file: Path, metadata: Mapping[str, str], raw: Mapping[str, Any]) -> None:
+    """Raises `PeftFormatError` unless every tensor's bytes match the hash `save_peft` stored (when stored)."""
+    if HASHES_KEY not in metadata:  # written by PyTorch PEFT (or by hand): nothing to check against
+        return
+    try:
+        saved = json.loads(metadata[HASHES_KEY])
+    except ValueError:
+        saved = None
+    if not isinstance(saved, dict) or saved.keys() != raw.keys():
+        raise PeftFormatError(
+            f"{str(file)!r} is damaged: its {HASHES_KEY} metadata does not list its tensors. Save the adapter again."
+        )
+    for key, digest in _tensor_hashes({k: np.asarray(t) for k, t in raw.items()}).items():
+        if digest != saved[key]:
+            raise PeftFormatError(
+                f"{str(file)!r} is damaged: the data of tensor {key!r} does not match the hash saved with it. "
+                "Save the adapter again, or restore the file from a copy."
+            )
+
+
 def _check_stamp(config_file: Path, data: Mapping[str, Any], weights_file: Path, metadata: Mapping[str, str]) -> None:
     """Raises `PeftFormatError` when the weights were written with another config (a mixed pair)."""
     stamp = metadata.get(STAMP_KEY)
@@ -630,14 +602,6 @@ def _check_stamp(config_file: Path, data: Mapping[str, Any], weights_file: Path,
             "interrupted by an earlier ia3_jax or the files were copied separately. Save the adapter again, or "
             "put back the two files of one save."
         )
-
-
-def _legacy_leftovers(directory: Path) -> list[str]:
-    """Temporary files of an earlier ia3_jax's file-by-file replace, left by a kill (a sign of a mixed pair)."""
-    if not directory.is_dir():
-        return []
-    prefixes = (f".{WEIGHTS_NAME}.", f".{CONFIG_NAME}.")
-    return sorted(p.name for p in directory.iterdir() if p.name.startswith(prefixes))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -672,7 +636,7 @@ def _targeted_config(config: IA3Config, view: Mapping[str, Any]) -> IA3Config:
     """`config` without the modules_to_save entries that PEFT adds for the task and that `view` lacks."""
     if not config.modules_to_save:
         return config
-    auto = _AUTO_MODULES_TO_SAVE.get(config.task_type or "", ())
+    auto = TASK_MODULES_TO_SAVE.get(config.task_type or "", ())
     kept = [
         m for m in config.modules_to_save
         if m not in auto or modules_to_save_roots(view, config.replace(modules_to_save=[m]))
@@ -749,17 +713,8 @@ def load_peft(
     config = _parse_config(config_file, data)
     weights_file, metadata, tensors = read_tensors(directory)
     _check_stamp(config_file, data, weights_file, metadata)
-    try:
-        prefix, entries, config = _choose_prefix(without_vectors(params), config, sorted(tensors), layouts)
-        _check_fits({k: t.shape for k, t in tensors.items()}, {k: e.peft_shape for k, e in entries.items()},
-                    repr(str(weights_file)))
-    except AdapterMismatchError as err:
-        leftovers = _legacy_leftovers(directory)
-        if not leftovers:
-            raise
-        raise AdapterMismatchError(
-            f"{err} Note: {str(directory)!r} also holds {leftovers}, temporary files of a save that was killed "
-            f"halfway: {CONFIG_NAME} and {WEIGHTS_NAME} may come from two different saves. Save the adapter again."
-        ) from None
+    prefix, entries, config = _choose_prefix(without_vectors(params), config, sorted(tensors), layouts)
+    _check_fits({k: t.shape for k, t in tensors.items()}, {k: e.peft_shape for k, e in entries.items()},
+                repr(str(weights_file)))
     changes = {prefix.to_flax(e.path): e.to_flax(tensors[key]) for key, e in entries.items()}
     return _tree.updated({}, changes), config

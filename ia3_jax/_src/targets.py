@@ -233,3 +233,36 @@ def vector_target(
     target = Target(path, layout, shape, feedforward_side(key, config, fits_input, fits_output))
     target.check_vector(vector_shape)
     return target
+
+
+def check_modules_to_save_copies(
+    adapter: Mapping[str, Any],
+    config: IA3Config,
+    *,
+    params: Mapping[str, Any] | None = None,
+    alternatives: Sequence[str] = (),
+) -> None:
+    """Raises `AdapterMismatchError` naming a ``modules_to_save`` module that has no copy in `adapter`.
+
+    Without the copy its trained params would be lost (the usual cause: ``split(params)`` without the
+    config, which returns the vectors only). With `params`, every module they have that the config
+    selects needs its copy. Without them only the adapter tells which modules exist, so each listed
+    name needs a copy, except that one of `alternatives` suffices for all of them: PEFT's task
+    wrappers list several heads (``classifier`` and ``score`` for SEQ_CLS) of which a model has one.
+    """
+    from ia3_jax._src.errors import AdapterMismatchError  # imported here: this function is the module's last addition
+
+    listed = list(config.modules_to_save or ())
+    if params is not None:
+        have = {path for path, _ in _tree.modules(adapter)}
+        missing = [_tree.dotted(root) for root in modules_to_save_roots(params, config) if root not in have]
+    else:
+        present = {m for m in listed if modules_to_save_roots(adapter, config.replace(modules_to_save=[m]))}
+        shared = set(alternatives) & set(listed)
+        missing = [m for m in listed if m not in present and not (m in shared and present & shared)]
+    if missing:
+        raise AdapterMismatchError(
+            f"the adapter has no copy of module {missing[0]!r}, which config.modules_to_save="
+            f"{listed} lists: its trained params would be lost. split(params) without "
+            "the config leaves these copies out: save the first result of ia3_jax.split(params, config)."
+        )

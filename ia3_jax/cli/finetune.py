@@ -6,9 +6,12 @@ Defaults need no arguments and no network: the all-MiniLM-L6-v2 encoder shipped 
 reports held-out accuracy for both, saves the adapter (orbax and PEFT format), reloads it, checks
 that the merged model predicts what the unmerged one does, and plots the training curves.
 
-Every argument is checked before any work (one-line errors under the usage line), and the outputs
-are written to a temporary folder next to ``--out`` that is renamed into place at the end: a run
-that fails leaves no partial output, and a rerun replaces a previous output only once it is complete.
+Every argument is checked before any work (one-line errors under the usage line). The outputs are
+written to a temporary folder next to ``--out``, flushed to disk and renamed into place at the end,
+by the protocol of every ia3_jax save (`ia3_jax._src.atomic`: one run per ``--out``): a run that
+fails leaves no partial output, and a rerun replaces a previous output only once it is complete. A
+run killed between the two renames leaves the previous output next to ``--out``
+(``<out>.ia3-replaced-*``); the next run puts it back before it starts.
 
 Measured with the defaults (200 steps of 32 words, Adam 3e-2, cosine decay; 2.5 CPU-minutes): IA3 on
 BERT's default targets plus the head trains 16,898 of 22,730,884 parameters (0.074%) and reaches 0.930
@@ -25,8 +28,6 @@ import dataclasses
 import json
 import math
 import os
-import secrets
-import shutil
 import types
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -54,6 +55,10 @@ from ia3_jax import (
     save_peft,
     split,
 )
+from ia3_jax._src import atomic
+from ia3_jax._src.checkpoint import checkpoint_problem
+from ia3_jax._src.errors import CheckpointError
+from ia3_jax._src.peft_io import CONFIG_NAME, WEIGHTS_NAME
 from ia3_jax.cli import data as data_lib
 
 # transformers, and ia3_jax.hf which imports it, are imported where used: `main` first sets the
@@ -96,7 +101,7 @@ class FinetuneOptions:
     out: Path = Path("runs/finetune")  # /runs/ is in the repository's .gitignore
 
 
-# What a run writes into --out; a directory holding only these (and metrics.json) is a previous output.
+# What a run writes into --out; a directory holding exactly these is a previous output.
 OUTPUT_NAMES = ("adapter_orbax", "adapter_peft", "training_curves.png", "metrics.json")
 DATA_SUFFIXES = (".csv", ".jsonl", ".json")
 
@@ -159,15 +164,40 @@ def _check_data_file(path: Path) -> None:
         ) from None
 
 
+def _foreign(out: Path) -> list[str]:
+    """What directory `out` holds that a run of this job did not write, down to the files inside its outputs."""
+    foreign = []
+    for entry in sorted(out.iterdir()):
+        if entry.name not in OUTPUT_NAMES or entry.is_symlink():
+            foreign.append(entry.name)
+        elif entry.name == "adapter_orbax":
+            problem = checkpoint_problem(str(entry)) if entry.is_dir() else "not a directory"
+            if problem is not None:
+                foreign.append(f"adapter_orbax/ ({problem})")
+        elif entry.name == "adapter_peft":
+            names = sorted(p.name for p in entry.iterdir()) if entry.is_dir() else []
+            foreign += [f"adapter_peft/{n}" for n in names if n not in (CONFIG_NAME, WEIGHTS_NAME)]
+            if sorted(names) != sorted((CONFIG_NAME, WEIGHTS_NAME)) and not foreign:
+                foreign.append(f"adapter_peft/ (not the pair {CONFIG_NAME}, {WEIGHTS_NAME})")
+        elif not entry.is_file():
+            foreign.append(f"{entry.name}/")
+    return foreign
+
+
 def _check_out(out: Path) -> None:
     """Raises `OptionError` unless `out` can receive the outputs without destroying anything else.
 
-    `out` may be missing (created), empty, or a previous output of this job (replaced at the end).
+    `out` may be missing (created), empty, or exactly a previous output of this job (replaced at the
+    end). Run before any work and again right before the outputs are renamed into place.
     """
+    if out.is_symlink():
+        raise OptionError(
+            f"--out {str(out)!r} is a symbolic link: name the directory itself (the output replaces the name)."
+        )
     if out.exists() and not out.is_dir():
         raise OptionError(f"--out {str(out)!r} is an existing file: name a directory (created if missing).")
     if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_NAMES)
+        foreign = _foreign(out)
         if foreign:
             raise OptionError(
                 f"--out {str(out)!r} holds {foreign[:5]}, which this job did not write: a rerun replaces the whole "
@@ -433,47 +463,29 @@ def plot_curves(path: Path, curves: Mapping[str, list[float]], title: str) -> No
 # --- outputs: staged next to --out, renamed into place at the end ---
 
 
-def _sibling(out: Path, tag: str) -> Path:
-    """A fresh hidden path next to `out` (same filesystem, so renames are atomic)."""
-    return out.parent / f".{out.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def _put_in_place(staging: Path, out: Path) -> None:
-    """Renames the complete `staging` folder to `out`, replacing a previous output only now.
-
-    With no previous output this is one atomic rename. Otherwise the previous one is renamed aside
-    first and deleted last, so that at every moment one complete output exists under one of the names.
-    """
-    if not out.exists():
-        os.rename(staging, out)
-        return
-    previous = _sibling(out, "previous")
-    os.rename(out, previous)
-    try:
-        os.rename(staging, out)
-    except BaseException:
-        os.rename(previous, out)
-        raise
-    shutil.rmtree(previous)
-
-
 @contextlib.contextmanager
 def staged_output(out: Path) -> Iterator[Path]:
     """Yields a fresh folder next to `out` to write into; on success it becomes `out`, on failure it goes.
 
-    Parent folders created for it are removed again on failure (when still empty), so a failed run
-    leaves nothing behind and a previous output in `out` is untouched until the new one is complete.
+    Holds ``<out>.ia3-lock`` throughout (a second run on the same `out` gets `CheckpointError`) and
+    first puts back a previous output that a killed run left aside. `out` is checked again right
+    before the renames (`OptionError`: nothing replaced). Parent folders created for it are removed
+    again on failure (when still empty), so a failed run leaves nothing behind.
     """
     out = out.absolute()
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = _sibling(out, "partial")
-    staging.mkdir()
     try:
-        yield staging
-        _put_in_place(staging, out)
+        with atomic.locked(str(out)):
+            atomic.sweep(str(out))
+            staging = Path(atomic.new_staging(str(out)))
+            staging.mkdir()
+            try:
+                yield staging
+                atomic.commit(str(staging), str(out), lambda _: _check_out(out))
+            finally:
+                atomic.sweep(str(out))  # a failed run's staging folder
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
         for folder in created:  # innermost first
             try:
                 folder.rmdir()
@@ -642,7 +654,7 @@ def main(argv: list[str] | None = None) -> None:
     options = parse_args(argv)
     try:
         metrics = finetune(options)
-    except (data_lib.DataError, ModelDirError, OptionError) as err:
+    except (data_lib.DataError, ModelDirError, OptionError, CheckpointError) as err:
         build_parser()[1].error(str(err))  # input that only reading it could reveal: same one-line form
     _report(metrics, options.out)
 
