@@ -9,6 +9,15 @@ Everything public is re-exported here; the implementation lives in ``ia3_jax._sr
 are imported on their own.
 """
 
+from ia3_jax._src.bank import (
+    bank_add,
+    bank_apply_fn,
+    bank_remove,
+    bank_select,
+    bank_size,
+    check_adapter_ids,
+    stack_adapters,
+)
 from ia3_jax._src.checkpoint import (
     check_adapter,
     checkpoint_directory,
@@ -21,6 +30,7 @@ from ia3_jax._src.dtypes import cast_adapter
 from ia3_jax._src.errors import (
     AdapterDtypeError,
     AdapterExistsError,
+    AdapterIdsError,
     AdapterMismatchError,
     AlreadyJittedError,
     CheckpointError,
@@ -39,7 +49,7 @@ from ia3_jax._src.errors import (
     VectorShapeError,
 )
 from ia3_jax._src.init import ia3_init
-from ia3_jax._src.interceptor import apply_fn, intercept, scale
+from ia3_jax._src.interceptor import NO_ADAPTER, apply_fn, intercept, scale, scale_per_example
 from ia3_jax._src.layout import KernelLayout, default_layout, infer_layouts
 from ia3_jax._src.merge import add_weighted_adapter, combine, merge, unmerge
 from ia3_jax._src.partition import Split, join, split
@@ -54,6 +64,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterDtypeError",
     "AdapterExistsError",
+    "AdapterIdsError",
     "AdapterMismatchError",
     "AlreadyJittedError",
     "CheckpointError",
@@ -62,6 +73,7 @@ __all__ = [
     "IA3Error",
     "KernelLayout",
     "LayoutError",
+    "NO_ADAPTER",
     "NonFiniteMergeError",
     "NotAppliedError",
     "PeftFormatError",
@@ -77,8 +89,14 @@ __all__ = [
     "adapter_shardings",
     "add_weighted_adapter",
     "apply_fn",
+    "bank_add",
+    "bank_apply_fn",
+    "bank_remove",
+    "bank_select",
+    "bank_size",
     "cast_adapter",
     "check_adapter",
+    "check_adapter_ids",
     "checkpoint_directory",
     "combine",
     "default_layout",
@@ -97,8 +115,10 @@ __all__ = [
     "save_adapter",
     "save_peft",
     "scale",
+    "scale_per_example",
     "split",
     "stack",
+    "stack_adapters",
     "trainable_mask",
     "unmerge",
     "unstack",

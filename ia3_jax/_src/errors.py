@@ -28,6 +28,11 @@ class VectorShapeError(IA3Error, ValueError):
     """An IA3 vector does not fit the kernel or the activation it scales, or fits both sides."""
 
 
+class AdapterIdsError(IA3Error, ValueError):
+    """The ``adapter_ids`` of a bank call do not fit: not a 1-D integer array, a value out of range,
+    or another number of examples than the activations' batch axis."""
+
+
 class NotAppliedError(IA3Error, RuntimeError):
     """IA3 vectors in the arguments were never applied: a silent no-op was caught."""
 

@@ -22,7 +22,7 @@ from ia3_jax._src import quant
 from ia3_jax._src import tree as _tree
 from ia3_jax._src.config import IA3Config
 from ia3_jax._src.dtypes import check_vector_dtype
-from ia3_jax._src.errors import AlreadyJittedError, NotAppliedError, VectorShapeError
+from ia3_jax._src.errors import AdapterIdsError, AlreadyJittedError, NotAppliedError, VectorShapeError
 from ia3_jax._src.targets import feedforward_side
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -106,7 +106,66 @@ def _output_features(kernel_shape: tuple[int, ...], x_shape: tuple[int, ...], n:
     return _trailing(kernel_shape, n)
 
 
-def _interceptor(config: IA3Config | None, applied: Applied):
+NO_ADAPTER = -1  # the adapter id of an example that runs on the base model alone
+
+
+def scale_per_example(activation: jax.Array, bank_vector: jax.Array, adapter_ids: jax.Array) -> jax.Array:
+    """`scale` with each example's own vector, gathered from a bank.
+
+    Args:
+      activation: ``(batch, ..., *features)``.
+      bank_vector: ``(*features, n_adapters)``: the adapter axis is last, where no ``nn.scan`` slices.
+      adapter_ids: ``(batch,)`` integers; `NO_ADAPTER` (-1) leaves an example unscaled. Any other
+        value outside ``[0, n_adapters)`` gives that example NaN (a jitted call cannot raise on values;
+        `ia3_jax.check_adapter_ids` checks them on the host).
+
+    Returns:
+      ``activation[b] * bank_vector[..., adapter_ids[b]]`` for every example ``b``, in `scale`'s dtype
+      rule. Under `jax.grad` each example's gradient reaches its own adapter's column only.
+
+    Example:
+      >>> y = scale_per_example(jnp.ones((3, 5, 16)), jnp.ones((16, 4)), jnp.array([2, -1, 0]))
+    """
+    n = bank_vector.shape[-1]
+    features = bank_vector.ndim - 1
+    # Every negative id is sent out of range: -2 must give NaN, not wrap around to adapter n - 2.
+    picked = jnp.take(bank_vector, jnp.where(adapter_ids < 0, n, adapter_ids), axis=-1, mode="fill", fill_value=jnp.nan)
+    picked = jnp.moveaxis(picked, -1, 0)  # (batch, *features)
+    base = (adapter_ids == NO_ADAPTER).reshape((-1,) + (1,) * features)
+    picked = jnp.where(base, jnp.ones((), picked.dtype), picked)
+    middle = (1,) * (jnp.ndim(activation) - 1 - features)  # the activation's axes between batch and features
+    return scale(activation, picked.reshape(picked.shape[:1] + middle + picked.shape[1:]))
+
+
+def _check_bank_fits(key: str, bank_vector: jax.Array, activation: Any, side: str, adapter_ids: jax.Array) -> None:
+    """Trace-time checks of a per-example call: the features fit, and one adapter id per example."""
+    shape, features = jnp.shape(activation), bank_vector.shape[:-1]
+    if bank_vector.ndim < 2 or len(shape) <= len(features) or _trailing(shape, len(features)) != features:
+        raise VectorShapeError(
+            f"bank vector at {key!r} has shape {bank_vector.shape}, i.e. features {features} and "
+            f"{bank_vector.shape[-1:]} adapters (the adapter axis is last), but the {side} it scales has shape "
+            f"{shape}. A bank of adapters for another base model, or a single adapter given to a bank call "
+            "(stack adapters with ia3_jax.stack_adapters), gives this."
+        )
+    if shape[0] != adapter_ids.shape[0]:
+        raise AdapterIdsError(
+            f"adapter_ids has {adapter_ids.shape[0]} entries but the {side} of {key!r} has shape {shape}, whose "
+            "leading (batch) axis needs one id per example. Beam search or num_return_sequences repeat each "
+            "example: repeat its id the same way (jnp.repeat(adapter_ids, k)); a model that flattens batch and "
+            "sequence axes before this layer cannot take per-example ids."
+        )
+
+
+def _interceptor(config: IA3Config | None, applied: Applied, adapter_ids: jax.Array | None = None):
+    """The method interceptor; with `adapter_ids` every vector is a bank vector ``(*features, n_adapters)``."""
+
+    def scaled(key: str, vector: jax.Array, activation: Any, side: str) -> jax.Array:
+        if adapter_ids is None:
+            _check_fits(key, vector, activation, side)
+            return scale(activation, vector)
+        _check_bank_fits(key, vector, activation, side, adapter_ids)
+        return scale_per_example(activation, vector, adapter_ids)
+
     def intercept(next_fun, args, kwargs, context):
         module = context.module
         applied.record_root(module)  # at any method: the root may be entered through `method=`
@@ -123,17 +182,12 @@ def _interceptor(config: IA3Config | None, applied: Applied):
             x, call = kwargs[name], lambda x_: next_fun(**{**kwargs, name: x_})
         fits_input = fits_output = False
         if config is None:  # only then do the shapes decide the side
+            features = vector.shape if adapter_ids is None else vector.shape[:-1]
             kernel_shape = quant.kernel_shape(module.get_variable("params", "kernel"))
-            fits_input = _trailing(jnp.shape(x), vector.ndim) == vector.shape
-            fits_output = _output_features(kernel_shape, jnp.shape(x), vector.ndim) == vector.shape
+            fits_input = _trailing(jnp.shape(x), len(features)) == features
+            fits_output = _output_features(kernel_shape, jnp.shape(x), len(features)) == features
         feedforward = feedforward_side(key, config, fits_input, fits_output)
-        if feedforward:
-            _check_fits(key, vector, x, "input")
-            out = call(scale(x, vector))
-        else:
-            y = call(x)
-            _check_fits(key, vector, y, "output")
-            out = scale(y, vector)
+        out = call(scaled(key, vector, x, "input")) if feedforward else scaled(key, vector, call(x), "output")
         applied.paths.add(path)
         return out
 
@@ -141,7 +195,7 @@ def _interceptor(config: IA3Config | None, applied: Applied):
 
 
 @contextlib.contextmanager
-def intercept(config: IA3Config | None = None) -> Iterator[Applied]:
+def intercept(config: IA3Config | None = None, *, adapter_ids: jax.Array | None = None) -> Iterator[Applied]:
     """Context manager under which Flax module calls apply their IA3 vectors.
 
     Feedforward targets (``config.feedforward_modules``) get their input scaled, the others their
@@ -155,12 +209,15 @@ def intercept(config: IA3Config | None = None) -> Iterator[Applied]:
     (``jax.jit(ia3_jax.apply_fn(model.apply, config))``). Yields an `Applied` record of the module
     paths applied.
 
+    With `adapter_ids` (``(batch,)`` integers) the params hold an adapter bank
+    (`ia3_jax.stack_adapters`) and each example is scaled by its own adapter, as `ia3_jax.bank_apply_fn`.
+
     Example:
       >>> with intercept(config):
       ...     logits = model.apply({"params": params}, x)
     """
     applied = Applied()
-    with nn.intercept_methods(_interceptor(config, applied)):
+    with nn.intercept_methods(_interceptor(config, applied, adapter_ids)):
         yield applied
     if not applied.paths:
         warnings.warn(
@@ -205,31 +262,48 @@ def apply_fn(fn: F, config: IA3Config | None = None, *, strict: bool = True) -> 
       >>> forward = jax.jit(ia3_jax.apply_fn(model.apply, config))
       >>> logits = forward({"params": params}, x)   # logits: (batch, ..., classes)
     """
-    if _is_staged(fn):
-        raise AlreadyJittedError(
-            f"apply_fn got {getattr(fn, '__name__', fn)!r}, a function that jax.jit/jax.pmap already wraps: its trace "
-            "cache does not know about the interceptor, so IA3 would leak into its plain calls or be skipped. Jit "
-            "the wrapper instead: jax.jit(ia3_jax.apply_fn(model.apply, config))."
-        )
+    check_not_staged(fn, "apply_fn")
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        with nn.intercept_methods(_interceptor(config, applied := Applied())):
-            out = fn(*args, **kwargs)
-        if strict:
-            paths = vector_paths((args, kwargs))
-            missed = applied.missed(paths)
-            if missed:
-                # Named by module path where the params root was found, else by argument position.
-                relative = _tree.rooted(paths, applied.roots)
-                names = sorted({_tree.dotted(relative.get(p, p[1:])) for p in missed})
-                raise NotAppliedError(
-                    f"{len(missed)} IA3 vectors in the arguments were never applied by "
-                    f"{getattr(fn, '__name__', fn)!r}: "
-                    f"{names[:10]}{' ...' if len(names) > 10 else ''}. Those modules were not called with these "
-                    "params (pass strict=False if that is intended), or a module reads its kernel without "
-                    "its __call__."
-                )
-        return out
+        return call_intercepted(fn, config, strict, args, kwargs)
 
     return wrapped  # type: ignore[return-value]
+
+
+def check_not_staged(fn: Callable[..., Any], caller: str) -> None:
+    """Raises `AlreadyJittedError` if `fn` is already jitted (see `apply_fn`)."""
+    if _is_staged(fn):
+        raise AlreadyJittedError(
+            f"{caller} got {getattr(fn, '__name__', fn)!r}, a function that jax.jit/jax.pmap already wraps: its trace "
+            "cache does not know about the interceptor, so IA3 would leak into its plain calls or be skipped. Jit "
+            f"the wrapper instead: jax.jit(ia3_jax.{caller}(model.apply, config))."
+        )
+
+
+def call_intercepted(
+    fn: Callable[..., Any],
+    config: IA3Config | None,
+    strict: bool,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    adapter_ids: jax.Array | None = None,
+) -> Any:
+    """``fn(*args, **kwargs)`` under the interceptor, then `apply_fn`'s strict check of the arguments' vectors."""
+    with nn.intercept_methods(_interceptor(config, applied := Applied(), adapter_ids)):
+        out = fn(*args, **kwargs)
+    if strict:
+        paths = vector_paths((args, kwargs))
+        missed = applied.missed(paths)
+        if missed:
+            # Named by module path where the params root was found, else by argument position.
+            relative = _tree.rooted(paths, applied.roots)
+            names = sorted({_tree.dotted(relative.get(p, p[1:])) for p in missed})
+            raise NotAppliedError(
+                f"{len(missed)} IA3 vectors in the arguments were never applied by "
+                f"{getattr(fn, '__name__', fn)!r}: "
+                f"{names[:10]}{' ...' if len(names) > 10 else ''}. Those modules were not called with these "
+                "params (pass strict=False if that is intended), or a module reads its kernel without "
+                "its __call__."
+            )
+    return out

@@ -1,0 +1,386 @@
+"""Adapter banks: a mixed batch equals running each example alone with its adapter.
+
+The reference for every example is the ordinary single-adapter path: ``apply_fn`` on the example
+alone with ``join(base, adapter_i)`` (unmerged), ``merge`` of that adapter (merged), and the base
+model without any vector for id -1. N = 5 adapters (8 where the bank is sharded 8 ways), output
+targets (multi-axis DenseGeneral k/v, Dense up with its bias) and a feedforward target (down).
+
+Tolerances: a mixed batch and the single-example runs are the same ops per example, measured
+bitwise equal in float32 and bf16 (atol 1e-6 allowed for XLA compiling a batch of another size
+differently); merged vs mixed measured 9.5e-7 (values up to 5.7), 1.7e-5 through 3 scanned layers
+(values up to 29), 3.1e-2 in bf16 (one bf16 step at 4); gradients measured GRAD below.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import ia3_jax
+
+N, B, S, D, H, L = 5, 7, 3, 8, 16, 3
+IDS = jnp.array([2, -1, 0, 4, 2, 1, -1])  # two examples share adapter 2; adapter 3 is unused
+CONFIG = ia3_jax.IA3Config(
+    target_modules=["k", "v", "up", "down"], feedforward_modules=["down"], init_ia3_weights=False
+)
+TOL = {"rtol": 0, "atol": 1e-6}
+MERGED_TOL = {"rtol": 0, "atol": 2e-6}
+SCAN_MERGED_TOL = {"rtol": 0, "atol": 4e-5}
+BF16_MERGED_TOL = {"rtol": 0, "atol": 6e-2}
+GRAD_TOL = {"rtol": 0, "atol": 4e-6}
+# Tiny models: XLA's backend optimisations cost more compile time than they save run time.
+FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+class Block(nn.Module):
+    """Attention (k, v: (heads, head_dim) output vectors) and an MLP (up: output + bias, down: input)."""
+
+    dtype: jnp.dtype = jnp.float32
+    hidden: int = H
+
+    @nn.compact
+    def __call__(self, x, _=None):
+        def dense(features, name, **kw):
+            return nn.DenseGeneral(features, name=name, dtype=self.dtype, param_dtype=self.dtype, **kw)
+
+        q, k, v = (dense((2, 4), name)(x) for name in ("q", "k", "v"))
+        w = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / 2.0)
+        x = x + dense(D, "o", axis=(-2, -1))(jnp.einsum("bhqk,bkhd->bqhd", w, v))
+        h = nn.relu(dense(self.hidden, "up")(x))
+        return x + dense(D, "down")(h), None
+
+
+class Model(nn.Module):
+    dtype: jnp.dtype = jnp.float32
+    hidden: int = H
+
+    @nn.compact
+    def __call__(self, x):
+        return Block(self.dtype, self.hidden, name="block")(x)[0]
+
+
+class Scanned(nn.Module):
+    axis: int = 0
+
+    @nn.compact
+    def __call__(self, x):
+        stack = nn.scan(Block, variable_axes={"params": self.axis}, split_rngs={"params": True}, length=L)
+        return stack(name="layers")(x, None)[0]
+
+
+def adapters(params, layouts, n: int = N) -> list[dict]:
+    """n random adapters (standard-normal vectors: far from identity, so a wrong pick shows)."""
+    return [
+        ia3_jax.split(ia3_jax.ia3_init(params, CONFIG, rng=jax.random.key(10 + i), layouts=layouts)).adapter
+        for i in range(n)
+    ]
+
+
+def setup(model, x):
+    """The base params and their kernel layouts (for ia3_init, merge, PEFT I/O), built once per model."""
+    return _setup(model, x.shape, jnp.dtype(x.dtype))
+
+
+@functools.cache
+def _setup(model, shape, dtype):
+    x = jnp.zeros(shape, dtype)
+    base = jax.jit(model.init, compiler_options=FAST)(jax.random.key(0), x)["params"]
+    return base, ia3_jax.infer_layouts(model.apply, {"params": base}, x)
+
+
+def reference(model, base, singles, x, ids, merged=False, layouts=None):
+    """Each example alone: its adapter joined (or merged) into the base, or the base for id -1.
+
+    All through one compiled single-adapter call: the merged model and the base model run there
+    with unit vectors, which change nothing (``x * 1`` is exact).
+    """
+    single = jax.jit(ia3_jax.apply_fn(model.apply, CONFIG), compiler_options=FAST)
+    fold = jax.jit(lambda adapter: ia3_jax.merge(ia3_jax.join(base, adapter), CONFIG, layouts=layouts))
+    unit = jax.tree.map(jnp.ones_like, singles[0])
+    rows = []
+    for b, i in enumerate(np.asarray(ids)):
+        if i == ia3_jax.NO_ADAPTER:
+            params = ia3_jax.join(base, unit)
+        elif merged:
+            params = ia3_jax.join(fold(singles[i]), unit)
+        else:
+            params = ia3_jax.join(base, singles[i])
+        rows.append(single({"params": params}, x[b : b + 1]))
+    return jnp.concatenate(rows)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_mixed_batch_equals_each_example_alone(dtype):
+    model = Model(dtype)
+    x = jax.random.normal(jax.random.key(1), (B, S, D), dtype)
+    base, layouts = setup(model, x)
+    singles = [jax.tree.map(lambda v: v.astype(dtype), a) for a in adapters(base, layouts)]
+    bank = ia3_jax.stack_adapters(singles)
+    assert bank["block"]["k"]["ia3_l"].shape == (2, 4, N)  # (heads, head_dim, adapters)
+    assert bank["block"]["down"]["ia3_l"].shape == (H, N)  # the input features of down
+
+    forward = jax.jit(ia3_jax.bank_apply_fn(model.apply, CONFIG), compiler_options=FAST)
+    got = forward({"params": ia3_jax.join(base, bank)}, x, adapter_ids=IDS)
+    assert got.dtype == dtype
+    chex.assert_trees_all_close(got, reference(model, base, singles, x, IDS), **TOL)
+    merged_tol = MERGED_TOL if dtype == jnp.float32 else BF16_MERGED_TOL
+    merged = reference(model, base, singles, x, IDS, merged=True, layouts=layouts)
+    chex.assert_trees_all_close(got, merged, **merged_tol)
+    # Every adapter changes its rows: they are not the base model's.
+    plain = reference(model, base, singles, x, jnp.full_like(IDS, -1))
+    assert np.all(np.abs(np.asarray(got - plain, np.float32))[IDS >= 0].max(axis=(1, 2)) > 1e-2)
+
+
+def test_gradients_reach_only_each_examples_adapter():
+    model = Model()
+    x = jax.random.normal(jax.random.key(1), (B, S, D))
+    base, layouts = setup(model, x)
+    singles = adapters(base, layouts)
+    bank = ia3_jax.stack_adapters(singles)
+    forward = ia3_jax.bank_apply_fn(model.apply, CONFIG)
+
+    def per_example_losses(y):
+        return jnp.sum(jnp.sin(y), axis=(1, 2))
+
+    def loss(bank):  # multi-task: one batch, each example trains its own adapter
+        return jnp.sum(per_example_losses(forward({"params": ia3_jax.join(base, bank)}, x, adapter_ids=IDS)))
+
+    grads = jax.jit(jax.grad(loss), compiler_options=FAST)(bank)
+    single = ia3_jax.apply_fn(model.apply, CONFIG)
+
+    @jax.jit
+    def single_grad(adapter, xs, weights):  # the gradient of adapter i's examples (weight 1) alone
+        y = single({"params": ia3_jax.join(base, adapter)}, xs)
+        return jax.grad(lambda a: jnp.sum(weights * per_example_losses(single({"params": ia3_jax.join(base, a)}, xs))))(
+            adapter
+        ), y
+
+    expected = []
+    for i in range(N):
+        g, _ = single_grad(singles[i], x, (IDS == i).astype(jnp.float32))
+        expected.append(g)
+    chex.assert_trees_all_close(grads, ia3_jax.stack_adapters(expected), **GRAD_TOL)
+    # The unused adapter 3 gets exactly zero; the used ones do not.
+    for g in jax.tree.leaves(grads):
+        assert np.all(np.asarray(g[..., 3]) == 0)
+        assert np.all(np.abs(np.asarray(g[..., [0, 1, 2, 4]])).reshape(-1, 4).max(axis=0) > 0)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_scan_stacked_layers(axis):
+    """The adapter axis sits after the layer axis, so nn.scan slices the layers and keeps the adapters."""
+    model = Scanned(axis)
+    x = jax.random.normal(jax.random.key(1), (B, S, D))
+    base, layouts = setup(model, x)
+    singles = adapters(base, layouts)
+    bank = ia3_jax.stack_adapters(singles)
+    assert bank["layers"]["up"]["ia3_l"].shape == ((H, L, N) if axis else (L, H, N))
+    forward = jax.jit(ia3_jax.bank_apply_fn(model.apply, CONFIG), compiler_options=FAST)
+    got = forward({"params": ia3_jax.join(base, bank)}, x, adapter_ids=IDS)
+    chex.assert_trees_all_close(got, reference(model, base, singles, x, IDS), **TOL)
+    chex.assert_trees_all_close(
+        got, reference(model, base, singles, x, IDS, merged=True, layouts=layouts), **SCAN_MERGED_TOL
+    )
+
+
+def test_vmap_over_groups_of_examples():
+    model = Model()
+    x = jax.random.normal(jax.random.key(1), (2, B, S, D))
+    ids = jnp.stack([IDS, IDS[::-1]])
+    bank = ia3_jax.stack_adapters(adapters(*setup(model, x[0])))
+    base, _ = setup(model, x[0])
+    forward = ia3_jax.bank_apply_fn(model.apply, CONFIG)
+    params = {"params": ia3_jax.join(base, bank)}
+    got = jax.jit(jax.vmap(lambda x, ids: forward(params, x, adapter_ids=ids)), compiler_options=FAST)(x, ids)
+    one = jax.jit(forward, compiler_options=FAST)
+    for g in range(2):
+        chex.assert_trees_all_close(got[g], one(params, x[g], adapter_ids=ids[g]), **TOL)
+
+
+@pytest.mark.parametrize("bank_axis", [None, "data"], ids=["replicated", "sharded"])
+def test_sharded_jit(bank_axis):
+    """Batch sharded 8 ways; the bank replicated, or its 8 adapters split 8 ways along the adapter axis."""
+    assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    model = Model()
+    x = jax.random.normal(jax.random.key(1), (8, S, D))
+    ids = jnp.array([7, -1, 0, 3, 3, 5, 1, 6])
+    base, layouts = setup(model, x)
+    bank = ia3_jax.stack_adapters(adapters(base, layouts, 8))
+    bank_sharding = jax.tree.map(lambda v: NamedSharding(mesh, P(*(None,) * (v.ndim - 1), bank_axis)), bank)
+    params = {"params": ia3_jax.join(base, jax.device_put(bank, bank_sharding))}
+    batch = NamedSharding(mesh, P("data"))
+    forward = ia3_jax.bank_apply_fn(model.apply, CONFIG)
+    jitted = jax.jit(forward, compiler_options=FAST)
+    got = jitted(params, jax.device_put(x, batch), adapter_ids=jax.device_put(ids, batch))
+    assert got.sharding.spec[0] == "data"
+    chex.assert_trees_all_close(got, jitted(jax.device_get(params), x, adapter_ids=ids), **TOL)
+    assert params["params"]["block"]["up"]["ia3_l"].sharding == bank_sharding["block"]["up"]["ia3_l"]
+    grad = jax.jit(
+        jax.grad(lambda bank, base, x: jnp.sum(forward({"params": ia3_jax.join(base, bank)}, x, adapter_ids=ids) ** 2)),
+        compiler_options=FAST,
+    )
+    sharded_bank = jax.device_put(bank, bank_sharding)
+    chex.assert_trees_all_close(
+        grad(sharded_bank, base, jax.device_put(x, batch)), grad(bank, base, x), rtol=1e-6, atol=1e-6
+    )
+
+
+# --- Hugging Face Flax generate: the ids stay with their sequences through the KV-cached steps ---
+
+
+@pytest.mark.slow
+@pytest.mark.interop
+def test_hf_generate_on_tiny_gpt2():
+    import transformers as tf
+
+    from ia3_jax import hf
+
+    model = tf.FlaxGPT2LMHeadModel(
+        tf.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=32, vocab_size=96, pad_token_id=0,
+                      bos_token_id=1, eos_token_id=2),
+        seed=0,
+    )
+    config = hf.default_config(model, init_ia3_weights=False)
+    singles = [
+        ia3_jax.split(ia3_jax.ia3_init(model.params, config, rng=jax.random.key(10 + i))).adapter for i in range(N)
+    ]
+    bank = ia3_jax.stack_adapters(singles)
+    ids = jnp.array([3, -1, 0, 4, 1])
+    prompts = jax.random.randint(jax.random.key(1), (5, 4), 3, 96)
+
+    def greedy(tokens, params):
+        return model.generate(tokens, params=params, max_new_tokens=4, do_sample=False).sequences
+
+    mixed = jax.jit(ia3_jax.bank_apply_fn(greedy, config), compiler_options=FAST)
+    got = mixed(prompts, ia3_jax.join(model.params, bank), adapter_ids=ids)
+    # Each sequence alone, with its adapter; id -1 with unit vectors (x * 1 is exact): one compilation.
+    single = jax.jit(ia3_jax.apply_fn(greedy, config), compiler_options=FAST)
+    unit = jax.tree.map(jnp.ones_like, singles[0])
+    for b, i in enumerate(np.asarray(ids)):
+        adapter = unit if i < 0 else singles[i]
+        chex.assert_trees_all_equal(got[b], single(prompts[b : b + 1], ia3_jax.join(model.params, adapter))[0])
+    assert len({tuple(row[4:]) for row in np.asarray(got)}) > 2  # the adapters steer the continuations apart
+
+
+# --- building banks: from adapters, orbax checkpoints and PEFT directories; add, remove, select ---
+
+
+def test_bank_from_checkpoints_and_peft_directories(tmp_path):
+    model = Model()
+    x = jnp.ones((1, S, D))
+    base, layouts = setup(model, x)
+    singles = adapters(base, layouts, 3)
+    ia3_jax.save_adapter(tmp_path / "orbax", singles[0], CONFIG)
+    ia3_jax.save_peft(tmp_path / "peft1", singles[1], CONFIG, params=base, layouts=layouts)
+    ia3_jax.save_peft(tmp_path / "peft2", singles[2], CONFIG, params=base, layouts=layouts)
+    loaded = [
+        ia3_jax.load_adapter(tmp_path / "orbax"),
+        ia3_jax.load_peft(tmp_path / "peft1", base, layouts=layouts),
+        ia3_jax.load_peft(tmp_path / "peft2", base, layouts=layouts),
+    ]
+    bank = ia3_jax.stack_adapters(loaded[:2], CONFIG)
+    bank = ia3_jax.bank_add(bank, loaded[2], CONFIG)
+    assert ia3_jax.bank_size(bank) == 3
+    for i in range(3):
+        chex.assert_trees_all_close(ia3_jax.bank_select(bank, i), singles[i], rtol=0, atol=0)
+    smaller = ia3_jax.bank_remove(bank, 1)
+    chex.assert_trees_all_equal(smaller, ia3_jax.stack_adapters([singles[0], singles[2]]))
+
+
+def test_stacking_refuses_adapters_that_differ():
+    model = Model()
+    a, b = adapters(*setup(model, jnp.ones((1, S, D))), 2)
+    fewer = {"block": {k: v for k, v in b["block"].items() if k != "up"}}
+    with pytest.raises(ia3_jax.StructureError, match=r"adapter 1 .*missing \['block\.up'\]"):
+        ia3_jax.stack_adapters([a, fewer])
+    wider = jax.tree.map(lambda v: jnp.concatenate([v, v], -1), b)
+    with pytest.raises(ia3_jax.StructureError, match=r"adapter 1 has a vector of shape \(32,\) at 'block.down'"):
+        ia3_jax.stack_adapters([a, wider])
+    saved = {**b, "head": {"kernel": jnp.ones((D, 2))}}  # a modules_to_save copy
+    with pytest.raises(ia3_jax.StructureError, match="'head.kernel'.*modules_to_save"):
+        ia3_jax.stack_adapters([a, saved])
+    other_side = CONFIG.replace(feedforward_modules=["down", "up"])
+    with pytest.raises(ia3_jax.IA3ConfigError, match=r"adapter 1 scales the input \(feedforward\) of 'block.up'"):
+        ia3_jax.stack_adapters([(a, CONFIG), (b, other_side)])
+    with pytest.raises(ia3_jax.IA3ConfigError, match="fan_in_fan_out"):
+        ia3_jax.bank_add(ia3_jax.stack_adapters([a]), (b, CONFIG.replace(fan_in_fan_out=True)), CONFIG)
+    with pytest.raises(ia3_jax.AdapterIdsError, match="index 2 is not one of the bank's 0..1"):
+        ia3_jax.bank_select(ia3_jax.stack_adapters([a, b]), 2)
+
+
+# --- calls that cannot be right: refused before anything runs ---
+
+
+@pytest.fixture(scope="module")
+def served():
+    model = Model()
+    x = jax.random.normal(jax.random.key(1), (B, S, D))
+    base, layouts = setup(model, x)
+    return model, base, ia3_jax.stack_adapters(adapters(base, layouts)), x
+
+
+def test_ids_out_of_range_or_malformed(served):
+    model, base, bank, x = served
+    forward = ia3_jax.bank_apply_fn(model.apply, CONFIG)
+    params = {"params": ia3_jax.join(base, bank)}
+    bad = IDS.at[3].set(N).at[5].set(-2)
+    with pytest.raises(ia3_jax.AdapterIdsError, match=r"positions \{3: 5, 5: -2\}.*0\.\.4 for a bank of 5"):
+        forward(params, x, adapter_ids=bad)  # concrete ids: checked on the host before the call
+    with pytest.raises(ia3_jax.AdapterIdsError, match="positions"):
+        ia3_jax.check_adapter_ids(bad, bank)
+    ia3_jax.check_adapter_ids(IDS, bank)
+    with pytest.raises(ia3_jax.AdapterIdsError, match="1-D integer array"):
+        forward(params, x, adapter_ids=IDS.astype(jnp.float32))
+    with pytest.raises(ia3_jax.AdapterIdsError, match="1-D integer array"):
+        forward(params, x, adapter_ids=IDS[:, None])
+    # Under jit the values are tracers: an out-of-range id poisons its own row only (NaN), never
+    # silently picks another adapter (-2 would wrap around to adapter N - 2 in numpy indexing).
+    got = jax.jit(forward, compiler_options=FAST)(params, x, adapter_ids=bad)
+    rows = np.isnan(np.asarray(got)).any(axis=(1, 2))
+    np.testing.assert_array_equal(rows, np.isin(np.arange(B), [3, 5]))
+
+
+def test_batch_size_and_base_mismatches_fail_at_trace_time(served):
+    model, base, bank, x = served
+    forward = ia3_jax.bank_apply_fn(model.apply, CONFIG)
+    params = {"params": ia3_jax.join(base, bank)}
+    with pytest.raises(ia3_jax.AdapterIdsError, match=r"adapter_ids has 6 entries.*'block.k'.*jnp.repeat"):
+        jax.eval_shape(lambda p, x, ids: forward(p, x, adapter_ids=ids), params, x, IDS[:6])
+    # A bank for another base (a wider MLP): the features do not fit, named at trace time.
+    wide_model = Model(hidden=2 * H)
+    wide = {"params": ia3_jax.join(setup(wide_model, x)[0], bank)}
+    wide_forward = ia3_jax.bank_apply_fn(wide_model.apply, CONFIG)
+    with pytest.raises(ia3_jax.VectorShapeError, match=r"bank vector at 'block.up'.*\(16, 5\).*another base model"):
+        jax.eval_shape(lambda p: wide_forward(p, x, adapter_ids=IDS), wide)
+    # A single adapter given to a bank call, and a bank given to the single-adapter call.
+    single = ia3_jax.bank_select(bank, 0)
+    with pytest.raises(ia3_jax.StructureError, match="a single adapter's vectors.*stack_adapters"):
+        forward({"params": ia3_jax.join(base, single)}, x, adapter_ids=IDS)
+    ups = {"block": {"up": single["block"]["up"], "down": single["block"]["up"]}}  # all (16,): looks like a bank
+    with pytest.raises(ia3_jax.VectorShapeError, match="bank vector at 'block.up' has shape \\(16,\\).*stack_adapters"):
+        jax.eval_shape(lambda p: forward(p, x, adapter_ids=IDS), {"params": ia3_jax.join(base, ups)})
+    with pytest.raises(ia3_jax.VectorShapeError):
+        jax.eval_shape(ia3_jax.apply_fn(model.apply, CONFIG), params, x)
+    # Vectors of two bank sizes in one call.
+    mixed = ia3_jax.join(base, {"block": {**bank["block"], "up": ia3_jax.bank_remove(bank, 0)["block"]["up"]}})
+    with pytest.raises(ia3_jax.StructureError, match="different sizes"):
+        forward({"params": mixed}, x, adapter_ids=IDS)
+    with pytest.raises(ia3_jax.AlreadyJittedError, match="bank_apply_fn"):
+        ia3_jax.bank_apply_fn(jax.jit(model.apply), CONFIG)
+
+
+def test_strict_mode_catches_an_unapplied_bank_vector(served):
+    model, base, bank, x = served
+    extra = ia3_jax.join({**base, "unused": {"kernel": jnp.ones((D, D))}}, {"unused": {"ia3_l": jnp.ones((D, N))}})
+    forward = ia3_jax.bank_apply_fn(model.apply, CONFIG)
+    with pytest.raises(ia3_jax.NotAppliedError, match="'unused'"):
+        forward({"params": ia3_jax.join(extra, bank)}, x, adapter_ids=IDS)
