@@ -171,12 +171,6 @@ def faults(out: str, mode: str) -> None:
     for k in range(1, n + 1):
         directory = os.path.join(out, f"k{k}")
         fact = {"k": k, "end": ends[k], "loaded": loaded(directory, mode)}
-        lock = target(directory, mode) + ".ia3-lock"
-        if os.path.exists(lock) and os.path.getsize(lock) == 0:  # killed between creating and filling it
-            os.utime(lock)  # as if just created: a live writer may be about to fill it
-            fact["empty_lock_refused"] = outcome(lambda d=directory: save(d, mode, 3))
-            past = time.time() - 60  # a live writer fills its lock at once: an old empty one is stale
-            os.utime(lock, (past, past))
         fact["resaved"] = outcome(lambda d=directory: save(d, mode, 3))
         fact["loaded_after"] = loaded(directory, mode)
         fact["left"] = sorted(os.listdir(directory)) + sorted(os.listdir(target(directory, mode)))

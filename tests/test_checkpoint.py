@@ -465,7 +465,8 @@ def test_second_writer_is_refused_until_the_first_one_exits(tmp_path):
     )
     with subprocess.Popen([sys.executable, "-c", holder, str(lock)], stdout=subprocess.PIPE) as writer:
         writer.stdout.readline()  # it holds the lock now
-        with pytest.raises(CheckpointError, match=rf"another save .*\(pid {writer.pid} on elsewhere holds .*one writer"):
+        refused = rf"another save .*\(pid {writer.pid} on elsewhere holds .*one writer"
+        with pytest.raises(CheckpointError, match=refused):
             ia3_jax.save_adapter(tmp_path / "ckpt", adapter, CONFIG)
         assert _step_names(tmp_path) == ["ckpt.ia3-lock"]
         writer.kill()  # as SIGKILL does: the kernel releases the lock, the file stays

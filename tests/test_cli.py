@@ -93,12 +93,11 @@ def test_finetune_end_to_end_and_peft_reads_the_adapter(tmp_path, torch_model_di
 
     monkeypatch.chdir(tmp_path)  # --out relative to the working directory, as the default is
     out = tmp_path / "out"
-    (out / "adapter_peft").mkdir(parents=True)  # a previous output: replaced as a whole at the end
+    out.mkdir()  # a previous output: replaced as a whole at the end
     (out / "metrics.json").write_text("{}")
-    (out / "adapter_peft" / "stale.txt").write_text("from the previous run")
+    (out / "training_curves.png").write_bytes(b"from the previous run")
     metrics = cli.finetune(_options(tmp_path, torch_model_dir, csv_data, out=Path("out")))
     assert sorted(p.name for p in out.iterdir()) == sorted(cli.OUTPUT_NAMES)
-    assert not (out / "adapter_peft" / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "words.csv"]  # no staging folder left
     written = ("training_curves.png", "metrics.json", "adapter_peft/adapter_config.json",
                "adapter_peft/adapter_model.safetensors")
@@ -312,6 +311,9 @@ def test_bad_numbers_are_usage_errors(capsys, tmp_path, flax_model_dir, argv, me
         ("out_file", r"--out '.*/taken.txt' is an existing file: name a directory"),
         ("out_foreign", r"--out '.*/mine' holds \['notes.txt'\], which this job did not write"),
         ("out_under_file", r"--out '.*/taken.txt/out' cannot be created: '.*/taken.txt' is a file."),
+        ("out_symlink", r"--out '.*/link' is a symbolic link: name the directory itself"),
+        ("out_deep_peft", r"--out '.*/deep_peft' holds \['adapter_peft/NOTES.md'\], which this job did not write"),
+        ("out_deep_orbax", r"--out '.*/deep_orbax' holds \['adapter_orbax/ \(.*no ia3_jax_checkpoint.json"),
         ("model_file", r"model directory '.*/taken.txt' is a file: pass the directory that holds config.json"),
         ("model_missing", r"model directory '.*/nowhere' does not exist.$"),
         ("model_no_config", r"has no config.json"),
@@ -324,11 +326,18 @@ def test_bad_paths_are_usage_errors(capsys, tmp_path, flax_model_dir, csv_data, 
     (tmp_path / "taken.txt").write_text("keep me")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    (tmp_path / "link").symlink_to(tmp_path / "mine")
+    for deep in ("deep_peft/adapter_peft", "deep_orbax/adapter_orbax"):  # a previous output's names, not its files
+        (tmp_path / deep).mkdir(parents=True)
+        (tmp_path / deep / "NOTES.md").write_text("keep me")
+    (tmp_path / "deep_peft" / "adapter_peft" / "adapter_config.json").write_text("{}")
+    (tmp_path / "deep_peft" / "adapter_peft" / "adapter_model.safetensors").write_text("")
     data, model, out = csv_data, flax_model_dir, tmp_path / "out"
     data = {"data_dir": tmp_path / "data_dir", "data_missing": tmp_path / "missing.csv",
             "data_latin1": tmp_path / "latin1.csv", "data_parquet": tmp_path / "words.parquet"}.get(case, data)
     out = {"out_file": tmp_path / "taken.txt", "out_foreign": tmp_path / "mine",
-           "out_under_file": tmp_path / "taken.txt" / "out"}.get(case, out)
+           "out_under_file": tmp_path / "taken.txt" / "out", "out_symlink": tmp_path / "link",
+           "out_deep_peft": tmp_path / "deep_peft", "out_deep_orbax": tmp_path / "deep_orbax"}.get(case, out)
     model = {"model_file": tmp_path / "taken.txt", "model_missing": tmp_path / "nowhere",
              "model_no_config": tmp_path / "data_dir"}.get(case, model)
     before = sorted(p.name for p in tmp_path.iterdir())
@@ -379,7 +388,8 @@ def test_failure_mid_run_leaves_no_partial_output(tmp_path, flax_model_dir, csv_
     """The job fails after the orbax checkpoint is written: --out stays absent, or as the previous run left it."""
     out = tmp_path / "runs" / "out"
     if previous:
-        (out / "adapter_peft").mkdir(parents=True)
+        out.mkdir(parents=True)
+        (out / "training_curves.png").write_bytes(b"png")
         (out / "metrics.json").write_text('{"previous": true}')
     # Training and evaluation stubbed out: what is tested is where the outputs go.
     monkeypatch.setattr(cli, "train", lambda logits, base, adapter, batches, lr, desc: (adapter, [1.0] * len(batches)))
@@ -394,7 +404,7 @@ def test_failure_mid_run_leaves_no_partial_output(tmp_path, flax_model_dir, csv_
         cli.finetune(_options(tmp_path, flax_model_dir, csv_data, out=out, steps=2, batch_size=4))
     if previous:
         assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["out"]
-        assert sorted(p.name for p in out.iterdir()) == ["adapter_peft", "metrics.json"]
+        assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "training_curves.png"]
         assert (out / "metrics.json").read_text() == '{"previous": true}'
     else:
         assert not (tmp_path / "runs").exists()
@@ -425,3 +435,112 @@ def test_vader_lexicon_polarity_and_fixed_split():
     train, heldout = heldout_split(data)
     assert (len(train), len(heldout)) == (5407, 1410)
     assert not set(train.texts) & set(heldout.texts)
+
+
+def test_output_changed_during_the_run_is_not_replaced(tmp_path):
+    """--out is checked again right before the swap: a file added meanwhile keeps the previous output."""
+    out = tmp_path / "out"
+    with cli.staged_output(out) as staging:
+        (staging / "metrics.json").write_text("first")
+    with pytest.raises(cli.OptionError, match=r"holds \['notes.txt'\]"):
+        with cli.staged_output(out) as staging:
+            (staging / "metrics.json").write_text("second")
+            (out / "notes.txt").write_text("added while the job ran")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (out / "metrics.json").read_text() == "first" and (out / "notes.txt").exists()
+    (out / "notes.txt").unlink()
+    with pytest.raises(ia3_jax.CheckpointError, match="another save to .*out is running"):
+        with cli.staged_output(out):
+            with cli.staged_output(out):  # a second run on the same --out
+                pass
+
+
+# The child imports the CLI module once (not JAX's backend), then forks one grandchild per filesystem
+# step of staged_output over a previous output; each grandchild SIGKILLs itself before its step.
+KILL_CHILD = """
+import builtins, json, os, signal, sys
+from pathlib import Path
+from ia3_jax.cli.finetune import staged_output
+
+root, log = Path(sys.argv[1]), []
+
+def write(out, text):
+    with staged_output(out) as staging:
+        os.mkdir(staging / "adapter_peft")
+        for name in ("metrics.json", "adapter_peft/adapter_config.json", "adapter_peft/adapter_model.safetensors"):
+            with open(staging / name, "w") as f:
+                f.write(text)
+
+def patch(kill_at):
+    def counted(name, real, is_write=lambda *a, **k: True):
+        def call(*args, **kwargs):
+            if is_write(*args, **kwargs):
+                names = [os.path.basename(str(a)) for a in args[:2] if isinstance(a, (str, Path))]
+                log.append(f"{name} {' '.join(names)}")
+                if len(log) == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+        return call
+    builtins.open = counted("open", builtins.open, lambda f, mode="r", *a, **k: any(c in mode for c in "wax+"))
+    writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+    os.open = counted("os.open", os.open, lambda p, flags, *a, **k: bool(flags & writes))
+    for name in ("rename", "replace", "mkdir", "unlink", "rmdir", "write"):
+        setattr(os, name, counted(name, getattr(os, name)))
+
+def run(kill_at, directory):
+    pid = os.fork()
+    if pid == 0:
+        patch(kill_at)
+        write(directory / "out", "new")
+        steps = list(log)
+        with open(root / "steps.json", "w") as f:
+            json.dump(steps, f)
+        os._exit(0)
+    return os.waitpid(pid, 0)[1]
+
+(root / "count").mkdir()
+write(root / "count" / "out", "old")
+assert run(0, root / "count") == 0
+steps = json.loads((root / "steps.json").read_text())
+for k in range(1, len(steps) + 1):
+    (root / str(k)).mkdir()
+    write(root / str(k) / "out", "old")
+    status = run(k, root / str(k))
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (k, status)
+print(json.dumps(steps))
+"""
+
+
+def _output(out: Path) -> str | None:
+    """The text of a complete output in `out` (all three files agree), else None."""
+    files = ["metrics.json", "adapter_peft/adapter_config.json", "adapter_peft/adapter_model.safetensors"]
+    texts = {(out / f).read_text() if (out / f).is_file() else None for f in files}
+    return texts.pop() if len(texts) == 1 else None
+
+
+@pytest.mark.slow
+def test_sigkill_at_every_step_of_the_output_swap(tmp_path):
+    """Killed before any one filesystem step of staged_output over a previous output: the previous output is
+    complete in --out (or, killed between the two renames, beside it, put back by the next run) up to the
+    rename of the staging folder, the new one after it; the next run leaves exactly its own output."""
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", KILL_CHILD, str(tmp_path)], capture_output=True, text=True,
+                            timeout=120, cwd=repo)
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = json.loads(result.stdout.strip().splitlines()[-1])
+    ops = [s.split()[0] for s in steps]
+    assert ops == ["os.open", "write", "mkdir", "mkdir", "open", "open", "open", "rename", "rename", "rename",
+                   "unlink", "unlink", "unlink", "rmdir", "rmdir", "unlink"], steps
+    commit = next(i for i, s in enumerate(steps, 1) if re.fullmatch(r"rename out\.ia3-staging-\w+-\w+ out", s))
+    for k in range(1, len(steps) + 1):
+        parent = tmp_path / str(k)
+        out = parent / "out"
+        aside = [p for p in parent.iterdir() if ".ia3-replaced-" in p.name]
+        if out.exists():
+            assert _output(out) == ("old" if k <= commit else "new"), (k, steps[k - 1])
+        else:  # killed between the two renames
+            assert k == commit and len(aside) == 1 and _output(aside[0]) == "old", (k, steps[k - 1])
+        with cli.staged_output(out) as staging:
+            (staging / "metrics.json").write_text("third")
+        assert sorted(p.name for p in parent.iterdir()) == ["out"], k
+        assert sorted(p.name for p in out.iterdir()) == ["metrics.json"], k

@@ -14,7 +14,8 @@
    aside copy, renamed to a trash name first so that a half-deleted copy never has a name that
    `recover` trusts.
 
-A kill at any step leaves the old directory at `path`, the new one, or (between the two renames)
+`replaced_directory` runs the three steps around the caller's writes. A kill at any step leaves the
+old directory at `path`, the new one, or (between the two renames)
 the old one under its replaced name, which `recover` puts back. POSIX local or mounted filesystems.
 """
 
@@ -163,3 +164,22 @@ def commit(staging: str, path: str, check: Callable[[str], object]) -> None:
     fsync_path(os.path.dirname(path))
     if aside is not None:
         discard(aside, path)
+
+
+@contextlib.contextmanager
+def replaced_directory(path: str, check: Callable[[str], object]) -> Iterator[str]:
+    """The whole protocol: yields a fresh staging name next to `path` (not created) to write into.
+
+    Holds the lock throughout; first recovers and sweeps `path`'s leftovers and calls ``check(path)``;
+    when the body returns, commits the staging directory over `path` (``check`` runs again right
+    before the renames). However the body or the commit ends, no staging directory is left.
+    """
+    with locked(path):
+        sweep(path)
+        check(path)
+        staging = new_staging(path)
+        try:
+            yield staging
+            commit(staging, path, check)
+        finally:
+            sweep(path)

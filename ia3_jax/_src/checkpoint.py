@@ -259,13 +259,16 @@ def checkpoint_problem(directory: str) -> str | None:
     return None
 
 
-def _unreadable(item: str, err: Exception) -> CheckpointError:
-    """A failure of orbax or tensorstore under `item`, as a `CheckpointError` naming the file it names."""
+def _unreadable(item: str, err: Exception, read: str) -> CheckpointError:
+    """A failure of orbax or tensorstore under `item`, as a `CheckpointError` naming the file it names.
+
+    `read` is the file blamed when the message names none (orbax's JSON errors do not).
+    """
     text = str(err)
     named = re.search(re.escape(item) + r"[^\s\"'`,;:]*", text)
-    manifest = os.path.join(item, "manifest.ocdbt")  # tensorstore names only the database when it is gone
-    where = named.group(0) if named else item
-    return _damaged(manifest if not os.path.exists(manifest) else where, f"{type(err).__name__}: {text[:400]}")
+    database = os.path.join(item, "manifest.ocdbt")  # tensorstore names only the database when it is gone
+    where = named.group(0) if named else os.path.join(item, read)
+    return _damaged(database if not os.path.exists(database) else where, f"{type(err).__name__}: {text[:400]}")
 
 
 def _saved_tree(item: str) -> Any:
@@ -274,7 +277,7 @@ def _saved_tree(item: str) -> Any:
     try:
         metadata = handler.metadata(epath.Path(item)).tree
     except Exception as err:  # tensorstore raises ValueError or a bare Exception for damaged data
-        raise _unreadable(item, err) from err
+        raise _unreadable(item, err, "_METADATA") from err  # the tree's metadata, orbax's name for it
     finally:
         handler.close()
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata)
@@ -287,7 +290,7 @@ def _host_restore(item: str, hashes: Mapping[str, Any], like: Any) -> Any:
     try:
         tree = handler.restore(epath.Path(item), args=ocp.args.StandardRestore(target))
     except Exception as err:
-        raise _unreadable(item, err) from err
+        raise _unreadable(item, err, "") from err
     finally:
         handler.close()
     got = _tree_hashes(tree)
@@ -441,16 +444,10 @@ def _check_single_target(path: str, overwrite: bool) -> None:
 
 def _save_single(path: str, payload: _Payload, overwrite: bool) -> None:
     _check_single_target(path, overwrite)  # fail fast; checked again under the lock and before the renames
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with atomic.locked(path):
-        atomic.sweep(path)
-        _check_single_target(path, overwrite)
-        staging = atomic.new_staging(path)
-        try:
-            _write_verified(staging, payload)
-            atomic.commit(staging, path, lambda target: _check_single_target(target, overwrite))
-        finally:
-            atomic.sweep(path)  # a failed save's staging (and orbax's temporary) directory
+    if not os.path.isdir(os.path.dirname(path)):
+        os.makedirs(os.path.dirname(path))
+    with atomic.replaced_directory(path, lambda target: _check_single_target(target, overwrite)) as staging:
+        _write_verified(staging, payload)
 
 
 def _check_step_target(root: str, step: int, max_to_keep: int | None) -> list[int]:
@@ -484,7 +481,8 @@ def _check_step_target(root: str, step: int, max_to_keep: int | None) -> list[in
 
 def _save_step(root: str, step: int, payload: _Payload, max_to_keep: int | None) -> None:
     _check_step_target(root, step, max_to_keep)
-    os.makedirs(os.path.dirname(root), exist_ok=True)
+    if not os.path.isdir(os.path.dirname(root)):
+        os.makedirs(os.path.dirname(root))
     with atomic.locked(root):
         atomic.sweep(root)
         expired = _check_step_target(root, step, max_to_keep)

@@ -43,6 +43,7 @@ from safetensors.numpy import load_file
 from tqdm.auto import tqdm
 
 from ia3_jax import (
+    CheckpointError,
     IA3Config,
     apply_fn,
     ia3_init,
@@ -55,10 +56,8 @@ from ia3_jax import (
     save_peft,
     split,
 )
-from ia3_jax._src import atomic
-from ia3_jax._src.checkpoint import checkpoint_problem
-from ia3_jax._src.errors import CheckpointError
-from ia3_jax._src.peft_io import CONFIG_NAME, WEIGHTS_NAME
+from ia3_jax._src.atomic import replaced_directory  # TODO(export): from ia3_jax, see the report
+from ia3_jax._src.checkpoint import checkpoint_problem  # TODO(export): from ia3_jax
 from ia3_jax.cli import data as data_lib
 
 # transformers, and ia3_jax.hf which imports it, are imported where used: `main` first sets the
@@ -70,6 +69,7 @@ SAFETENSORS_WEIGHTS = "model.safetensors"
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 # PEFT adds these to modules_to_save for sequence classification; the first one present is the head.
 HEAD_NAMES = ("classifier", "score")
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")  # PEFT's fixed names in adapter_peft/
 MERGE_TOLERANCE = 1e-4  # max |logit difference| merged vs unmerged, float32
 
 
@@ -176,9 +176,8 @@ def _foreign(out: Path) -> list[str]:
                 foreign.append(f"adapter_orbax/ ({problem})")
         elif entry.name == "adapter_peft":
             names = sorted(p.name for p in entry.iterdir()) if entry.is_dir() else []
-            foreign += [f"adapter_peft/{n}" for n in names if n not in (CONFIG_NAME, WEIGHTS_NAME)]
-            if sorted(names) != sorted((CONFIG_NAME, WEIGHTS_NAME)) and not foreign:
-                foreign.append(f"adapter_peft/ (not the pair {CONFIG_NAME}, {WEIGHTS_NAME})")
+            extra = [f"adapter_peft/{n}" for n in names if n not in PEFT_FILES]
+            foreign += extra or ([] if names == sorted(PEFT_FILES) else [f"adapter_peft/ (not the pair {PEFT_FILES})"])
         elif not entry.is_file():
             foreign.append(f"{entry.name}/")
     return foreign
@@ -467,24 +466,20 @@ def plot_curves(path: Path, curves: Mapping[str, list[float]], title: str) -> No
 def staged_output(out: Path) -> Iterator[Path]:
     """Yields a fresh folder next to `out` to write into; on success it becomes `out`, on failure it goes.
 
-    Holds ``<out>.ia3-lock`` throughout (a second run on the same `out` gets `CheckpointError`) and
-    first puts back a previous output that a killed run left aside. `out` is checked again right
-    before the renames (`OptionError`: nothing replaced). Parent folders created for it are removed
-    again on failure (when still empty), so a failed run leaves nothing behind.
+    The protocol of every ia3_jax save (`replaced_directory`): ``<out>.ia3-lock`` is held throughout
+    (a second run on the same `out` gets `CheckpointError`); a previous output that a killed run
+    left aside is put back first; `out` is checked again right before the renames (`OptionError`:
+    nothing replaced). Parent folders created for it are removed again on failure (when still
+    empty), so a failed run leaves nothing behind.
     """
     out = out.absolute()
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if created:
+        out.parent.mkdir(parents=True)
     try:
-        with atomic.locked(str(out)):
-            atomic.sweep(str(out))
-            staging = Path(atomic.new_staging(str(out)))
-            staging.mkdir()
-            try:
-                yield staging
-                atomic.commit(str(staging), str(out), lambda _: _check_out(out))
-            finally:
-                atomic.sweep(str(out))  # a failed run's staging folder
+        with replaced_directory(str(out), lambda _: _check_out(out)) as staging:
+            os.mkdir(staging)
+            yield Path(staging)
     except BaseException:
         for folder in created:  # innermost first
             try:
