@@ -1,0 +1,135 @@
+"""Many adapters in one batch (issue 14, item 4): the lean Llama serving B sequences with B different adapters.
+
+Three ways to serve B sequences that each have their own IA3 adapter (PEFT's llama targets: k_proj,
+v_proj, down_proj):
+
+- ``mixed``: one batch, an adapter bank, ``ia3_jax.bank_apply_fn`` with ids ``0..B-1``;
+- ``single``: the same batch with one adapter for all (``apply_fn``, unmerged): the cost of IA3 alone;
+- ``separate``: B calls of batch 1, one per adapter, each on that adapter merged into the base
+  (``merge`` jitted, timed with the call: serving adapters one after another).
+
+For each, prefill (B x prompt tokens, one forward) and greedy decoding with a KV cache
+(`benchmarks.llama.generate`); tokens/s = tokens / median wall time. Decode time is generate minus
+its prefill. The issue's targets: mixed decode >= 0.95x single decode, and >= 10x separate.
+
+    python benchmarks/bank.py --out bank.json                # H200: 1.1B bf16, 64 x 512, 64 adapters
+    python benchmarks/bank.py --cpu-tiny --out /tmp/bank.json   # seconds: tiny float32 model, 8 adapters (a smoke
+                                                                # test: CPU timings of a tiny model are noise)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+import ia3_jax  # noqa: E402
+from benchmarks import llama  # noqa: E402
+
+IA3 = ia3_jax.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of `fn` after one warm-up call (compilation), outputs waited for."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def random_adapter(base: dict[str, Any], key: jax.Array) -> dict[str, Any]:
+    """An adapter with vectors near 1 (a stand-in for a fine-tune; the values do not change the cost)."""
+    adapter = ia3_jax.split(ia3_jax.ia3_init(base, IA3)).adapter
+    leaves, treedef = jax.tree.flatten(adapter)
+    keys = jax.random.split(key, len(leaves))
+    return treedef.unflatten([v + 0.1 * jax.random.normal(k, v.shape, v.dtype) for v, k in zip(leaves, keys)])
+
+
+def run(config: llama.LlamaConfig, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict[str, Any]:
+    model = llama.Llama(config)
+    base = llama.init_params(model, jax.random.key(0))
+    adapters = [random_adapter(base, jax.random.key(1 + i)) for i in range(batch)]
+    bank = ia3_jax.stack_adapters(adapters, IA3)
+    ids = jnp.arange(batch, dtype=jnp.int32)
+    prompt = jax.random.randint(jax.random.key(99), (batch, prompt_len), 0, config.vocab_size, jnp.int32)
+
+    banked = ia3_jax.bank_apply_fn(model.apply, IA3)
+    mixed_apply = lambda v, x, **kw: banked(v, x, adapter_ids=ids, **kw)  # noqa: E731
+    single_apply = ia3_jax.apply_fn(model.apply, IA3)
+
+    def prefill(apply):
+        return jax.jit(lambda p, x: apply({"params": p}, x))
+
+    def decode(apply):
+        return jax.jit(lambda p, x: llama.generate(apply, p, x, new_tokens, config))
+
+    merge = jax.jit(lambda adapter: ia3_jax.merge(ia3_jax.join(base, adapter), IA3))
+    mixed_params, single_params = ia3_jax.join(base, bank), ia3_jax.join(base, adapters[0])
+
+    def separate(call):  # one adapter after another: merge it, run its sequence alone
+        return lambda: [call(merge(adapters[i]), prompt[i : i + 1]) for i in range(batch)]
+
+    seconds = {}
+    for phase, jitted in (("prefill", prefill), ("generate", decode)):
+        mixed, single, plain = jitted(mixed_apply), jitted(single_apply), jitted(model.apply)  # compiled once each
+        seconds[phase] = {
+            "mixed": timed(functools.partial(mixed, mixed_params, prompt), repeats),
+            "single": timed(functools.partial(single, single_params, prompt), repeats),
+            "separate": timed(separate(plain), repeats),
+        }
+    prefill_tps = {k: batch * prompt_len / s for k, s in seconds["prefill"].items()}
+    decode_tps = {
+        k: batch * new_tokens / max(seconds["generate"][k] - seconds["prefill"][k], 1e-9) for k in seconds["prefill"]
+    }
+    return {
+        "config": config.to_dict(),
+        "batch": batch,
+        "adapters": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "device": jax.devices()[0].device_kind,
+        "seconds": seconds,
+        "prefill_tokens_per_s": prefill_tps,
+        "decode_tokens_per_s": decode_tps,
+        "decode_mixed_vs_single": decode_tps["mixed"] / decode_tps["single"],  # target >= 0.95
+        "decode_mixed_vs_separate": decode_tps["mixed"] / decode_tps["separate"],  # target >= 10
+        "prefill_mixed_vs_single": prefill_tps["mixed"] / prefill_tps["single"],
+        "prefill_mixed_vs_separate": prefill_tps["mixed"] / prefill_tps["separate"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cpu-tiny", action="store_true", help="tiny float32 model, 8 adapters: seconds on a CPU")
+    parser.add_argument("--batch", type=int, default=64, help="sequences = adapters (default 64)")
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args()
+    if args.cpu_tiny:
+        result = run(llama.TINY_F32, batch=8, prompt_len=16, new_tokens=64, repeats=3)
+    else:
+        result = run(llama.LlamaConfig(), args.batch, args.prompt_len, args.new_tokens, args.repeats)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
