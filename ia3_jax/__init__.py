@@ -9,6 +9,7 @@ Everything public is re-exported here; the implementation lives in ``ia3_jax._sr
 are imported on their own.
 """
 
+from ia3_jax._src.atomic import replaced_directory
 from ia3_jax._src.bank import (
     bank_add,
     bank_apply_fn,
@@ -21,6 +22,7 @@ from ia3_jax._src.bank import (
 from ia3_jax._src.checkpoint import (
     check_adapter,
     checkpoint_directory,
+    checkpoint_problem,
     load_adapter,
     load_opt_state,
     save_adapter,
@@ -52,6 +54,7 @@ from ia3_jax._src.init import ia3_init
 from ia3_jax._src.interceptor import NO_ADAPTER, apply_fn, intercept, scale, scale_per_example
 from ia3_jax._src.layout import KernelLayout, default_layout, infer_layouts
 from ia3_jax._src.merge import add_weighted_adapter, combine, merge, unmerge
+from ia3_jax._src.nnx import IA3Vector
 from ia3_jax._src.partition import Split, join, split
 from ia3_jax._src.peft_io import load_peft, read_peft_config, save_peft
 from ia3_jax._src.sharding import adapter_shardings, optimizer_shardings
@@ -71,6 +74,7 @@ __all__ = [
     "IA3Config",
     "IA3ConfigError",
     "IA3Error",
+    "IA3Vector",
     "KernelLayout",
     "LayoutError",
     "NO_ADAPTER",
@@ -98,6 +102,7 @@ __all__ = [
     "check_adapter",
     "check_adapter_ids",
     "checkpoint_directory",
+    "checkpoint_problem",
     "combine",
     "default_layout",
     "ia3_init",
@@ -111,6 +116,7 @@ __all__ = [
     "merge",
     "optimizer_shardings",
     "read_peft_config",
+    "replaced_directory",
     "resolve_targets",
     "save_adapter",
     "save_peft",

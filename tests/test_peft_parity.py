@@ -232,6 +232,8 @@ def test_files_match_what_peft_writes(pairs, name, target_modules, tmp_path):
     with open(tmp_path / "ours" / WEIGHTS_NAME, "rb") as f:
         our_meta = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
     assert len(our_meta.pop("ia3_jax.config_sha256")) == 64  # ties config and weights; PEFT ignores it
+    hashes = json.loads(our_meta.pop("ia3_jax.tensor_sha256"))  # {tensor key: sha256}, checked on load
+    assert all(len(digest) == 64 for digest in hashes.values()) and "base_model.model." in next(iter(hashes))
     assert our_meta == their_meta == {"format": "pt"}
     theirs_t = safetensors.numpy.load_file(tmp_path / "peft" / WEIGHTS_NAME)
     ours_t = safetensors.numpy.load_file(tmp_path / "ours" / WEIGHTS_NAME)

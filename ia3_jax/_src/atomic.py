@@ -22,7 +22,6 @@ the old one under its replaced name, which `recover` puts back. POSIX local or m
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import re
@@ -69,6 +68,8 @@ def new_staging(path: str) -> str:
 @contextlib.contextmanager
 def locked(path: str) -> Iterator[None]:
     """Holds ``<path>.ia3-lock`` for the body; `CheckpointError` naming the holder if another has it."""
+    import fcntl  # POSIX only: imported here so that `import ia3_jax` works everywhere, saves on POSIX
+
     lock = path + LOCK
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)

@@ -46,18 +46,18 @@ from ia3_jax import (
     CheckpointError,
     IA3Config,
     apply_fn,
+    checkpoint_problem,
     ia3_init,
     join,
     load_adapter,
     load_peft,
     make_train_step,
     merge,
+    replaced_directory,
     save_adapter,
     save_peft,
     split,
 )
-from ia3_jax._src.atomic import replaced_directory  # TODO(export): from ia3_jax, see the report
-from ia3_jax._src.checkpoint import checkpoint_problem  # TODO(export): from ia3_jax
 from ia3_jax.cli import data as data_lib
 
 # transformers, and ia3_jax.hf which imports it, are imported where used: `main` first sets the
