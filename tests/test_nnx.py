@@ -209,6 +209,10 @@ def test_sharded_equals_single_device():
     single = ia3_nnx.ia3_init(MLP(False), config, x, rng=jax.random.key(1))
     with jax.set_mesh(mesh):
         sharded = ia3_nnx.ia3_init(MLP(True), config, x, rng=jax.random.key(1))
+        # Placed by the variables' own partitioning, kernels and vectors alike: whether NNX placed them
+        # at creation depends on flax_always_shard_variable, which importing a Tunix model turns off.
+        state = nnx.state(sharded)
+        nnx.update(sharded, jax.device_put(state, nnx.get_named_sharding(state, mesh)))
         for name in ("up", "down"):  # output features of up, input features of down: both on 'model'
             vector = getattr(sharded, name).ia3_l
             assert vector.get_metadata("out_sharding") == ("model",)
