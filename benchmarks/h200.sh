@@ -15,23 +15,30 @@ out=$1; shift
 work=/tmp/bench
 mkdir -p "$out" "$work"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  >"$work/pip.log" 2>&1 || { cat "$work/pip.log"; exit 1; }
+# Liger kernels (PyTorch processes) go to their own folder: /tmp/site's transformers 4.57 is for JAX only.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  $(ls .whl/*.whl | grep -v liger_kernel) >"$work/pip.log" 2>&1 || { cat "$work/pip.log"; exit 1; }
+if ls .whl/liger_kernel-*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/liger \
+    .whl/liger_kernel-*.whl >>"$work/pip.log" 2>&1 && export PYTHONPATH=/tmp/liger${PYTHONPATH:+:$PYTHONPATH}
+fi
 {
   date -u
   nvidia-smi --query-gpu=index,name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c 'import sys, jax, flax, torch, peft, transformers; print(sys.version.split()[0], "jax", jax.__version__, "flax", flax.__version__, "torch", torch.__version__, "peft", peft.__version__, "transformers(torch)", transformers.__version__)'
-  PYTHONPATH=/tmp/site python3 -c 'import transformers, qwix; print("transformers(flax)", transformers.__version__, "qwix", getattr(qwix, "__version__", "0.1.8 (wheel)"))'
+  PYTHONPATH=/tmp/site python3 -c 'import transformers; print("transformers(flax)", transformers.__version__)'
+  python3 -c 'import liger_kernel, importlib.metadata as m; print("liger-kernel", m.version("liger-kernel"))'
+  nvidia-smi --query-gpu=index,clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,temperature.gpu,power.draw,power.limit --format=csv
 } >"$out/env.txt" 2>&1
 cat "$out/env.txt"
-gpus=0,1
+gpus=${GPUS:-0}
 if [ -n "${WITH_OTHERS:-}" ]; then
   gpus=0
   (CUDA_VISIBLE_DEVICES=1 PYTHONPATH=/tmp/site:. timeout "${QUANT_TIMEOUT:-300}" \
     python3 benchmarks/quantized.py --out "$out/quantized.json" >"$out/quantized.log" 2>&1
    echo "exit $?" >>"$out/quantized.log") &
 fi
-PYTHONPATH=. python3 benchmarks/run.py --out "$work/run" --gpus "$gpus" --flax-site /tmp/site "$@"
+PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} python3 benchmarks/run.py --out "$work/run" --gpus "$gpus" --flax-site /tmp/site "$@"
 wait
 if [ -n "${WITH_OTHERS:-}" ]; then
   left=$(( ${TOTAL_S:-560} - SECONDS ))  # what the device call has left for the last script

@@ -66,6 +66,7 @@ class Workload:
     seq: int = 1024
     warmup: int = 3
     steps: int = 12
+    min_time_s: float = 10.0  # timed steps continue until at least this many seconds (issue 13)
 
     @property
     def tokens(self) -> int:
@@ -107,7 +108,12 @@ LEAN_VARIANTS = {
     "lean-scan": (True, False, "full"),
     "lean-scan-remat": (True, True, "full"),
     "lean-scan-hidden": (True, True, "mlp_hidden"),
+    # nn.remat with ia3_jax.remat_policy(): IA3's scaled activations and elementwise results recomputed
+    "lean-ia3remat": (False, True, "ia3"),
+    "lean-scan-ia3remat": (True, True, "ia3"),
 }
+# The floor that an IA3 variant is held to: the same model without remat (issue 13's memory target).
+FLOOR_MODEL = {"lean-ia3remat": "lean", "lean-scan-ia3remat": "lean-scan"}
 
 
 def build_lean(workload: Workload, *, attention: str | None, scan: bool, remat: bool, remat_policy: str) -> Model:
@@ -240,13 +246,21 @@ def nbytes(tree: Any) -> int:
     return int(sum(x.size * jax.dtypes.itemsize_bits(x.dtype) for x in jax.tree.leaves(tree))) // 8
 
 
-def _timed(fn: Callable[[], Any], n: int) -> list[float]:
-    times = []
-    for _ in range(n):
+def _timed(fn: Callable[[], Any], n: int, min_time_s: float = 0.0) -> list[float]:
+    """Durations of `n` synchronised calls of `fn`, or more until they add up to `min_time_s`."""
+    times: list[float] = []
+    while len(times) < n or sum(times) < min_time_s:
         start = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
     return times
+
+
+def summary(times: list[float]) -> dict[str, Any]:
+    """Median and interquartile range of durations: ``{"median_s", "iqr_s": [q1, q3], "n", "total_s"}``."""
+    med = statistics.median(times)
+    q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (med, med, med)
+    return {"median_s": med, "iqr_s": [q1, q3], "n": len(times), "total_s": sum(times)}
 
 
 def timed_steps(
@@ -267,7 +281,7 @@ def timed_steps(
         return value, trainable, opt_state
 
     _timed(one_step, workload.warmup)
-    times = _timed(one_step, workload.steps)
+    times = _timed(one_step, workload.steps, workload.min_time_s)
     return times, [float(v) for v in losses]
 
 
@@ -291,6 +305,7 @@ def bench_train(model_name: str, mode: str, workload: Workload, attention: str |
         "frozen_bytes": nbytes(frozen),
         "compile_s": compile_s,
         "step_s": step_s,
+        "step_s_iqr": summary(times)["iqr_s"],
         "step_s_all": times,
         "tokens_per_s": workload.tokens / step_s,
         "peak_bytes": peak_bytes(),
@@ -306,15 +321,19 @@ def bench_pair(
 
     Separate processes give each variant its own peak memory, but a few-percent ratio between two of
     them also picks up drift (clocks, the neighbour GPU's work). Alternating rounds expose both steps
-    to the same conditions; the shared base weights are held once. With `hlo_dir`, the optimised HLO
-    of both steps is written there (``<model>.<mode>.hlo.txt``) for op-by-op comparison.
+    to the same conditions; the shared base weights are held once. For a ``*-ia3remat`` model the
+    floor runs on the same model without remat (`FLOOR_MODEL`): the target of issue 13. Each mode
+    gets at least ``workload.min_time_s`` of timed steps in all. With `hlo_dir`, the optimised HLO of
+    both steps is written there (``<model>.<mode>.hlo.txt``) for op-by-op comparison.
     """
-    model = build(model_name, workload, attention)
+    models = {"ia3": build(model_name, workload, attention)}
+    floor_name = FLOOR_MODEL.get(model_name, model_name)
+    models["floor"] = models["ia3"] if floor_name == model_name else build(floor_name, workload, attention)
     ids = batch(workload)
     optimizer = optax.adamw(LEARNING_RATE)
     runs: dict[str, list[Any]] = {}
     for mode in ("ia3", "floor"):
-        loss, trainable, frozen = loss_fns(model, mode)
+        loss, trainable, frozen = loss_fns(models[mode], mode)
         opt_state = optimizer.init(trainable)
         compiled = train_step(loss, optimizer).lower(trainable, opt_state, frozen, ids).compile()
         runs[mode] = [compiled, (trainable, opt_state), frozen]
@@ -333,15 +352,89 @@ def bench_pair(
     per_round = max(2, workload.steps // 3)
     for _ in range(rounds):
         for mode in runs:
-            times[mode] += _timed(lambda: one_step(mode), per_round)
-    out: dict[str, Any] = {**model.info, "modes": {}}
+            times[mode] += _timed(lambda: one_step(mode), per_round, workload.min_time_s / rounds)
+    out: dict[str, Any] = {**models["ia3"].info, "floor_model": floor_name, "modes": {}}
     for mode, t in times.items():
         out["modes"][mode] = {
             "step_s": statistics.median(t),
+            "step_s_iqr": summary(t)["iqr_s"],
             "tokens_per_s": workload.tokens / statistics.median(t),
             "step_s_all": t,
         }
     out["ia3_over_floor"] = out["modes"]["ia3"]["step_s"] / out["modes"]["floor"]["step_s"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------- decoding
+
+
+def bench_decode(
+    workload: Workload,
+    batches: tuple[int, ...] = (1, 16),
+    prompt_len: int = 128,
+    new_tokens: int = 256,
+    with_prefill: bool = True,
+) -> dict[str, Any]:
+    """Greedy decoding with a KV cache on the lean model (unrolled): base, unmerged IA3, merged IA3.
+
+    Per batch size, each variant's whole `llama.generate` (prefill + `new_tokens` steps) is jitted and
+    timed in interleaved rounds (at least ``workload.min_time_s`` of generate calls per variant);
+    base and merged share one compiled function. With `with_prefill`, the prefill alone is timed too
+    and the time per token is ``(generate - prefill) / new_tokens``; without it (fewer compilations),
+    ``generate / new_tokens``, prefill included (``prefill_included: true``).
+    """
+    config = dataclasses.replace(workload.config, scan=False, remat=False)
+    model = llama.Llama(config)
+    params = llama.init_params(model, jax.random.key(0))
+    adapter, base = ia3_jax.split(ia3_jax.ia3_init(params, IA3_CONFIG))
+    adapter = _random_adapter(adapter, jax.random.key(3))
+    joined = ia3_jax.join(base, adapter)
+    merged = ia3_jax.merge(joined, IA3_CONFIG)
+    applies = {"base": model.apply, "unmerged": ia3_jax.apply_fn(model.apply, IA3_CONFIG), "merged": model.apply}
+    trees = {"base": base, "unmerged": joined, "merged": merged}
+    out: dict[str, Any] = {
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "attention": "xla (masked, cache)",
+        "prefill_included": not with_prefill,
+    }
+    for b in batches:
+        prompt = jax.random.randint(jax.random.key(5), (b, prompt_len), 0, config.vocab_size)
+        fns = {}
+        jitted: dict[int, tuple[Any, Any]] = {}  # base and merged share one compiled function
+        for name, apply in applies.items():
+            if id(apply) not in jitted:
+                jitted[id(apply)] = (
+                    jax.jit(functools.partial(llama.generate, apply, new_tokens=new_tokens, config=config)),
+                    jax.jit(functools.partial(llama.generate, apply, new_tokens=0, config=config)),
+                )
+            gen, pre = jitted[id(apply)]
+            tokens = jax.block_until_ready(gen(trees[name], prompt))
+            if with_prefill:
+                jax.block_until_ready(pre(trees[name], prompt))
+            fns[name] = (gen, pre, np.asarray(tokens))
+        rounds = 5
+        gen_t: dict[str, list[float]] = {n: [] for n in fns}
+        pre_t: dict[str, list[float]] = {n: [] for n in fns}
+        for _ in range(rounds):  # interleaved: drift hits every variant alike
+            for name, (gen, pre, _) in fns.items():
+                gen_t[name] += _timed(lambda: gen(trees[name], prompt), 1, workload.min_time_s / rounds)
+                if with_prefill:
+                    pre_t[name] += _timed(lambda: pre(trees[name], prompt), 3)
+        row: dict[str, Any] = {}
+        for name in fns:
+            g = summary(gen_t[name])
+            p = summary(pre_t[name]) if with_prefill else None
+            per_token = (g["median_s"] - (p["median_s"] if p else 0.0)) / new_tokens
+            row[name] = {
+                "generate": g,
+                "prefill": p,
+                "decode_s_per_token": per_token,
+                "decode_tokens_per_s": b / per_token,
+            }
+        row["merged_vs_unmerged_same_tokens"] = float(np.mean(fns["merged"][2] == fns["unmerged"][2]))
+        out[f"batch{b}"] = row
+    out["peak_bytes"] = peak_bytes()
     return out
 
 
@@ -399,7 +492,17 @@ def bench_inference(
     bandwidth = copy_bandwidth(copy_bytes, max(5, workload.steps))
     merge_times = _timed(lambda: merge(joined), max(10, 3 * workload.steps))
     donated_times = _donated_times(model.layouts, joined, max(5, workload.steps))
-    eager_times = _timed(lambda: ia3_jax.merge(joined, IA3_CONFIG, layouts=model.layouts), 3)
+    # The documented way (issue 13): eager `merge`, the targeted arrays alone through one compiled call.
+    eager = lambda: ia3_jax.merge(joined, IA3_CONFIG, layouts=model.layouts)  # noqa: E731
+    jax.block_until_ready(eager())
+    eager_times = _timed(eager, max(20, 3 * workload.steps), min(2.0, workload.min_time_s))
+    merged_once = eager()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unmerge's PEFT warning
+        unmerge = lambda: ia3_jax.unmerge(merged_once, adapter, IA3_CONFIG, layouts=model.layouts)  # noqa: E731
+        jax.block_until_ready(unmerge())
+        unmerge_times = _timed(unmerge, max(20, 3 * workload.steps), min(2.0, workload.min_time_s))
+    shared = _shared_leaves(joined, merged_once)
     # The host's share: a jitted call that takes the whole tree and does (almost) nothing.
     touch = jax.jit(lambda p: jax.tree.leaves(p)[0][0])
     dispatch_times = _timed(lambda: touch(joined), max(10, 3 * workload.steps))
@@ -426,6 +529,9 @@ def bench_inference(
         "jit_s": statistics.median(merge_times),
         "jit_donated_s": statistics.median(donated_times),
         "eager_s": statistics.median(eager_times),
+        "eager": summary(eager_times),
+        "unmerge_eager": summary(unmerge_times),
+        "eager_untouched_leaves_shared": shared,
         "targeted_jit_s": statistics.median(targeted_times),
         "whole_tree_dispatch_s": statistics.median(dispatch_times),
         "tree_leaves": len(jax.tree.leaves(joined)),
@@ -435,6 +541,8 @@ def bench_inference(
     out["merge"]["jit_over_floor"] = out["merge"]["jit_s"] / out["merge"]["floor_s"]
     out["merge"]["jit_donated_over_floor"] = out["merge"]["jit_donated_s"] / out["merge"]["floor_s"]
     out["merge"]["targeted_jit_over_floor"] = out["merge"]["targeted_jit_s"] / out["merge"]["floor_s"]
+    out["merge"]["eager_over_floor"] = out["merge"]["eager_s"] / out["merge"]["floor_s"]
+    out["merge"]["unmerge_eager_over_floor"] = out["merge"]["unmerge_eager"]["median_s"] / out["merge"]["floor_s"]
     out["peak_bytes"] = peak_bytes()
     return out
 
@@ -452,6 +560,14 @@ def _donated_times(layouts: Any, joined: Any, repeats: int) -> list[float]:
             warnings.filterwarnings("ignore", "Some donated buffers were not usable")
             times += _timed(lambda: merge(fresh), 1)
     return times[1:]  # the first call compiles
+
+
+def _shared_leaves(joined: Any, merged: Any) -> dict[str, int]:
+    """How many leaves of `merged` are `joined`'s own arrays (shared) and how many are new."""
+    inputs = {id(x) for x in jax.tree.leaves(joined)}
+    outputs = jax.tree.leaves(merged)
+    shared = sum(id(x) in inputs for x in outputs)
+    return {"shared": shared, "new": len(outputs) - shared}
 
 
 def _buffer(x: jax.Array) -> int | None:

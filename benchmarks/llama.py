@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import optax
 from jax.ad_checkpoint import checkpoint_name
 
+import ia3_jax
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -68,6 +70,7 @@ class LlamaConfig:
 REMAT_POLICIES = {
     "full": None,
     "mlp_hidden": jax.checkpoint_policies.save_anything_except_these_names("mlp_hidden"),
+    "ia3": ia3_jax.remat_policy(),  # IA3's scaled activations and elementwise results recomputed
 }
 TINY = LlamaConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
 TINY_F32 = dataclasses.replace(TINY, dtype=jnp.float32, param_dtype=jnp.float32)  # CPU checks: exact, and fast there
@@ -109,20 +112,32 @@ def _dense(config: LlamaConfig, features: int, name: str) -> nn.Dense:
 
 
 class Attention(nn.Module):
-    """Grouped-query causal self-attention through `jax.nn.dot_product_attention`."""
+    """Grouped-query causal self-attention through `jax.nn.dot_product_attention`.
+
+    With ``cache=(k, v)`` (each ``(batch, max_len, kv_heads, head_dim)``) and ``index`` (the position
+    of ``x[:, 0]``), the new keys and values are written at ``index`` and the queries attend to every
+    cached position up to their own (XLA attention with a mask); returns ``(out, new_cache)``.
+    """
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], cache: Any = None, index: Any = None) -> Any:
         c = self.config
         batch, seq, _ = x.shape
         q = _dense(c, c.num_heads * c.head_dim, "q_proj")(x).reshape(batch, seq, c.num_heads, c.head_dim)
         k = _dense(c, c.num_kv_heads * c.head_dim, "k_proj")(x).reshape(batch, seq, c.num_kv_heads, c.head_dim)
         v = _dense(c, c.num_kv_heads * c.head_dim, "v_proj")(x).reshape(batch, seq, c.num_kv_heads, c.head_dim)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=c.attention)
-        return _dense(c, c.hidden_size, "o_proj")(out.reshape(batch, seq, c.hidden_size))
+        if cache is None:
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=c.attention)
+            return _dense(c, c.hidden_size, "o_proj")(out.reshape(batch, seq, c.hidden_size))
+        k_cache = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, index, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, index, 0, 0))
+        positions = index + jnp.arange(seq)
+        mask = jnp.arange(k_cache.shape[1])[None, :] <= positions[:, None]  # (seq, max_len)
+        out = jax.nn.dot_product_attention(q, k_cache, v_cache, mask=mask[None, None], implementation="xla")
+        return _dense(c, c.hidden_size, "o_proj")(out.reshape(batch, seq, c.hidden_size)), (k_cache, v_cache)
 
 
 class MLP(nn.Module):
@@ -139,17 +154,27 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm attention and MLP blocks; ``(x, rope) -> (x, None)`` so that `nn.scan` can carry x."""
+    """Pre-norm attention and MLP blocks; ``(x, rope) -> (x, None)`` so that `nn.scan` can carry x.
+
+    With a KV ``cache`` (and ``index``): ``(x, new_cache)``.
+    """
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+    def __call__(
+        self, x: jax.Array, rope: tuple[jax.Array, jax.Array], cache: Any = None, index: Any = None
+    ) -> tuple[jax.Array, Any]:
         c = self.config
         norm = functools.partial(RMSNorm, c.rms_norm_eps, c.dtype, c.param_dtype)
-        x = x + Attention(c, name="self_attn")(norm(name="input_layernorm")(x), rope)
+        attention = Attention(c, name="self_attn")
+        if cache is None:
+            x = x + attention(norm(name="input_layernorm")(x), rope)
+        else:
+            out, cache = attention(norm(name="input_layernorm")(x), rope, cache, index)
+            x = x + out
         x = x + MLP(c, name="mlp")(norm(name="post_attention_layernorm")(x))
-        return x, None
+        return x, cache
 
 
 class Unrolled(nn.Module):
@@ -159,28 +184,46 @@ class Unrolled(nn.Module):
     layer: Any
 
     @nn.compact
-    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+    def __call__(
+        self, x: jax.Array, rope: tuple[jax.Array, jax.Array], caches: Any = None, index: Any = None
+    ) -> tuple[jax.Array, Any]:
+        new = []
         for i in range(self.config.num_layers):
-            x, _ = self.layer(self.config, name=str(i))(x, rope)
-        return x, None
+            if caches is None:
+                x, _ = self.layer(self.config, name=str(i))(x, rope)
+            else:
+                x, cache = self.layer(self.config, name=str(i))(x, rope, caches[i], index)
+                new.append(cache)
+        return x, (tuple(new) if caches is not None else None)
 
 
 class Llama(nn.Module):
-    """Causal LM: ``(batch, seq) int32 -> (batch, seq, vocab)`` logits in ``config.dtype``."""
+    """Causal LM: ``(batch, seq) int32 -> (batch, seq, vocab)`` logits in ``config.dtype``.
+
+    Decoding (unrolled layers only): ``model.apply(v, ids, cache=init_cache(...), index=i)`` returns
+    ``(logits, new_cache)``, ``ids`` being the tokens at positions ``i, i + 1, ...``; see `generate`.
+    """
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, cache: Any = None, index: Any = None) -> Any:
         c = self.config
         x = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype, name="embed_tokens")(
             input_ids
         )
-        rope = rope_tables(input_ids.shape[1], c.head_dim, c.rope_theta)
+        if cache is None:
+            rope = rope_tables(input_ids.shape[1], c.head_dim, c.rope_theta)
+        else:
+            cos, sin = rope_tables(cache[0][0].shape[1], c.head_dim, c.rope_theta)
+            seq = input_ids.shape[1]
+            rope = (jax.lax.dynamic_slice_in_dim(cos, index, seq), jax.lax.dynamic_slice_in_dim(sin, index, seq))
         layer = DecoderLayer
         if c.remat:
             layer = nn.remat(layer, prevent_cse=not c.scan, policy=REMAT_POLICIES[c.remat_policy])
         if c.scan:
+            if cache is not None:
+                raise ValueError("the KV cache path is for unrolled layers (scan=False)")
             stack = nn.scan(
                 layer,
                 variable_axes={"params": 0},
@@ -188,11 +231,42 @@ class Llama(nn.Module):
                 in_axes=nn.broadcast,
                 length=c.num_layers,
             )(c, name="layers")
+            x, _ = stack(x, rope)
         else:
-            stack = Unrolled(c, layer, name="layers")
-        x, _ = stack(x, rope)
+            x, cache = Unrolled(c, layer, name="layers")(x, rope, cache, index)
         x = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="norm")(x)
-        return _dense(c, c.vocab_size, "lm_head")(x)
+        logits = _dense(c, c.vocab_size, "lm_head")(x)
+        return logits if cache is None else (logits, cache)
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int) -> tuple[tuple[jax.Array, jax.Array], ...]:
+    """An empty KV cache: per layer ``(k, v)``, each ``(batch, max_len, kv_heads, head_dim)`` in ``config.dtype``."""
+    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+    return tuple((jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype)) for _ in range(config.num_layers))
+
+
+def generate(apply: Any, params: Any, prompt: jax.Array, new_tokens: int, config: LlamaConfig) -> jax.Array:
+    """Greedy decoding with a KV cache: ``(batch, prompt_len)`` -> ``(batch, new_tokens)`` token ids.
+
+    `apply` is ``model.apply`` (or ``ia3_jax.apply_fn(model.apply, config)``). One prefill call over the
+    prompt, then one call per new token inside a `jax.lax.scan` (jit the whole function).
+
+    Example:
+      >>> out = jax.jit(lambda p, x: generate(model.apply, p, x, 256, config))(params, prompt)
+    """
+    batch, prompt_len = prompt.shape
+    cache = init_cache(config, batch, prompt_len + new_tokens)
+    logits, cache = apply({"params": params}, prompt, cache=cache, index=0)
+    token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+
+    def step(carry, i):
+        token, cache = carry
+        logits, cache = apply({"params": params}, token[:, None], cache=cache, index=prompt_len + i)
+        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+        return (nxt, cache), token
+
+    (_, _), tokens = jax.lax.scan(step, (token, cache), jnp.arange(new_tokens))
+    return tokens.T
 
 
 def init_params(model: nn.Module, rng: jax.Array, seq_len: int = 8) -> dict[str, Any]:

@@ -75,6 +75,78 @@ def target_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]
     return rows
 
 
+def _ms_iqr(m: dict[str, Any]) -> str:
+    """``median (q1-q3)`` of a step record, in ms."""
+    iqr = m.get("step_s_iqr")
+    return f"{1e3 * m['step_s']:.1f}" + (f" ({1e3 * iqr[0]:.1f}-{1e3 * iqr[1]:.1f})" if iqr else "")
+
+
+def decode_table(results: dict[str, dict[str, Any]]) -> str:
+    """Per batch size: decode ms/token (median of generate minus prefill, over new tokens) per variant."""
+    lines = ["| model | batch | base (ms/token) | unmerged IA3 (ms/token) | merged IA3 (ms/token) | unmerged / base | "
+             "merged / base | base tokens/s | generate IQR, base (ms) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, r in results.items():
+        if not name.startswith("decode:") or not _ok(r):
+            continue
+        for key, row in r.items():
+            if not key.startswith("batch"):
+                continue
+            t = {v: row[v]["decode_s_per_token"] for v in ("base", "unmerged", "merged")}
+            g = row["base"]["generate"]
+            lines.append(
+                f"| {name} | {key[5:]} | {1e3 * t['base']:.3f} | {1e3 * t['unmerged']:.3f} | {1e3 * t['merged']:.3f} | "
+                f"{t['unmerged'] / t['base']:.3f} | {t['merged'] / t['base']:.3f} | "
+                f"{row['base']['decode_tokens_per_s']:,.0f} | {1e3 * g['iqr_s'][0]:.1f}-{1e3 * g['iqr_s'][1]:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def issue13_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict) for issue 13's targets, each with its baseline named."""
+    rows: list[tuple[str, str, str]] = []
+
+    def add(what: str, value: float | None, bound: float, sense: str = "le", fmt: str = "{:.3f}") -> None:
+        if value is None:
+            rows.append((what, "not measured", "n/a"))
+        else:
+            ok = value <= bound if sense == "le" else value >= bound
+            rows.append((what, fmt.format(value), "met" if ok else "MISSED"))
+
+    for model, floor in (("lean-ia3remat", "lean"), ("lean-scan-ia3remat", "lean-scan")):
+        add(f"{model} IA3 peak / {floor} floor peak (jax:{floor}:floor) <= 1.05",
+            _ratio(results, f"jax:{model}:ia3", f"jax:{floor}:floor", "peak_bytes"), 1.05)
+        pair = results.get(f"pair:{model}")
+        add(f"{model} IA3 step / {floor} floor step (alternating rounds) <= 1.02",
+            pair["ia3_over_floor"] if _ok(pair) else None, 1.02)
+    add("lean-ia3remat IA3 peak / compiled PEFT IA3 peak (torch:compile:ia3) <= 1.0",
+        _ratio(results, "jax:lean-ia3remat:ia3", "torch:compile:ia3", "peak_bytes"), 1.0)
+    torch_ia3 = [n for n in results if n.startswith("torch:") and n.endswith(":ia3") and "ckpt" not in n and _ok(results[n])]
+    if torch_ia3:
+        best = max(torch_ia3, key=lambda n: results[n]["tokens_per_s"])
+        for jax_name in ("jax:lean:ia3", "jax:lean-ia3remat:ia3"):
+            add(f"{jax_name} tokens/s / best PyTorch PEFT IA3 ({best}) >= 1.2",
+                _ratio(results, jax_name, best, "tokens_per_s"), 1.2, "ge")
+            add(f"{jax_name} peak / best PyTorch PEFT IA3 ({best}) peak <= 1.0",
+                _ratio(results, jax_name, best, "peak_bytes"), 1.0)
+    for name, r in results.items():
+        if name.startswith("decode:") and _ok(r):
+            for key, row in r.items():
+                if key.startswith("batch"):
+                    base = row["base"]["decode_s_per_token"]
+                    add(f"{name} {key}: unmerged / base decode time per token <= 1.03",
+                        row["unmerged"]["decode_s_per_token"] / base, 1.03)
+                    add(f"{name} {key}: merged / base decode time per token ~ 1.00 (<= 1.01)",
+                        row["merged"]["decode_s_per_token"] / base, 1.01)
+        if name.startswith("infer:") and _ok(r) and "eager_over_floor" in r.get("merge", {}):
+            add(f"{name}: eager merge / bandwidth floor (targeted kernels read + written once) <= 2",
+                r["merge"]["eager_over_floor"], 2.0, fmt="{:.2f}")
+            add(f"{name}: eager unmerge / bandwidth floor <= 2", r["merge"]["unmerge_eager_over_floor"], 2.0, fmt="{:.2f}")
+            add(f"{name}: merge under jax.jit with the input donated / bandwidth floor <= 2",
+                r["merge"]["jit_donated_over_floor"], 2.0, fmt="{:.2f}")
+    return rows
+
+
 def _ms(x: float | None) -> str:
     return f"{1e3 * x:.3f}" if x is not None else "n/a"
 
@@ -85,15 +157,15 @@ def _gib(x: Any) -> str:
 
 def training_table(results: dict[str, dict[str, Any]]) -> str:
     lines = [
-        "| variant | tokens/s | step (ms) | peak (GiB) | step vs its floor | trainable params | compile (s) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| variant | tokens/s | step (ms) | step IQR (ms) | peak (GiB) | step vs its floor | trainable params | compile (s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, r in results.items():
         if not name.startswith(("jax:", "torch:")):
             continue
         if not _ok(r):
             err = str(r.get("error", "")).splitlines()[0][:120] if r.get("error") else ""
-            lines.append(f"| {name} | {r.get('status')} | | | | | {err} |")
+            lines.append(f"| {name} | {r.get('status')} | | | | | | {err} |")
             continue
         prefix, mode = name.rsplit(":", 1)
         pair = results.get(f"pair:{prefix.split(':', 1)[1]}")
@@ -101,21 +173,24 @@ def training_table(results: dict[str, dict[str, Any]]) -> str:
             vs = pair["ia3_over_floor"]
         else:
             vs = _ratio(results, name, f"{prefix}:floor", "step_s")
-        compile_s = f"{r['compile_s']:.0f}" if "compile_s" in r else ""
+        compile_s = f"{r['compile_s']:.0f}" if r.get("compile_s") is not None else ""
+        iqr = r.get("step_s_iqr")
+        iqr_s = f"{1e3 * iqr[0]:.1f}-{1e3 * iqr[1]:.1f}" if iqr else ""
         lines.append(
-            f"| {name} | {r['tokens_per_s']:,.0f} | {1e3 * r['step_s']:.1f} | {_gib(r.get('peak_bytes'))} | "
+            f"| {name} | {r['tokens_per_s']:,.0f} | {1e3 * r['step_s']:.1f} | {iqr_s} | {_gib(r.get('peak_bytes'))} | "
             f"{'' if vs is None else f'{vs:.3f}x'} | {r.get('trainable_params', 0):,} | {compile_s} |"
         )
     return "\n".join(lines)
 
 
 def pair_table(results: dict[str, dict[str, Any]]) -> str:
-    lines = ["| model | IA3 step (ms) | floor step (ms) | IA3 / floor |", "| --- | ---: | ---: | ---: |"]
+    lines = ["| IA3 model | floor model | IA3 step (ms) | floor step (ms) | IA3 / floor |",
+             "| --- | --- | ---: | ---: | ---: |"]
     for name, r in results.items():
         if name.startswith("pair:") and _ok(r):
             m = r["modes"]
-            lines.append(f"| {name[5:]} | {1e3 * m['ia3']['step_s']:.1f} | {1e3 * m['floor']['step_s']:.1f} | "
-                         f"{r['ia3_over_floor']:.3f} |")
+            lines.append(f"| {name[5:]} | {r.get('floor_model', name[5:])} | {_ms_iqr(m['ia3'])} | "
+                         f"{_ms_iqr(m['floor'])} | {r['ia3_over_floor']:.3f} |")
     return "\n".join(lines)
 
 
@@ -151,11 +226,15 @@ def inference_table(results: dict[str, dict[str, Any]]) -> str:
 def markdown(results: dict[str, dict[str, Any]]) -> str:
     targets = ["| target | measured | verdict |", "| --- | ---: | --- |"]
     targets += [f"| {a} | {b} | {c} |" for a, b, c in target_rows(results)]
+    issue13 = ["| target | measured | verdict |", "| --- | ---: | --- |"]
+    issue13 += [f"| {a} | {b} | {c} |" for a, b, c in issue13_rows(results)]
     return (
         "### Training (one AdamW step per iteration)\n\n" + training_table(results)
         + "\n\n### IA3 against the floor, alternating rounds in one process\n\n" + pair_table(results)
         + "\n\n### Inference and merge\n\n" + inference_table(results)
-        + "\n\n### Targets\n\n" + "\n".join(targets) + "\n"
+        + "\n\n### Decoding with a KV cache (lean model, greedy)\n\n" + decode_table(results)
+        + "\n\n### Targets\n\n" + "\n".join(targets)
+        + "\n\n### Targets of issue 13\n\n" + "\n".join(issue13) + "\n"
     )
 
 
@@ -273,8 +352,9 @@ def consolidate(folder: Path) -> list[str]:
 
 
 def _order(name: str) -> tuple:
-    kinds = ["jax", "torch", "pair", "infer"]
-    models = ["lean", "lean-hidden", "lean-scan", "lean-scan-hidden", "lean-scan-remat", "hf", "peft"]
+    kinds = ["jax", "torch", "pair", "infer", "decode"]
+    models = ["lean", "lean-ia3remat", "lean-hidden", "lean-scan", "lean-scan-ia3remat", "lean-scan-hidden",
+              "lean-scan-remat", "hf", "peft", "compile", "compile-liger", "compile-ckpt"]
     modes = ["ia3", "floor", "full"]
     kind, model, *mode = name.split(":")
     index = lambda seq, x: seq.index(x) if x in seq else len(seq)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+START = time.perf_counter()  # this process's start, for the per-variant overhead (`process_s`)
 if __package__ in (None, ""):  # run as a script: make `benchmarks` and `ia3_jax` importable
     sys.path.insert(0, str(ROOT))
 
@@ -57,6 +58,16 @@ VARIANTS = {
     "pair": ["pair:lean", "pair:lean-hidden", "pair:lean-scan", "pair:lean-scan-hidden", "pair:hf"],
     "inference": ["infer:lean", "infer:hf"],
     "torch": ["torch:peft:ia3", "torch:peft:floor", "torch:peft:full"],
+    # issue 13: IA3's remat policy, compiled PyTorch, decoding with a KV cache
+    "memory": ["jax:lean-ia3remat:ia3", "pair:lean-ia3remat", "jax:lean-scan-ia3remat:ia3", "pair:lean-scan-ia3remat"],
+    "compiled": [
+        "torch:compile:ia3",
+        "torch:compile:floor",
+        "torch:compile:full",
+        "torch:compile-liger:ia3",
+        "torch:compile-ckpt:ia3",
+    ],
+    "decode": ["decode:lean", "infer:lean-scan"],
 }
 # The order the lanes take them: the headline comparisons first, so that a run cut short by its
 # deadline still answers the targets.
@@ -97,34 +108,69 @@ TINY_VARIANTS = [
     "torch:peft:ia3",
     "torch:peft:floor",
     "torch:peft:full",
+    "jax:lean-ia3remat:ia3",
+    "pair:lean-ia3remat",
+    "torch:compile:ia3",
+    "torch:compile-ckpt:ia3",
+    "decode:lean",
 ]
 
 
-def workload(cpu_tiny: bool, steps: int | None):
+def workload(cpu_tiny: bool, steps: int | None, min_time_s: float | None = None):
     from benchmarks import jax_bench, llama
 
     if cpu_tiny:  # float32: exact checks, and the CPU has no fast bf16
-        w = jax_bench.Workload(config=llama.TINY_F32, batch=2, seq=32, warmup=1, steps=3)
+        w = jax_bench.Workload(config=llama.TINY_F32, batch=2, seq=32, warmup=1, steps=3, min_time_s=0.0)
     else:
         w = jax_bench.Workload()
-    return dataclasses.replace(w, steps=steps) if steps else w
+    w = dataclasses.replace(w, steps=steps) if steps else w
+    return dataclasses.replace(w, min_time_s=min_time_s) if min_time_s is not None else w
+
+
+def gpu_clocks() -> list[str] | None:
+    """One nvidia-smi reading: SM and memory clocks, temperature, power, utilisation (None without a GPU)."""
+    query = "index,clocks.sm,clocks.mem,temperature.gpu,power.draw,utilization.gpu,memory.used"
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return [query] + out.stdout.strip().splitlines() if out.returncode == 0 else None
 
 
 def run_variant(
-    name: str, *, cpu_tiny: bool, attention: str | None, steps: int | None, hlo_dir: str | None = None
+    name: str,
+    *,
+    cpu_tiny: bool,
+    attention: str | None,
+    steps: int | None,
+    hlo_dir: str | None = None,
+    min_time_s: float | None = None,
 ) -> dict[str, Any]:
     """Measures one variant in this process; never raises (errors and OOMs are results too)."""
     kind, model, *rest = name.split(":")
-    w = workload(cpu_tiny, steps)
+    w = workload(cpu_tiny, steps, min_time_s)
     if cpu_tiny and attention == "cudnn":  # the CPU has XLA's attention only
         attention = None
-    result: dict[str, Any] = {"name": name, "workload": _workload_dict(w)}
+    result: dict[str, Any] = {"name": name, "workload": _workload_dict(w), "gpu_clocks_start": gpu_clocks()}
     try:
         if kind == "torch":
             from benchmarks import torch_bench
 
             device = "cpu" if cpu_tiny else "cuda"
-            result.update(env=torch_bench.environment(), **torch_bench.bench_train(rest[0], w, device))
+            result.update(
+                env=torch_bench.environment(),
+                **torch_bench.bench_train(rest[0], w, device, runner=model, min_time_s=w.min_time_s),
+            )
+        elif kind == "decode":
+            from benchmarks import jax_bench
+
+            result["env"] = jax_bench.environment()
+            if cpu_tiny:
+                result.update(jax_bench.bench_decode(w, batches=(1, 2), prompt_len=8, new_tokens=4))
+            else:
+                result.update(jax_bench.bench_decode(w, with_prefill=False))  # fewer compilations
         else:
             from benchmarks import jax_bench
 
@@ -138,6 +184,8 @@ def run_variant(
                 copy_bytes = 1 << 20 if cpu_tiny else 2 << 30
                 result.update(jax_bench.bench_inference(model, w, attention, shapes, copy_bytes))
         result["status"] = "ok"
+        result["gpu_clocks_end"] = gpu_clocks()
+        result["process_s"] = time.perf_counter() - START
     except Exception as err:
         text = f"{type(err).__name__}: {err}"
         oom = "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
@@ -166,6 +214,7 @@ def _spawn(name: str, out: Path, gpu: str | None, args, attention: str | None, t
     path = out / f"{name.replace(':', '_')}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", name, "--json", str(path)]
     cmd += ["--attention", attention or "none"] + (["--steps", str(args.steps)] if args.steps else [])
+    cmd += ["--min-time-s", str(args.min_time_s)] if args.min_time_s is not None else []
     start = time.perf_counter()
     with open(out / f"{name.replace(':', '_')}.log", "w") as log:
         try:
@@ -243,6 +292,12 @@ def _line(r: dict[str, Any]) -> str:
             f"{r['name']:26s} ia3 {1e3 * m['ia3']['step_s']:.1f} ms, floor {1e3 * m['floor']['step_s']:.1f} ms: "
             f"{r['ia3_over_floor']:.3f}x"
         )
+    if r["name"].startswith("decode:"):
+        parts = []
+        for key, row in r.items():
+            if key.startswith("batch"):
+                parts.append(f"{key}: " + ", ".join(f"{n} {1e3 * row[n]['decode_s_per_token']:.2f} ms/tok" for n in ("base", "unmerged", "merged")))
+        return f"{r['name']:26s} " + "; ".join(parts)
     if "tokens_per_s" in r:
         peak = r.get("peak_bytes")
         peak_s = f"{peak / 2**30:6.2f} GiB" if peak else "   n/a"
@@ -266,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flax-site", default=None, help="folder with transformers 4.57 for the JAX processes")
     parser.add_argument("--attention", default="cudnn", help="lean model attention: cudnn, xla or none")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 12)")
+    parser.add_argument("--min-time-s", type=float, default=None, help="timed seconds per variant (default 10)")
     parser.add_argument("--deadline-s", type=float, default=540.0, help="start no variant after this")
     parser.add_argument("--variant-timeout-s", type=float, default=300.0)
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # internal: one variant, this process
@@ -276,7 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.variant:
         hlo_dir = str(args.json.parent) if args.json else None
         result = run_variant(
-            args.variant, cpu_tiny=args.cpu_tiny, attention=attention, steps=args.steps, hlo_dir=hlo_dir
+            args.variant,
+            cpu_tiny=args.cpu_tiny,
+            attention=attention,
+            steps=args.steps,
+            hlo_dir=hlo_dir,
+            min_time_s=args.min_time_s,
         )
         args.json.write_text(json.dumps(result, indent=1))
         print(_line(result))
@@ -301,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu_tiny:
         results = []
         for name in names:
-            results.append(run_variant(name, cpu_tiny=True, attention=attention, steps=args.steps))
+            results.append(
+                run_variant(name, cpu_tiny=True, attention=attention, steps=args.steps, min_time_s=args.min_time_s)
+            )
             print(_line(results[-1]), flush=True)
         _save(args.out, results)
     else:

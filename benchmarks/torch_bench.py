@@ -1,7 +1,12 @@
 """PyTorch side of the benchmarks: PEFT's IA3, its floor and full fine-tuning on HF's LlamaForCausalLM.
 
 The same workload as `benchmarks.jax_bench` (model shape, batch, float32 next-token loss, one AdamW
-step per iteration), eager PyTorch with ``sdpa`` attention in bf16, as a PEFT user would run it.
+step per iteration), ``sdpa`` attention in bf16. Ways of running it (`RUNNERS`):
+  peft          eager PyTorch, ``torch.optim.AdamW`` defaults, as a PEFT user runs it off the shelf;
+  compile       ``torch.compile`` of model + loss (default mode), fused AdamW; the first step's extra
+                time is reported as ``compile_s``;
+  compile-liger as compile, with Liger kernels' fused linear cross-entropy (no logits materialised);
+  compile-ckpt  as compile, with HF gradient checkpointing (the memory-constrained PyTorch setting).
 """
 
 from __future__ import annotations
@@ -53,21 +58,60 @@ def trainable(model: Any, mode: str) -> tuple[Any, list[Any]]:
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
-def bench_train(mode: str, workload: Workload, device: str) -> dict[str, Any]:
-    """Median step time, tokens/s and peak memory (max_memory_allocated) of one training mode."""
+RUNNERS = ("peft", "compile", "compile-liger", "compile-ckpt")
+
+
+def _loss_fn(model: Any, runner: str) -> Any:
+    """``loss(ids)`` for a runner: model + float32 next-token loss, compiled unless eager."""
     import torch
 
+    if runner == "compile-liger":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        lce = LigerFusedLinearCrossEntropyLoss()
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+
+        def liger_loss(ids: Any) -> Any:
+            hidden = inner.model(input_ids=ids).last_hidden_state[:, :-1]
+            out = lce(inner.lm_head.weight, hidden.flatten(0, 1), ids[:, 1:].flatten())
+            return out[0] if isinstance(out, tuple) else getattr(out, "loss", out)
+
+        inner.model.compile()  # the decoder compiled; Liger's kernel runs the lm_head + loss
+        return liger_loss
+
+    def loss(ids: Any) -> Any:
+        return causal_lm_loss(model(input_ids=ids).logits, ids)
+
+    return loss if runner == "peft" else torch.compile(loss)
+
+
+def bench_train(mode: str, workload: Workload, device: str, runner: str = "peft", min_time_s: float = 0.0) -> dict[str, Any]:
+    """Median (and IQR) step time, tokens/s and peak memory (max_memory_allocated) of one training mode.
+
+    Times ``workload.steps`` steps, or more until `min_time_s` seconds of timed steps, after
+    ``workload.warmup`` warm-up steps (the first of which compiles, for compiled runners).
+    """
+    import torch
+
+    if runner not in RUNNERS:
+        raise ValueError(f"unknown runner {runner!r}: use one of {RUNNERS}.")
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     model, params = trainable(build(workload, device), mode)
     model.train()
-    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE)
+    if runner == "compile-ckpt":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    fused = runner != "peft" and cuda
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, fused=fused or None)
     generator = torch.Generator(device="cpu").manual_seed(1)
     ids = torch.randint(0, workload.config.vocab_size, (workload.batch, workload.seq), generator=generator).to(device)
+    loss_fn = _loss_fn(model, runner)
     losses: list[Any] = []
 
     def step() -> None:
-        loss = causal_lm_loss(model(input_ids=ids).logits, ids)
+        loss = loss_fn(ids)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -75,21 +119,33 @@ def bench_train(mode: str, workload: Workload, device: str) -> dict[str, Any]:
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()  # the weights stay allocated, so they count in the peak
-    times = []
-    for i in range(workload.warmup + workload.steps):
+    warmup = []
+    for _ in range(max(1, workload.warmup)):
         sync()
         start = time.perf_counter()
         step()
         sync()
-        if i >= workload.warmup:
-            times.append(time.perf_counter() - start)
+        warmup.append(time.perf_counter() - start)
+    times: list[float] = []
+    while len(times) < workload.steps or sum(times) < min_time_s:
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
     step_s = statistics.median(times)
     vectors = [p for n, p in model.named_parameters() if "ia3_l" in n]
+    q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (step_s, step_s, step_s)
     return {
+        "runner": runner,
+        "fused_adamw": bool(fused),
         "attention": model.config._attn_implementation,
         "trainable_params": int(sum(p.numel() for p in params)),
         "ia3_vector_dtype": str(vectors[0].dtype) if vectors else None,
+        "compile_s": (warmup[0] - step_s) if runner != "peft" else None,
+        "warmup_s_all": warmup,
         "step_s": step_s,
+        "step_s_iqr": [q1, q3],
         "step_s_all": times,
         "tokens_per_s": workload.tokens / step_s,
         "peak_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import operator
 import warnings
@@ -76,19 +77,141 @@ def rescale_module(node: Mapping[str, Any], vector: jax.Array, target: Target, d
 
 def _fold_all(
     tree: Mapping[str, Any],
-    vectors: Mapping[_tree.Path, Any],
+    vectors: Mapping[_tree.Path, Any] | None,
     config: IA3Config | None,
     layouts: Mapping[str, KernelLayout] | None,
     divide: bool,
 ) -> tuple[dict[str, Any], Written]:
-    """`tree` with every vector folded in (or divided out) and no ``ia3_l`` left, and what was written."""
-    resolved = _resolve(tree, vectors, config, layouts)
-    written = {
-        path: rescale_module(_tree.get(tree, path), _tree.unbox(vectors[path]), target, divide)
-        for path, target in resolved.items()
-    }
+    """`tree` with every vector folded in (or divided out) and no ``ia3_l`` left, and what was written.
+
+    `vectors`: module path -> vector; None: the ``ia3_l`` leaves of `tree`.
+
+    Inside a trace, the fold is traced into the caller's program. Called eagerly, the targeted
+    arrays alone go through one compiled call and every other leaf of the result is the input's leaf;
+    the host-side work (matching, checks, rebuilding the tree) is done once per tree structure and
+    replayed from a `_Plan` on later calls.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten((tree, vectors))
+    if any(isinstance(x, jax.core.Tracer) for x in leaves):
+        vectors = _tree.vectors(tree) if vectors is None else vectors
+        resolved = _resolve(tree, vectors, config, layouts)
+        nodes, arrays, targets = _targeted(tree, vectors, resolved)
+        return _assemble(tree, dict(zip(resolved, _fold_targets(nodes, arrays, targets, divide))))
+    key = _plan_key(treedef, leaves, config, layouts, divide)
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None:
+        vectors = _tree.vectors(tree) if vectors is None else vectors
+        resolved = _resolve(tree, vectors, config, layouts)
+        nodes, arrays, targets = _targeted(tree, vectors, resolved)
+        folded = _fold_targets_jit(nodes, arrays, targets, divide)
+        merged, written = _assemble(tree, dict(zip(resolved, folded)))
+        plan = _Plan.make(leaves, (nodes, arrays), folded, merged, tuple(resolved), targets)
+        if plan is not None:
+            fold = jax.jit(functools.partial(_fold_targets, targets=targets, divide=divide))
+            plan = dataclasses.replace(plan, fold=fold)
+        if key is not None and plan is not None:
+            _PLANS[key] = plan
+            while len(_PLANS) > _MAX_PLANS:
+                _PLANS.pop(next(iter(_PLANS)))
+        return merged, written
+    nodes, arrays = jax.tree_util.tree_unflatten(plan.in_def, [leaves[i] for i in plan.inputs])
+    assert plan.fold is not None
+    folded = [{k: d[k] for k in ("kernel", "bias") if k in d} for d in plan.fold(nodes, arrays)]
+    new = jax.tree_util.tree_leaves(folded)
+    out = [new[-1 - i] if i < 0 else leaves[i] for i in plan.out_from]
+    return jax.tree_util.tree_unflatten(plan.out_def, out), dict(zip(plan.paths, folded))
+
+
+def _targeted(
+    tree: Mapping[str, Any], vectors: Mapping[_tree.Path, Any], resolved: Mapping[_tree.Path, Target]
+) -> tuple[list[dict[str, Any]], list[jax.Array], tuple[Target, ...]]:
+    """What the fold reads, in `resolved`'s order: each module's kernel (and bias), vector and `Target`."""
+    nodes = [{k: v for k, v in _tree.get(tree, p).items() if k in ("kernel", "bias")} for p in resolved]
+    return nodes, [_tree.unbox(vectors[p]) for p in resolved], tuple(resolved.values())
+
+
+def _assemble(tree: Mapping[str, Any], written: Written) -> tuple[dict[str, Any], Written]:
     changes = {path: {**_tree.get(tree, path), **arrays} for path, arrays in written.items()}
     return without_vectors(_tree.updated(_tree.to_dict(tree), changes)), written
+
+
+def _fold_targets(
+    nodes: list[dict[str, Any]], vectors: list[jax.Array], targets: tuple[Target, ...], divide: bool
+) -> list[dict[str, Any]]:
+    """`rescale_module` of each targeted module (its kernel and bias only), in order."""
+    return [rescale_module(node, vector, target, divide) for node, vector, target in zip(nodes, vectors, targets)]
+
+
+_fold_targets_compiled = jax.jit(_fold_targets, static_argnums=(2, 3))
+
+
+def _fold_targets_jit(
+    nodes: list[dict[str, Any]], vectors: list[jax.Array], targets: tuple[Target, ...], divide: bool
+) -> list[dict[str, Any]]:
+    """`_fold_targets` as one XLA program per tree structure: one dispatch, the targeted arrays only.
+
+    Each module's arrays come back in `rescale_module`'s order (kernel, then bias), not jit's sorted one.
+    """
+    folded = _fold_targets_compiled(nodes, vectors, targets, divide)
+    return [{k: d[k] for k in ("kernel", "bias") if k in d} for d in folded]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """An eager fold of one tree structure, replayed on flat leaves of ``(tree, vectors)``.
+
+    Attributes:
+      paths, targets: the targeted modules, in fold order.
+      inputs: indices of the leaves the compiled fold reads; ``in_def`` rebuilds its arguments.
+      out_def: the result's structure; ``out_from`` says where each result leaf comes from: ``i >= 0``
+        the input leaf ``i`` (shared), ``i < 0`` the folded leaf ``-1 - i``.
+    """
+
+    paths: tuple[_tree.Path, ...]
+    targets: tuple[Target, ...]
+    inputs: tuple[int, ...]
+    in_def: Any
+    out_def: Any
+    out_from: tuple[int, ...]
+    fold: Callable[[list[dict[str, Any]], list[jax.Array]], Any] | None = None  # targets bound: no per-call hashing
+
+    @staticmethod
+    def make(
+        leaves: list[Any],
+        args: Any,
+        folded: Any,
+        merged: Any,
+        paths: tuple[_tree.Path, ...],
+        targets: tuple[Target, ...],
+    ) -> _Plan | None:
+        """The plan of a fold just done, matched by object identity; None if a leaf cannot be traced back."""
+        position = {id(x): i for i, x in enumerate(leaves)}
+        new = {id(x): i for i, x in enumerate(jax.tree_util.tree_leaves(folded))}
+        arg_leaves, in_def = jax.tree_util.tree_flatten(args)
+        out_leaves, out_def = jax.tree_util.tree_flatten(merged)
+        traced_back = all(id(x) in position for x in arg_leaves)
+        if not traced_back or not all(id(x) in position or id(x) in new for x in out_leaves):
+            return None
+        out_from = tuple(-1 - new[id(x)] if id(x) in new else position[id(x)] for x in out_leaves)
+        inputs = tuple(position[id(x)] for x in arg_leaves)
+        return _Plan(paths, targets, inputs, in_def, out_def, out_from, fold=None)
+
+
+_PLANS: dict[Any, _Plan] = {}
+_MAX_PLANS = 16
+
+
+def _plan_key(
+    treedef: Any, leaves: list[Any], config: IA3Config | None, layouts: Mapping[str, KernelLayout] | None, divide: bool
+) -> Any:
+    """What a `_Plan` depends on: structure, each leaf's type, shape and dtype, config, layouts; None if unhashable."""
+    avals = tuple((type(x), getattr(x, "shape", None), getattr(x, "dtype", None)) for x in leaves)
+    key = (treedef, avals, config, None if layouts is None else tuple(sorted(layouts.items())), divide)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def _all_finite(array: Any) -> jax.Array:
@@ -125,10 +248,14 @@ def merge(
     ``kernel * l`` is computed in the promoted dtype and cast back to the kernel's dtype. The result
     is a plain base param tree: the model runs it at full speed without the interceptor.
 
-    Called eagerly, only the targeted kernels are computed and every other leaf is shared with
-    `params`. Under `jax.jit` every output leaf is a new buffer unless the input is donated
-    (``jax.jit(merge, static_argnums=1, donate_argnums=0)``), which is what makes a jitted merge of
-    a large tree cost more than its targeted kernels (benchmarks/RESULTS.md).
+    Called eagerly (the documented way), the targeted kernels, vectors and biases alone go through
+    one compiled call (compiled once per tree structure): each targeted kernel is read once and
+    written once, and every other leaf of the result *is* the input's leaf (same buffer, no copy:
+    donating or deleting `params` later deletes those leaves of the result too).
+    Inside your own `jax.jit`, every output leaf is a new buffer (a copy of the whole tree) unless
+    you donate the input, which makes the merge in place and copies nothing:
+    ``jax.jit(functools.partial(merge, config=config), donate_argnums=0)`` (the vectors' buffers are
+    then reported unusable, as they have no output; `params` must not be used afterwards).
 
     Args:
       params: a joined param tree (``join(base, adapter)``).
@@ -147,7 +274,7 @@ def merge(
       >>> serving_params = merge(join(base, adapter), config)
       >>> model.apply({"params": serving_params}, x)   # no interceptor needed
     """
-    merged, written = _fold_all(params, _tree.vectors(params), config, layouts, divide=False)
+    merged, written = _fold_all(params, None, config, layouts, divide=False)
     if safe_merge:
         broken = non_finite_arrays(written)
         if broken:
