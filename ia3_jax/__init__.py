@@ -57,6 +57,7 @@ from ia3_jax._src.merge import add_weighted_adapter, combine, merge, unmerge
 from ia3_jax._src.nnx import IA3Vector
 from ia3_jax._src.partition import Split, join, split
 from ia3_jax._src.peft_io import load_peft, read_peft_config, save_peft
+from ia3_jax._src.remat import ACTIVATION_NAME, remat_policy
 from ia3_jax._src.sharding import adapter_shardings, optimizer_shardings
 from ia3_jax._src.stacking import stack, unstack
 from ia3_jax._src.targets import Target, resolve_targets
@@ -65,6 +66,7 @@ from ia3_jax._src.training import make_train_step, trainable_mask
 __version__ = "0.1.0"
 
 __all__ = [
+    "ACTIVATION_NAME",
     "AdapterDtypeError",
     "AdapterExistsError",
     "AdapterIdsError",
@@ -116,6 +118,7 @@ __all__ = [
     "merge",
     "optimizer_shardings",
     "read_peft_config",
+    "remat_policy",
     "replaced_directory",
     "resolve_targets",
     "save_adapter",

@@ -23,6 +23,7 @@ from ia3_jax._src import tree as _tree
 from ia3_jax._src.config import IA3Config
 from ia3_jax._src.dtypes import check_vector_dtype
 from ia3_jax._src.errors import AdapterIdsError, AlreadyJittedError, NotAppliedError, VectorShapeError
+from ia3_jax._src.remat import name_activation
 from ia3_jax._src.targets import feedforward_side
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -75,8 +76,12 @@ def scale(activation: jax.Array, vector: jax.Array) -> jax.Array:
     For the backward pass the activation itself is kept, not its float32 copy (the cast is redone
     there): under `nn.scan`, whose residuals are fixed before XLA sees them, that halves the bytes
     that a bf16 model saves for each IA3 vector.
+
+    The activation is named `ia3_jax.ACTIVATION_NAME` (`jax.ad_checkpoint.checkpoint_name`): under
+    ``nn.remat`` / `jax.checkpoint` with `ia3_jax.remat_policy`, the backward pass recomputes it
+    instead of keeping it, which removes IA3's memory overhead.
     """
-    return _scale(activation, vector)
+    return _scale(name_activation(activation), vector)
 
 
 @functools.partial(jax.checkpoint, prevent_cse=False)
