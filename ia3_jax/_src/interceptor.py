@@ -90,13 +90,21 @@ def _scale(activation: jax.Array, vector: jax.Array) -> jax.Array:
     return (activation.astype(dtype) * vector.astype(dtype)).astype(activation.dtype)
 
 
-def _check_fits(key: str, vector: jax.Array, activation: Any, side: str) -> None:
+_LINEN_MISFIT = (
+    "A stacked vector (nn.scan) used outside its scan, or a kernel layout that ia3_init guessed wrong, gives "
+    "this: pass layouts=ia3_jax.infer_layouts(...) to ia3_init."
+)
+
+
+def check_activation_fits(key: str, vector: jax.Array, activation: Any, side: str, cause: str = _LINEN_MISFIT) -> None:
+    """Raises `VectorShapeError` unless `vector` fits the trailing axes of the `side` it scales.
+
+    `cause` says what usually leads there (Linen: a layout; NNX: other inputs than at ``ia3_init``).
+    """
     shape = jnp.shape(activation)
     if vector.ndim > len(shape) or tuple(shape[len(shape) - vector.ndim :]) != vector.shape:
         raise VectorShapeError(
-            f"IA3 vector at {key!r} has shape {vector.shape} but the {side} it scales has shape {shape}. "
-            "A stacked vector (nn.scan) used outside its scan, or a kernel layout that ia3_init guessed wrong, "
-            "gives this: pass layouts=ia3_jax.infer_layouts(...) to ia3_init."
+            f"IA3 vector at {key!r} has shape {vector.shape} but the {side} it scales has shape {shape}. {cause}"
         )
 
 
@@ -166,7 +174,7 @@ def _interceptor(config: IA3Config | None, applied: Applied, adapter_ids: jax.Ar
 
     def scaled(key: str, vector: jax.Array, activation: Any, side: str) -> jax.Array:
         if adapter_ids is None:
-            _check_fits(key, vector, activation, side)
+            check_activation_fits(key, vector, activation, side)
             return scale(activation, vector)
         _check_bank_fits(key, vector, activation, side, adapter_ids)
         return scale_per_example(activation, vector, adapter_ids)

@@ -43,9 +43,8 @@ from ia3_jax._src.errors import (
     NonFiniteMergeError,
     NotAppliedError,
     StructureError,
-    VectorShapeError,
 )
-from ia3_jax._src.interceptor import scale
+from ia3_jax._src.interceptor import check_activation_fits, scale
 from ia3_jax._src.layout import KernelLayout
 from ia3_jax._src.sharding import vector_spec
 from ia3_jax._src.targets import Target, resolve_targets
@@ -131,11 +130,11 @@ def _ia3_call(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
     call = type(self)._ia3_base_type.__call__  # type: ignore[attr-defined]
     if target.feedforward:
         x, rebuild = _first_input(args, kwargs)
-        _check_fits(target.key, vector, x, "input")
+        check_activation_fits(target.key, vector, x, "input", _NNX_MISFIT)
         new_args, new_kwargs = rebuild(scale(x, vector))
         return call(self, *new_args, **new_kwargs)
     y = call(self, *args, **kwargs)
-    _check_fits(target.key, vector, y, "output")
+    check_activation_fits(target.key, vector, y, "output", _NNX_MISFIT)
     return scale(y, vector)
 
 
@@ -146,16 +145,8 @@ def _record_call(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
     return y
 
 
+_NNX_MISFIT = "The module was called with activations of another feature shape than at ia3_init."
 _RECORDED: dict[_tree.Path, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
-
-
-def _check_fits(key: str, vector: jax.Array, activation: Any, side: str) -> None:
-    shape = jnp.shape(activation)
-    if vector.ndim > len(shape) or tuple(shape[len(shape) - vector.ndim :]) != vector.shape:
-        raise VectorShapeError(
-            f"IA3 vector at {key!r} has shape {vector.shape} but the {side} it scales has shape {shape}: the module "
-            "was called with activations of another feature shape than at ia3_init."
-        )
 
 
 def base_type(cls: type) -> type:
