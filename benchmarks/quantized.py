@@ -119,7 +119,9 @@ def bench_variant(variant: str, workload: Workload) -> dict[str, Any]:
 
 def _workload(args: argparse.Namespace) -> Workload:
     if args.cpu_tiny:
-        return Workload(config=dataclasses.replace(llama.TINY, num_layers=1), batch=2, seq=16, warmup=1, steps=2)
+        return Workload(
+            config=dataclasses.replace(llama.TINY, num_layers=1), batch=2, seq=16, warmup=1, steps=2, min_time_s=0.0
+        )
     attention = None if args.attention == "none" else args.attention
     config = dataclasses.replace(llama.LlamaConfig(), remat=args.remat, attention=attention)
     return Workload(config=config, batch=args.batch, seq=args.seq, warmup=args.warmup, steps=args.steps)
