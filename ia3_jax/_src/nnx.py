@@ -465,8 +465,11 @@ def _raise_non_finite(written: Mapping[_tree.Path, dict[str, Any]], what: str) -
         )
 
 
-def _apply_folds(tree: M | nnx.State, written: Mapping[_tree.Path, dict[str, Any]], copy: bool) -> M | nnx.State:
-    """`tree` (a clone, with `copy`) with the folded arrays written and the vectors and call wrappers removed."""
+def _write_folds(
+    tree: M | nnx.State, written: Mapping[_tree.Path, dict[str, Any]], copy: bool, *, drop_vectors: bool
+) -> M | nnx.State:
+    """`tree` (a clone, with `copy`) with the folded arrays written; with `drop_vectors` (merge), the
+    vectors and the call wrappers removed as well."""
     if isinstance(tree, nnx.State):
         flat = [
             (
@@ -476,14 +479,14 @@ def _apply_folds(tree: M | nnx.State, written: Mapping[_tree.Path, dict[str, Any
                 else variable,
             )
             for parts, variable in nnx.to_flat_state(tree)
-            if not (isinstance(variable, IA3Vector) and parts[-1] == VECTOR)
+            if not (drop_vectors and isinstance(variable, IA3Vector) and parts[-1] == VECTOR)
         ]
         return nnx.from_flat_state(flat)
     model = nnx.clone(tree) if copy else tree
     for path, module in named_modules(model):
-        if isinstance(getattr(module, VECTOR, None), IA3Vector):
-            for name, array in written.get(path, {}).items():
-                getattr(module, name).set_value(array)
+        for name, array in written.get(path, {}).items():
+            getattr(module, name).set_value(array)
+        if drop_vectors and isinstance(getattr(module, VECTOR, None), IA3Vector):
             delattr(module, VECTOR)
             module.__class__ = base_type(type(module))
     return model
@@ -511,7 +514,7 @@ def merge(tree: M | nnx.State, *, safe_merge: bool = False, copy: bool = True) -
     written = _folds(state, vectors, divide=False)
     if safe_merge:
         _raise_non_finite(written, "merge(safe_merge=True)")
-    return _apply_folds(tree, written, copy)
+    return _write_folds(tree, written, copy, drop_vectors=True)
 
 
 def unmerge(
@@ -542,22 +545,7 @@ def unmerge(
             )
         _raise_non_finite(written, "unmerge(safe_unmerge=True)")
     warnings.warn("Unmerge result can be inaccurate for (IA)^3.", stacklevel=2)
-    if isinstance(merged, nnx.State):
-        flat = [
-            (
-                parts,
-                variable.copy(written[_path(parts[:-1])][str(parts[-1])])
-                if _path(parts[:-1]) in written and str(parts[-1]) in written[_path(parts[:-1])]
-                else variable,
-            )
-            for parts, variable in nnx.to_flat_state(merged)
-        ]
-        return nnx.from_flat_state(flat)
-    model = nnx.clone(merged) if copy else merged
-    for path, module in named_modules(model):
-        for name, array in written.get(path, {}).items():
-            getattr(module, name).set_value(array)
-    return model
+    return _write_folds(merged, written, copy, drop_vectors=False)
 
 
 # --- combining adapters: the Linen combinations on the vectors, returned as a vector state ---
