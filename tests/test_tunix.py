@@ -9,6 +9,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
+from tunix.models.gemma3 import model as gemma_lib  # noqa: E402
+from tunix.models.gemma3 import params_safetensors as gemma_params  # noqa: E402
 from tunix.models.llama3 import model as llama_lib  # noqa: E402
 from tunix.models.llama3 import params as llama_params  # noqa: E402
 from tunix.models.qwen3 import model as qwen_lib  # noqa: E402
@@ -21,6 +23,17 @@ import ia3_jax.tunix as ia3_tunix  # noqa: E402
 SIZES = dict(num_layers=2, vocab_size=128, embed_dim=32, hidden_dim=64, num_heads=4, head_dim=8, num_kv_heads=2)
 LLAMA = llama_lib.ModelConfig(**SIZES, rope_theta=10000, norm_eps=1e-5)
 QWEN = qwen_lib.ModelConfig(**SIZES, rope_theta=10000, norm_eps=1e-6)
+GEMMA = gemma_lib.ModelConfig(
+    num_layers=2,
+    num_embed=128,
+    embed_dim=32,
+    hidden_dim=64,
+    num_heads=4,
+    head_dim=8,
+    num_kv_heads=2,
+    sliding_window_size=4,
+    param_dtype=jnp.float32,
+)
 TOKENS = jnp.array([[3, 17, 5, 99, 42, 7, 64, 1]])
 
 
@@ -43,6 +56,22 @@ def test_config_translation_and_vector_shapes():
     assert adapted.layers[0].mlp.down_proj.ia3_l.get_value().shape == (64,)  # input features
     with pytest.raises(ia3_jax.UnknownModelTypeError):
         ia3_tunix.family(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+
+
+def test_gemma3_fused_kv_einsum_sites():
+    """Gemma 3: Tunix's preprocessing fuses k_proj and v_proj into kv_einsum (2, K, D, H); its vector is (2, K, H)."""
+    model = gemma_lib.Gemma3(GEMMA, rngs=nnx.Rngs(0))
+    kv = ia3_tunix.sites(model)[("layers", "0", "attn", "kv_einsum")]
+    assert kv.hf_keys == ("model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj")
+    config = ia3_tunix.default_config(model, init_ia3_weights=False)  # PEFT's gemma3_text: q_proj, v_proj, down_proj
+    assert config.target_modules == ("down_proj", "q_proj", "v_proj")
+    adapted = ia3_tunix.ia3_init(model, config, rng=jax.random.key(0))
+    vector = adapted.layers[0].attn.kv_einsum.ia3_l.get_value()
+    assert vector.shape == (2, 2, 8)  # (k|v, num_kv_heads, head_dim)
+    np.testing.assert_array_equal(vector[0], 1)  # k_proj is not targeted: its half stays one
+    assert np.abs(vector[1] - 1).min() > 0
+    assert adapted.layers[0].attn.q_einsum.ia3_l.get_value().shape == (4, 8)
+    np.testing.assert_allclose(_call(ia3_nnx.merge(adapted)), _call(adapted), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.interop
@@ -93,6 +122,62 @@ def test_peft_adapters_both_ways_match_inside_tunix(tmp_path, family):
     expected = _call(load(str(tmp_path / "ours_merged"), config))
     assert np.abs(expected - _call(base)).max() > 0.1 * scale
     assert np.abs(_call(ours) - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+@pytest.mark.interop
+def test_gemma3_peft_adapters_both_ways_match_inside_tunix(tmp_path):
+    """Gemma 3, whose k_proj/v_proj Tunix fuses into kv_einsum: PEFT -> Tunix and Tunix -> PEFT, inside Tunix."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_config = transformers.Gemma3TextConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=4,
+    )
+    hf = transformers.Gemma3ForCausalLM(hf_config).eval()
+    hf.save_pretrained(tmp_path / "base")
+
+    def load(directory):
+        return gemma_params.create_model_from_safe_tensors(str(directory), GEMMA, dtype=jnp.float32)
+
+    base = load(tmp_path / "base")
+    base_logits = _call(base)
+
+    # PEFT -> Tunix: PEFT's gemma3 defaults (q_proj, v_proj, down_proj), random vectors.
+    peft_model = peft.get_peft_model(hf, peft.IA3Config(init_ia3_weights=False, task_type="CAUSAL_LM"))
+    peft_model.save_pretrained(tmp_path / "peft")
+    peft_model.merge_and_unload().save_pretrained(tmp_path / "peft_merged")
+    adapted, peft_config = ia3_tunix.load_peft(tmp_path / "peft", base)
+    assert peft_config.target_modules == ia3_tunix.default_config(base).target_modules
+    np.testing.assert_array_equal(adapted.layers[0].attn.kv_einsum.ia3_l.get_value()[0], 1)  # k half
+    expected = _call(load(tmp_path / "peft_merged"))
+    scale = np.abs(expected).max()
+    assert np.abs(expected - base_logits).max() > 0.1 * scale  # a no-op could not pass
+    assert np.abs(_call(adapted) - expected).max() <= 1e-5 * scale
+
+    # Tunix -> PEFT, with the k half trained away from one (as PeftTrainer would): k_proj joins the targets.
+    ours_config = ia3_tunix.default_config(base, init_ia3_weights=False)
+    ours = ia3_tunix.ia3_init(base, ours_config, rng=jax.random.key(0))
+    for layer in ours.layers:
+        vector = layer.attn.kv_einsum.ia3_l
+        vector.set_value(vector.get_value().at[0].set(jax.random.uniform(jax.random.key(1), (2, 8), minval=0.5)))
+    ia3_tunix.save_peft(tmp_path / "ours", ours, ours_config)
+    twin = transformers.Gemma3ForCausalLM.from_pretrained(tmp_path / "base").eval()
+    read = peft.PeftModel.from_pretrained(twin, tmp_path / "ours")
+    assert set(read.peft_config["default"].target_modules) == {"q_proj", "k_proj", "v_proj", "down_proj"}
+    read.merge_and_unload().save_pretrained(tmp_path / "ours_merged")
+    expected = _call(load(tmp_path / "ours_merged"))
+    assert np.abs(expected - base_logits).max() > 0.1 * scale
+    assert np.abs(_call(ours) - expected).max() <= 1e-5 * np.abs(expected).max()
+    reloaded, _ = ia3_tunix.load_peft(tmp_path / "ours", base)  # and back: the same vectors
+    jax.tree.map(np.testing.assert_allclose, ia3_nnx.adapter(reloaded), ia3_nnx.adapter(ours))
 
 
 @pytest.mark.slow

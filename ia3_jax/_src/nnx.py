@@ -43,6 +43,7 @@ from ia3_jax._src.errors import (
     NonFiniteMergeError,
     NotAppliedError,
     StructureError,
+    VectorShapeError,
 )
 from ia3_jax._src.interceptor import check_activation_fits, scale
 from ia3_jax._src.layout import KernelLayout
@@ -134,8 +135,32 @@ def _ia3_call(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
         new_args, new_kwargs = rebuild(scale(x, vector))
         return call(self, *new_args, **new_kwargs)
     y = call(self, *args, **kwargs)
+    positions = _einsum_output_positions(self)
+    if positions is not None:  # e.g. Tunix's kv_einsum 'BSD,CKDH->CBSKH': features (C, K, H) not all trailing
+        return scale(y, _expand(target.key, vector, jnp.shape(y), positions))
     check_activation_fits(target.key, vector, y, "output", _NNX_MISFIT)
     return scale(y, vector)
+
+
+def _einsum_output_positions(module: nnx.Module) -> tuple[int, ...] | None:
+    """Where the weight's output features sit in the output of the module's ``einsum_str``, when they are not
+    its trailing axes (``'BSD,CKDH->CBSKH'``: C, K, H at 0, 3, 4); None when they are (or there is no einsum)."""
+    spec = getattr(module, "einsum_str", None)
+    if not isinstance(spec, str) or "->" not in spec or "..." in spec or spec.count(",") != 1:
+        return None
+    operands, out = spec.replace(" ", "").split("->")
+    w = operands.split(",")[1]
+    positions = tuple(i for i, c in enumerate(out) if c in w)
+    return None if positions == tuple(range(len(out) - len(positions), len(out))) else positions
+
+
+def _expand(key: str, vector: jax.Array, shape: tuple[int, ...], positions: tuple[int, ...]) -> jax.Array:
+    """`vector` (the output features, in output order) with singleton axes at the output's other positions."""
+    if len(shape) <= positions[-1] or tuple(shape[i] for i in positions) != vector.shape:
+        raise VectorShapeError(
+            f"IA3 vector at {key!r} has shape {vector.shape} but the output it scales has shape {shape}. {_NNX_MISFIT}"
+        )
+    return vector.reshape(tuple(shape[i] if i in positions else 1 for i in range(len(shape))))
 
 
 def _record_call(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
@@ -232,6 +257,18 @@ def _layout(module: nnx.Module, key: str, weight: tuple[int, ...], calls) -> Ker
     declared = _declared_layout(module, weight)
     if declared is not None and declared in fits:
         return declared
+    positions = _einsum_output_positions(module)
+    if (
+        declared is not None
+        and positions is not None
+        and all(
+            declared.feature_shape(weight, True) == tuple(x[len(x) - len(declared.in_axes) :])
+            and len(y) > positions[-1]
+            and declared.feature_shape(weight, False) == tuple(y[i] for i in positions)
+            for x, y in calls
+        )
+    ):
+        return declared  # its output features are where its einsum_str puts them, not trailing
     if len(fits) == 1 and declared is None:
         return fits[0]
     raise LayoutError(

@@ -33,44 +33,61 @@ M = TypeVar("M", bound=nnx.Module)
 
 # Tunix family -> (module holding its torch key mapping, PEFT's model_type of the Hugging Face twin).
 FAMILIES: dict[str, tuple[str, str]] = {
+    "gemma3": ("tunix.models.gemma3.params_safetensors", "gemma3_text"),
     "llama3": ("tunix.models.llama3.params", "llama"),
     "qwen2": ("tunix.models.qwen2.params", "qwen2"),
     "qwen3": ("tunix.models.qwen3.params", "qwen3"),
 }
 _LAYER_GROUP = "([0-9]+)"  # the only capture group Tunix's torch key patterns use
+_STAGED = "tmp."  # Tunix keys that its preprocessing step fuses into other weights (Gemma 3: q, k, v)
 
 
 class Site(NamedTuple):
-    """A Tunix module that a Hugging Face module maps onto.
+    """A Tunix module that one or more Hugging Face modules map onto.
 
     Attributes:
       path: the Tunix module path, e.g. ``("layers", "0", "attn", "k_proj")``.
-      hf_key: the Hugging Face module path, e.g. ``"model.layers.0.self_attn.k_proj"``.
-      transform: Tunix's ``(permute, reshape)`` rule from the torch weight ``(out, in)`` to the NNX weight.
+      hf_keys: the Hugging Face module paths whose weights make its weight, in the order of their
+        output features in ``feature_index``, e.g. ``("model.layers.0.self_attn.k_proj",
+        "model.layers.0.self_attn.v_proj")`` for Gemma 3's ``kv_einsum``; one key for a plain mapping.
+      transform: Tunix's ``(permute, reshape)`` rule from the torch weight ``(out, in)`` to the NNX
+        weight, for a plain mapping; None with ``feature_index``.
+      feature_index: for a weight that Tunix's preprocessing builds from several torch weights, that
+        preprocessing run on torch output-feature indices: the weight's shape, each entry the index of
+        its output feature in PEFT's vectors of ``hf_keys`` concatenated.
+      sizes: the output features of each of ``hf_keys`` (with ``feature_index``).
     """
 
     path: _tree.Path
-    hf_key: str
+    hf_keys: tuple[str, ...]
     transform: tuple[Any, Any] | None
+    feature_index: np.ndarray | None = None
+    sizes: tuple[int, ...] = ()
+
+    @property
+    def hf_key(self) -> str:
+        return self.hf_keys[0]
 
 
 def family(model: nnx.Module) -> str:
-    """The Tunix family of `model` (``"llama3"``, ``"qwen3"``, ...), read from its class's module."""
+    """The Tunix family of `model` (``"llama3"``, ``"gemma3"``, ...), read from its class's module."""
     module = _nnx.base_type(type(model)).__module__
     match = re.fullmatch(r"tunix\.models\.(\w+)\.model", module)
     if match is None or match.group(1) not in FAMILIES:
         raise UnknownModelTypeError(
-            f"{type(model).__name__} (module {module}) is not a Tunix model family with a plain torch key mapping "
-            f"that ia3_jax knows: {sorted(FAMILIES)}. (Gemma 3 fuses k and v into one kv_einsum in a preprocessing "
-            "step outside its key mapping, so PEFT's v_proj vector has no module of its own there.)"
+            f"{type(model).__name__} (module {module}) is not a Tunix model family with a torch key mapping "
+            f"that ia3_jax knows: {sorted(FAMILIES)}."
         )
     return match.group(1)
 
 
+def _params(model: nnx.Module) -> Any:
+    return importlib.import_module(FAMILIES[family(model)][0])
+
+
 def key_mapping(model: nnx.Module) -> dict[str, tuple[str, Any]]:
     """Tunix's own ``{torch key regex: (nnx key, (permute, reshape))}`` for `model`'s family and config."""
-    params = importlib.import_module(FAMILIES[family(model)][0])
-    return params._get_key_and_transform_mapping(model.config)  # type: ignore[attr-defined]
+    return _params(model)._get_key_and_transform_mapping(model.config)  # type: ignore[attr-defined]
 
 
 def _torch_key(pattern: str, groups: tuple[str, ...]) -> str:
@@ -81,12 +98,61 @@ def _torch_key(pattern: str, groups: tuple[str, ...]) -> str:
     return key.replace("\\", "")
 
 
+def _torch_shape(transform: tuple[Any, Any]) -> tuple[int, int]:
+    """The torch ``(out, in)`` shape of a staged weight: Tunix's rule transposes it and splits its out axis."""
+    permute, reshape = transform
+    if tuple(permute or ()) != (1, 0) or not reshape:
+        raise LayoutError(f"Tunix's staged rule {transform} is not a transpose then a reshape of the output axis.")
+    n_in = reshape[0]
+    return math.prod(reshape) // n_in, n_in
+
+
+def _staged_sites(model: nnx.Module, mapping: dict[str, tuple[str, Any]]) -> dict[_tree.Path, Site]:
+    """Sites of the weights that Tunix's preprocessing fuses (Gemma 3: q, k, v into ``q_einsum`` and
+    ``kv_einsum``, or ``qkv_einsum``): Tunix's own preprocessing, run on torch output-feature indices."""
+    staged = [(p, nnx_key, t) for p, (nnx_key, t) in mapping.items() if nnx_key.startswith(_STAGED)]
+    if not staged:
+        return {}
+    make_preprocess = getattr(_params(model), "_make_preprocess_fn", None)
+    if make_preprocess is None:
+        raise LayoutError(f"Tunix {family(model)} stages weights {staged[0][1]!r} but has no preprocessing step.")
+    modules = dict(_nnx.named_modules(model))
+    model_config: Any = model.config  # type: ignore[attr-defined]
+    out = {}
+    for layer in range(model_config.num_layers):
+        tensors, parts, offset = {}, [], 0  # parts: (hf key, offset, size)
+        for pattern, nnx_key, transform in staged:
+            n_out, n_in = _torch_shape(transform)
+            index = np.broadcast_to(np.arange(offset, offset + n_out)[:, None], (n_out, n_in))
+            tensors[nnx_key.replace("\\1", str(layer))] = jnp.asarray(index.T.reshape(transform[1]), jnp.int32)
+            parts.append((_torch_key(pattern, (str(layer),)).removesuffix(".weight"), offset, n_out))
+            offset += n_out
+        for key, fused in make_preprocess(model_config)(tensors).items():
+            path = tuple(key.split("."))
+            module = modules.get(path[:-1])
+            if module is None or _nnx.weight_name(module) != path[-1]:
+                continue
+            fused = np.asarray(fused)
+            present = [(k, o, n) for k, o, n in parts if ((fused >= o) & (fused < o + n)).any()]
+            index = np.empty_like(fused)
+            start = 0
+            for _, o, n in present:
+                mask = (fused >= o) & (fused < o + n)
+                index[mask] = fused[mask] - o + start
+                start += n
+            out[path[:-1]] = Site(
+                path[:-1], tuple(k for k, _, _ in present), None, index, tuple(n for _, _, n in present)
+            )
+    return out
+
+
 def sites(model: nnx.Module) -> dict[_tree.Path, Site]:
-    """Every module of the Tunix `model` whose weight is a Hugging Face ``*.weight``, by Tunix path."""
+    """Every module of the Tunix `model` whose weight is made of Hugging Face ``*.weight``s, by Tunix path."""
     mapping = key_mapping(model)
     patterns = [
         (re.compile(_LAYER_GROUP.join(re.escape(p) for p in nnx_key.split("\\1"))), torch_pattern, transform)
         for torch_pattern, (nnx_key, transform) in mapping.items()
+        if not nnx_key.startswith(_STAGED)
     ]
     out = {}
     for path, module in _nnx.named_modules(model):
@@ -99,8 +165,9 @@ def sites(model: nnx.Module) -> dict[_tree.Path, Site]:
             if match is not None:
                 torch_key = _torch_key(torch_pattern, match.groups())
                 if torch_key.endswith(".weight"):
-                    out[path] = Site(path, torch_key.removesuffix(".weight"), transform)
+                    out[path] = Site(path, (torch_key.removesuffix(".weight"),), transform)
                 break
+    out.update(_staged_sites(model, mapping))
     return out
 
 
@@ -117,25 +184,35 @@ def default_config(model: nnx.Module, **overrides: Any) -> IA3Config:
     return IA3Config(**{**fields, **overrides})
 
 
+def _targeted(config: IA3Config, hf_key: str) -> bool:
+    return config.is_target(hf_key) if not config.is_all_linear else not hf_key.endswith("lm_head")
+
+
 def tunix_config(config: IA3Config, model: nnx.Module) -> IA3Config:
     """`config` (PEFT's, on Hugging Face module names) as the config that selects the same modules in `model`.
 
     Example: ``k_proj``/``down_proj`` of a Llama become ``layers.N.attn.k_proj`` / ``layers.N.mlp.down_proj``.
+    A Tunix weight fused from several Hugging Face weights (Gemma 3's ``kv_einsum``: k_proj and v_proj) is
+    selected when any of them is; its vector's other parts stay ones (see `save_peft`).
     """
-    chosen = [
-        site
-        for site in sites(model).values()
-        if (config.is_target(site.hf_key) if not config.is_all_linear else not site.hf_key.endswith("lm_head"))
-    ]
+    chosen = [site for site in sites(model).values() if any(_targeted(config, k) for k in site.hf_keys)]
     if not chosen:
         raise AdapterMismatchError(
             f"target_modules={config.target_modules!r} selects none of the Hugging Face modules that this Tunix "
             f"{family(model)} model maps (e.g. {next(iter(sites(model).values())).hf_key!r})."
         )
+    feedforward = []
+    for site in chosen:
+        flags = {config.is_feedforward(k) for k in site.hf_keys if _targeted(config, k)}
+        if True in flags and (site.feature_index is not None or len(flags) > 1):
+            raise LayoutError(
+                f"{_tree.dotted(site.path)!r} is fused by Tunix from {list(site.hf_keys)}: IA3 can scale its output "
+                "features, not its input as feedforward_modules asks."
+            )
+        if True in flags:
+            feedforward.append(_tree.dotted(site.path))
     return config.replace(
-        target_modules=[_tree.dotted(s.path) for s in chosen],
-        feedforward_modules=[_tree.dotted(s.path) for s in chosen if config.is_feedforward(s.hf_key)],
-        exclude_modules=None,
+        target_modules=[_tree.dotted(s.path) for s in chosen], feedforward_modules=feedforward, exclude_modules=None
     )
 
 
@@ -148,36 +225,53 @@ def example_inputs(length: int = 4) -> tuple[Any, ...]:
 def ia3_init(model: M, config: IA3Config, *inputs: Any, **kwargs: Any) -> M:
     """`ia3_jax.nnx.ia3_init` on a Tunix model with PEFT's `config` (Hugging Face module names).
 
-    Without `inputs`, a short token sequence is used for the shape trace (`example_inputs`).
+    Without `inputs`, a short token sequence is used for the shape trace (`example_inputs`). Parts of a
+    fused weight that `config` does not target (Gemma 3's k_proj half of ``kv_einsum`` under PEFT's
+    default q_proj/v_proj/down_proj) start at one, also with random vectors.
 
     Example:
       >>> model = ia3_jax.tunix.ia3_init(llama, ia3_jax.tunix.default_config(llama))
     """
-    return _nnx.ia3_init(model, tunix_config(config, model), *(inputs or example_inputs()), **kwargs)
+    adapted = _nnx.ia3_init(model, tunix_config(config, model), *(inputs or example_inputs()), **kwargs)
+    if not config.init_ia3_weights:
+        parts = _parts(adapted)
+        _write_parts(adapted, {k: np.ones_like(v) if not _targeted(config, k) else v for k, v in parts.items()})
+    return adapted
 
 
-def _torch_index(target: Target, transform: tuple[Any, Any] | None) -> np.ndarray:
-    """For each entry of the Tunix vector, the index of its entry in PEFT's flattened vector.
+def _torch_index(target: Target, site: Site) -> np.ndarray:
+    """For each entry of the Tunix vector, the index of its entry in PEFT's flattened vector(s) of the site.
 
     The torch weight is ``(out, in)``; an array of its output (or input) feature indices goes through
-    Tunix's permute and reshape like the weight, and is then read along the vector's axes.
+    Tunix's permute and reshape like the weight (or its preprocessing, for fused weights), and is
+    then read along the vector's axes.
     """
     layout, shape, feedforward = target.layout, target.kernel_shape, target.feedforward
-    n_out, n_in = math.prod(layout.feature_shape(shape, False)), math.prod(layout.feature_shape(shape, True))
-    index = np.broadcast_to(np.arange(n_in)[None, :] if feedforward else np.arange(n_out)[:, None], (n_out, n_in))
-    permute, reshape = transform or (None, None)
-    if permute:
-        index = np.transpose(index, permute)
-    if reshape:
-        index = index.reshape(reshape)
+    if site.feature_index is not None:
+        if feedforward:
+            raise LayoutError(f"module {target.key!r} is fused by Tunix from {list(site.hf_keys)}: no input vector.")
+        index = site.feature_index
+    else:
+        n_out = math.prod(layout.feature_shape(shape, False))
+        n_in = math.prod(layout.feature_shape(shape, True))
+        index = np.broadcast_to(np.arange(n_in)[None, :] if feedforward else np.arange(n_out)[:, None], (n_out, n_in))
+        permute, reshape = site.transform or (None, None)
+        if permute:
+            index = np.transpose(index, permute)
+        if reshape:
+            index = index.reshape(reshape)
     if index.shape != shape or layout.stack_axes or layout.in_features is not None:
         raise LayoutError(
-            f"module {target.key!r}: Tunix's rule {transform} maps a torch (out, in) = ({n_out}, {n_in}) weight to "
-            f"{index.shape}, not to its weight {shape}."
+            f"module {target.key!r}: Tunix's rule {site.transform} maps the torch weight(s) of {list(site.hf_keys)} "
+            f"to {index.shape}, not to its weight {shape}."
         )
     axes = layout.in_axes if feedforward else layout.out_axes
     rest = tuple(a for a in range(len(shape)) if a not in axes)
-    return np.transpose(index, axes + rest)[(Ellipsis,) + (0,) * len(rest)]
+    moved = np.transpose(index, axes + rest)
+    read = moved[(Ellipsis,) + (0,) * len(rest)]
+    if not (moved == read.reshape(read.shape + (1,) * len(rest))).all():
+        raise LayoutError(f"module {target.key!r}: Tunix's rule mixes the features IA3 scales with others.")
+    return read
 
 
 def _vectors(model: nnx.Module) -> dict[_tree.Path, tuple[Site, Target, Any]]:
@@ -192,30 +286,87 @@ def _vectors(model: nnx.Module) -> dict[_tree.Path, tuple[Site, Target, Any]]:
     return out
 
 
-def hf_adapter(model: nnx.Module) -> dict[str, Any]:
-    """The adapted Tunix model's vectors as an adapter tree on Hugging Face module paths (flat 1-D vectors)."""
-    changes = {}
+def _split(site: Site, target: Target, flat: np.ndarray) -> dict[str, np.ndarray]:
+    bounds = np.cumsum((0,) + (site.sizes or (math.prod(target.vector_shape),)))
+    return {k: flat[a:b] for k, a, b in zip(site.hf_keys, bounds[:-1], bounds[1:])}
+
+
+def _parts(model: nnx.Module) -> dict[str, np.ndarray]:
+    """Every vector of the adapted Tunix model as PEFT's flat vectors, by Hugging Face module path
+    (every part of a fused weight, targeted or not)."""
+    out = {}
     for site, target, vector in _vectors(model).values():
-        flat = np.empty(math.prod(target.vector_shape), np.float32)
-        flat[_torch_index(target, site.transform)] = np.asarray(vector, np.float32)
-        changes[tuple(site.hf_key.split(".")) + (_tree.VECTOR,)] = flat
-    return _tree.updated({}, changes)
+        index = _torch_index(target, site)
+        flat = np.empty(index.size, np.float32)
+        flat[index] = np.asarray(vector, np.float32)
+        out.update(_split(site, target, flat))
+    return out
+
+
+def _write_parts(model: nnx.Module, parts: dict[str, np.ndarray]) -> None:
+    """Sets the model's vectors from PEFT's flat vectors by Hugging Face path (a missing part: ones)."""
+    changes = {}
+    for path, (site, target, _) in _vectors(model).items():
+        index = _torch_index(target, site)
+        pieces = []
+        for key, piece in _split(site, target, np.ones(index.size, np.float32)).items():
+            given = parts.get(key, piece)
+            if given.size != piece.size:
+                raise AdapterMismatchError(f"{key!r}: {given.size} entries, the Tunix module needs {piece.size}.")
+            pieces.append(np.asarray(given, np.float32).ravel())
+        changes[path + (_tree.VECTOR,)] = np.concatenate(pieces)[index]
+    _nnx.set_adapter(model, _tree.updated({}, changes))
+
+
+def hf_adapter(model: nnx.Module, config: IA3Config | None = None) -> dict[str, Any]:
+    """The adapted Tunix model's vectors as an adapter tree on Hugging Face module paths (flat 1-D vectors).
+
+    With `config`, parts of fused weights that it does not target are left out where they are ones.
+    """
+    parts = _parts(model)
+    if config is not None:
+        parts = {k: v for k, v in parts.items() if _targeted(config, k) or not (v == 1).all()}
+    return _tree.updated({}, {tuple(k.split(".")) + (_tree.VECTOR,): v for k, v in parts.items()})
+
+
+def _widened_config(model: nnx.Module, config: IA3Config) -> IA3Config:
+    """`config` widened to the Hugging Face modules whose vectors the adapted Tunix model needs.
+
+    Tunix fuses some weights (Gemma 3: k_proj and v_proj into ``kv_einsum``), so one vector covers a
+    module that `config` may not target (k_proj under PEFT's gemma3 defaults); once trained away from
+    ones, that part is written as a vector of its own and its module name joins ``target_modules``.
+    """
+    extra = sorted(
+        {k.rsplit(".", 1)[-1] for k, v in _parts(model).items() if not _targeted(config, k) and not (v == 1).all()}
+    )
+    if not extra:
+        return config
+    if not isinstance(config.target_modules, (list, tuple)):
+        raise AdapterMismatchError(
+            f"the vectors of {extra} (parts of weights Tunix fuses) trained away from one, but target_modules="
+            f"{config.target_modules!r} is a pattern that ia3_jax cannot widen: add them to it."
+        )
+    return config.replace(target_modules=sorted(set(config.target_modules) | set(extra)))
 
 
 def save_peft(path: str | Path, model: nnx.Module, config: IA3Config) -> Path:
     """Writes the adapted Tunix model's vectors as PEFT's adapter for its Hugging Face twin.
 
     `config` is PEFT's (Hugging Face names), as given to `ia3_init`. ``PeftModel.from_pretrained(
-    LlamaForCausalLM(...), path)`` then gives the Tunix model's logits.
+    LlamaForCausalLM(...), path)`` then gives the Tunix model's logits. A trained part of a fused
+    weight that `config` does not target widens the written config (`_widened_config`).
     """
-    return peft_io.save_peft(path, hf_adapter(model), config)
+    config = _widened_config(model, config)
+    return peft_io.save_peft(path, hf_adapter(model, config), config)
 
 
 def load_peft(path: str | Path, model: M, *inputs: Any) -> tuple[M, IA3Config]:
     """A clone of the Tunix `model` carrying the PEFT adapter at `path`; returns ``(model, PEFT's config)``.
 
     Each PEFT vector (``(out, 1)`` / ``(1, in)``) is mapped onto its Tunix module through Tunix's
-    key mapping and reshaped to the Tunix vector (``(num_kv_heads, head_dim)`` for ``k_proj``).
+    key mapping and reshaped to the Tunix vector (``(num_kv_heads, head_dim)`` for ``k_proj``; the
+    k then v halves of ``(2, num_kv_heads, head_dim)`` for Gemma 3's ``kv_einsum``, a half the
+    adapter does not target staying ones).
 
     Example:
       >>> model, config = ia3_jax.tunix.load_peft("peft_out", llama)
@@ -229,20 +380,11 @@ def load_peft(path: str | Path, model: M, *inputs: Any) -> tuple[M, IA3Config]:
         for key, t in tensors.items()
     }
     adapted = ia3_init(model, config.replace(init_ia3_weights=True), *inputs)  # ones, then the file's values
-    by_hf = {site.hf_key: (path_, site, target) for path_, (site, target, _) in _vectors(adapted).items()}
-    if set(vectors) != set(by_hf):
+    targeted = {k for site, _, _ in _vectors(adapted).values() for k in site.hf_keys if _targeted(config, k)}
+    if set(vectors) != targeted:
         raise AdapterMismatchError(
-            f"{str(directory)!r}: the file's vectors {sorted(set(vectors) - set(by_hf))[:4]} have no target in this "
-            f"Tunix model, or its targets {sorted(set(by_hf) - set(vectors))[:4]} have no vector in the file."
+            f"{str(directory)!r}: the file's vectors {sorted(set(vectors) - targeted)[:4]} have no target in this "
+            f"Tunix model, or its targets {sorted(targeted - set(vectors))[:4]} have no vector in the file."
         )
-    changes = {}
-    for key, flat in vectors.items():
-        path_, site, target = by_hf[key]
-        index = _torch_index(target, site.transform)
-        if flat.size != index.size:
-            raise AdapterMismatchError(
-                f"{key!r}: {flat.size} entries in the file, the Tunix module needs {index.size}."
-            )
-        changes[path_ + (_tree.VECTOR,)] = flat[index]
-    _nnx.set_adapter(adapted, _tree.updated({}, changes))
+    _write_parts(adapted, vectors)
     return adapted, config
