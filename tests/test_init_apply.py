@@ -343,6 +343,27 @@ def test_strict_matches_exact_module_paths():
         loss(adapter)
 
 
+def test_strict_tells_apart_two_trees_with_the_same_modules():
+    # A student and a teacher adapter on one model: running the teacher alone leaves the student's
+    # vectors unapplied, although their module paths were applied (for the teacher).
+    model = _FcAndAuxFc()
+    x = jnp.ones((2, 4))
+    config = IA3Config(target_modules=["fc"])
+    adapted = ia3_jax.ia3_init(model.init(KEY, x)["params"], config)
+    student, base = ia3_jax.split(adapted)
+    teacher = jax.tree.map(lambda v: 2 * v, student)
+    both = ia3_jax.apply_fn(
+        lambda s, t: model.apply({"params": ia3_jax.join(base, s)}, x) + model.apply({"params": ia3_jax.join(base, t)}, x),
+        config,
+    )
+    jax.jit(both)(student, teacher)  # both applied: fine, traced or eager
+    both(student, teacher)
+    teacher_only = ia3_jax.apply_fn(lambda s, t: model.apply({"params": ia3_jax.join(base, t)}, x), config)
+    for call in (teacher_only, jax.jit(teacher_only)):
+        with pytest.raises(ia3_jax.NotAppliedError, match=r"2 IA3 vectors"):
+            call(student, teacher)
+
+
 class _ScanBody(nn.Module):
     @nn.compact
     def __call__(self, x, _):

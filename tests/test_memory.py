@@ -182,3 +182,32 @@ def test_merge_in_place_when_donated():
     for path, leaf in _leaves(merged).items():
         assert leaf.unsafe_buffer_pointer() == pointers[path]  # every leaf, merged kernels included: in place
         np.testing.assert_allclose(leaf, _leaves(want)[path], rtol=1e-6)
+
+
+def test_merge_of_a_tree_sharing_one_array_at_several_leaves():
+    # One zeros bias object at two modules and one array at two untouched leaves, then a tree of the
+    # same structure with distinct arrays: each merge must be right (a plan keyed by object identity
+    # would read one shared position for both).
+    config = ia3_jax.IA3Config(target_modules=["a", "b"], feedforward_modules=[])
+    zeros, untouched = jnp.zeros(4), jnp.zeros(2)
+    kernel = jnp.ones((3, 4))
+    shared = {
+        "a": {"kernel": kernel, "bias": zeros, "ia3_l": jnp.ones(4)},
+        "b": {"kernel": kernel, "bias": zeros, "ia3_l": jnp.ones(4)},
+        "n1": {"scale": untouched},
+        "n2": {"scale": untouched},
+    }
+    ia3_jax.merge(shared, config)
+    distinct = {
+        "a": {"kernel": jnp.ones((3, 4)), "bias": jnp.full(4, 1.0), "ia3_l": jnp.full(4, 2.0)},
+        "b": {"kernel": jnp.ones((3, 4)), "bias": jnp.full(4, 5.0), "ia3_l": jnp.full(4, 3.0)},
+        "n1": {"scale": jnp.full(2, 7.0)},
+        "n2": {"scale": jnp.full(2, 9.0)},
+    }
+    for _ in range(2):  # the second call replays whatever the first one planned
+        merged = ia3_jax.merge(distinct, config)
+        np.testing.assert_array_equal(merged["a"]["bias"], np.full(4, 2.0))  # (b * l) by hand
+        np.testing.assert_array_equal(merged["b"]["bias"], np.full(4, 15.0))
+        np.testing.assert_array_equal(merged["a"]["kernel"], np.full((3, 4), 2.0))
+        np.testing.assert_array_equal(merged["n1"]["scale"], np.full(2, 7.0))
+        np.testing.assert_array_equal(merged["n2"]["scale"], np.full(2, 9.0))

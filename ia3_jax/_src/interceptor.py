@@ -46,6 +46,13 @@ class Applied:
     roots: set[frozenset[_tree.Path]] = dataclasses.field(default_factory=set)
     # Root scopes already recorded, kept alive so that their ids stay unique during the call.
     _scopes: dict[int, Any] = dataclasses.field(default_factory=dict, repr=False)
+    # id of each vector value read -> (module path, the value, kept alive so that the id stays unique).
+    _reads: dict[int, tuple[_tree.Path, Any]] = dataclasses.field(default_factory=dict, repr=False)
+
+    def record(self, path: _tree.Path, vector: Any) -> None:
+        """Records that the module at `path` applied `vector` (the value it read from its params)."""
+        self.paths.add(path)
+        self._reads[id(vector)] = (path, vector)
 
     def record_root(self, module: nn.Module) -> None:
         """Records the vector paths of the params that `module`'s model was applied to (once per apply)."""
@@ -57,15 +64,22 @@ class Applied:
         if vectors:
             self.roots.add(vectors)
 
-    def missed(self, vector_paths: list[_tree.Path]) -> list[_tree.Path]:
-        """The vectors at `vector_paths` (in a function's arguments) that no applied module accounts for.
+    def missed(self, vectors: list[tuple[_tree.Path, Any]]) -> list[_tree.Path]:
+        """The paths of the vectors (``(path, leaf)`` in a function's arguments) that no module applied.
 
-        Matched exactly: a vector's path relative to its params tree's root in the arguments
-        (`tree.rooted`) must be an applied module path. With modules ``fc`` and ``aux.fc`` and only
-        ``fc`` called, ``aux.fc`` is missed (a suffix rule would count it as applied).
+        By identity first: a leaf that a module read is applied, and only that one, so a second tree
+        with the same module paths (a teacher next to a student) does not count for it. Reads that no
+        argument leaf accounts for (``nn.scan`` reads a slice of the stacked vector; a model may copy
+        or cast its params) are matched by exact path: a vector's path relative to its params tree's
+        root in the arguments (`tree.rooted`) must be such a read's module path. With modules ``fc``
+        and ``aux.fc`` and only ``fc`` called, ``aux.fc`` is missed (a suffix rule would count it).
         """
-        relative = _tree.rooted(vector_paths, self.roots)
-        return [p for p in vector_paths if relative.get(p) not in self.paths]
+        ids = {id(_tree.unbox(leaf)) for _, leaf in vectors}
+        loose = {path for i, (path, _) in self._reads.items() if i not in ids}
+        relative = _tree.rooted([p for p, _ in vectors], self.roots)
+        return [
+            p for p, leaf in vectors if id(_tree.unbox(leaf)) not in self._reads and relative.get(p) not in loose
+        ]
 
 
 def scale(activation: jax.Array, vector: jax.Array) -> jax.Array:
@@ -201,7 +215,7 @@ def _interceptor(config: IA3Config | None, applied: Applied, adapter_ids: jax.Ar
             fits_output = _output_features(kernel_shape, jnp.shape(x), len(features)) == features
         feedforward = feedforward_side(key, config, fits_input, fits_output)
         out = call(scaled(key, vector, x, "input")) if feedforward else scaled(key, vector, call(x), "output")
-        applied.paths.add(path)
+        applied.record(path, vector)
         return out
 
     return intercept
@@ -240,9 +254,9 @@ def intercept(config: IA3Config | None = None, *, adapter_ids: jax.Array | None 
         )
 
 
-def vector_paths(tree: Any) -> list[_tree.Path]:
-    """Module paths of every ``ia3_l`` leaf in any pytree (keys as strings)."""
-    return [path[:-1] for path, _ in _tree.leaves_with_paths(tree) if path and path[-1] == _tree.VECTOR]
+def vector_leaves(tree: Any) -> list[tuple[_tree.Path, Any]]:
+    """``(module path, leaf)`` of every ``ia3_l`` leaf in any pytree (keys as strings)."""
+    return [(path[:-1], leaf) for path, leaf in _tree.leaves_with_paths(tree) if path and path[-1] == _tree.VECTOR]
 
 
 def _is_staged(fn: Callable[..., Any]) -> bool:
@@ -306,8 +320,9 @@ def call_intercepted(
     with nn.intercept_methods(_interceptor(config, applied := Applied(), adapter_ids)):
         out = fn(*args, **kwargs)
     if strict:
-        paths = vector_paths((args, kwargs))
-        missed = applied.missed(paths)
+        vectors = vector_leaves((args, kwargs))
+        paths = [path for path, _ in vectors]
+        missed = applied.missed(vectors)
         if missed:
             # Named by module path where the params root was found, else by argument position.
             relative = _tree.rooted(paths, applied.roots)

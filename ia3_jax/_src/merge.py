@@ -184,7 +184,13 @@ class _Plan:
         paths: tuple[_tree.Path, ...],
         targets: tuple[Target, ...],
     ) -> _Plan | None:
-        """The plan of a fold just done, matched by object identity; None if a leaf cannot be traced back."""
+        """The plan of a fold just done, matched by object identity; None if a leaf cannot be traced back.
+
+        Identity is ambiguous when one array object sits at several leaves (a shared zeros bias): a
+        plan replayed on a tree of distinct arrays would then read the wrong one, so none is made.
+        """
+        if len({id(x) for x in leaves}) != len(leaves):
+            return None
         position = {id(x): i for i, x in enumerate(leaves)}
         new = {id(x): i for i, x in enumerate(jax.tree_util.tree_leaves(folded))}
         arg_leaves, in_def = jax.tree_util.tree_flatten(args)
