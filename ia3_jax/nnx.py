@@ -14,6 +14,7 @@ Example:
 """
 
 from ia3_jax._src.nnx import (
+    IA3SavedParam,
     IA3Vector,
     adapter,
     add_weighted_adapter,
@@ -23,11 +24,13 @@ from ia3_jax._src.nnx import (
     load_adapter,
     merge,
     save_adapter,
+    saved_variables,
     set_adapter,
     unmerge,
 )
 
 __all__ = [
+    "IA3SavedParam",
     "IA3Vector",
     "adapter",
     "add_weighted_adapter",
@@ -37,6 +40,7 @@ __all__ = [
     "load_adapter",
     "merge",
     "save_adapter",
+    "saved_variables",
     "set_adapter",
     "unmerge",
 ]

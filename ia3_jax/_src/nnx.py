@@ -43,6 +43,7 @@ from ia3_jax._src.errors import (
     NonFiniteMergeError,
     NotAppliedError,
     StructureError,
+    TargetError,
     VectorShapeError,
 )
 from ia3_jax._src.interceptor import check_activation_fits, scale
@@ -67,6 +68,19 @@ class IA3Vector(nnx.LoRAParam):
     Example:
       >>> optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=ia3_jax.IA3Vector)
       >>> adapter_state = nnx.state(model, ia3_jax.IA3Vector)
+    """
+
+
+class IA3SavedParam(nnx.LoRAParam):
+    """A param of a ``modules_to_save`` module: the trainable copy that PEFT keeps beside the original.
+
+    `ia3_init` re-types the listed modules' ``nnx.Param``s of its clone as this ``nnx.LoRAParam``
+    subclass, so Tunix's ``PeftTrainer`` (which trains ``nnx.LoRAParam``s) and its LoRA-only checkpoints
+    take them with the vectors, and ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`` trains both; the
+    original stays in the un-adapted model. `merge` gives them back their ``nnx.Param`` type.
+
+    Example:
+      >>> optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.LoRAParam)  # vectors + copies
     """
 
 
@@ -411,7 +425,36 @@ def ia3_init(
         metadata.update({TARGET_META: target, WEIGHT_META: name})
         setattr(module, VECTOR, IA3Vector(vector, **metadata))
         module.__class__ = _ia3_class(type(module))
+    _retype_saved(model, config)
     return model
+
+
+def _saved_roots(model: nnx.Module, config: IA3Config) -> list[_tree.Path]:
+    """The outermost modules that ``config.modules_to_save`` selects."""
+    roots: list[_tree.Path] = []
+    for path, _ in named_modules(model):
+        if not _tree.under(path, roots) and config.is_module_to_save(_tree.dotted(path)):
+            roots.append(path)
+    return roots
+
+
+def _retype(model: nnx.Module, roots: Sequence[_tree.Path], old: type[nnx.Variable], new: type[nnx.Variable]) -> None:
+    for path, module in named_modules(model):
+        if not _tree.under(path, roots):
+            continue
+        for name, value in list(vars(module).items()):
+            if isinstance(value, old) and not isinstance(value, (IA3Vector, new)):
+                setattr(module, name, new(value.get_value(), **value.get_metadata()))
+
+
+def _retype_saved(model: nnx.Module, config: IA3Config) -> None:
+    """The ``nnx.Param``s of the ``modules_to_save`` modules become `IA3SavedParam`s (trainable copies)."""
+    if not config.modules_to_save:
+        return
+    roots = _saved_roots(model, config)
+    if not roots:
+        raise TargetError(f"modules_to_save={list(config.modules_to_save)} matches no module of the model.")
+    _retype(model, roots, nnx.Param, IA3SavedParam)
 
 
 # --- the adapter as a plain nested dict (Linen's adapter form: '.'-joinable string keys) ---
@@ -427,16 +470,57 @@ def vector_variables(tree: ModelOrState) -> dict[_tree.Path, nnx.Variable]:
     }
 
 
+def saved_variables(tree: ModelOrState) -> dict[_tree.Path, nnx.Variable]:
+    """Every `IA3SavedParam` (``modules_to_save`` copy) of a model or a state, by its full path."""
+    state = nnx.state(tree, IA3SavedParam) if isinstance(tree, nnx.Module) else tree
+    return {
+        _path(parts): variable for parts, variable in nnx.to_flat_state(state) if isinstance(variable, IA3SavedParam)
+    }
+
+
 def adapter(tree: ModelOrState) -> dict[str, Any]:
-    """The vectors of an adapted model (or of its ``nnx.State``) as a plain nested dict.
+    """The vectors (and ``modules_to_save`` copies) of an adapted model or its ``nnx.State``, as a nested dict.
 
     Keys are strings (``{"layers": {"0": {"attn": {"k_proj": {"ia3_l": array}}}}}``), the form of
-    Linen's adapter tree: `ia3_jax.save_adapter`, `ia3_jax.save_peft` and optax take it as it is.
+    Linen's adapter tree: `ia3_jax.save_adapter`, `ia3_jax.save_peft` and optax take it as it is. A
+    ``modules_to_save`` module's params sit at its path as in Linen's (``{"head": {"kernel", "bias"}}``).
     """
     vectors = vector_variables(tree)
     if not vectors:
         raise StructureError("no IA3 vectors in this model or state: adapt it with ia3_jax.nnx.ia3_init first.")
-    return _tree.updated({}, {path + (VECTOR,): v.get_value() for path, v in vectors.items()})
+    saved = {path: v.get_value() for path, v in saved_variables(tree).items()}
+    return _tree.updated({}, {**saved, **{path + (VECTOR,): v.get_value() for path, v in vectors.items()}})
+
+
+def _set_saved(model: nnx.Module, adapter_tree: Mapping[str, Any] | nnx.State) -> None:
+    variables = saved_variables(model)
+    if isinstance(adapter_tree, Mapping):
+        new = {path: value for path, value in _flat_leaves(_tree.to_dict(adapter_tree)).items() if path[-1] != VECTOR}
+    else:
+        new = {path: v.get_value() for path, v in saved_variables(adapter_tree).items()}
+    if set(new) != set(variables):
+        missing, extra = sorted(set(variables) - set(new)), sorted(set(new) - set(variables))
+        raise StructureError(
+            "the adapter's modules_to_save copies do not fit the model: missing "
+            f"{[_tree.dotted(p) for p in missing[:4]]}, not in the model {[_tree.dotted(p) for p in extra[:4]]}."
+        )
+    for path, variable in variables.items():
+        old = variable.get_value()
+        if np.shape(new[path]) != np.shape(old):
+            raise StructureError(f"{_tree.dotted(path)!r}: shape {np.shape(new[path])}, the model has {np.shape(old)}.")
+        sharding = getattr(old, "sharding", None)
+        value = jnp.asarray(new[path], old.dtype)
+        variable.set_value(jax.device_put(value, sharding) if sharding is not None else value)
+
+
+def _flat_leaves(tree: Mapping[str, Any], prefix: _tree.Path = ()) -> dict[_tree.Path, Any]:
+    out: dict[_tree.Path, Any] = {}
+    for name, child in tree.items():
+        if isinstance(child, Mapping):
+            out.update(_flat_leaves(child, prefix + (name,)))
+        else:
+            out[prefix + (name,)] = child
+    return out
 
 
 def set_adapter(model: nnx.Module, adapter_tree: Mapping[str, Any] | nnx.State) -> None:
@@ -465,6 +549,7 @@ def set_adapter(model: nnx.Module, adapter_tree: Mapping[str, Any] | nnx.State) 
         sharding = getattr(old, "sharding", None)
         value = jnp.asarray(value, old.dtype)
         variable.set_value(jax.device_put(value, sharding) if sharding is not None else value)
+    _set_saved(model, adapter_tree)
 
 
 # --- folding vectors into weights: the Linen fold arithmetic (`merge.rescale_module`) on NNX variables ---
@@ -646,6 +731,10 @@ def load_adapter(path: Any, model: nnx.Module, *, step: int | None = None) -> IA
             p + (VECTOR,): getattr(v.get_value(), "sharding", None)
             or jax.sharding.SingleDeviceSharding(jax.devices()[0])
             for p, v in vectors.items()
+        }
+        | {
+            p: getattr(v.get_value(), "sharding", None) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            for p, v in saved_variables(model).items()
         },
     )
     restored, config = _checkpoint.load_adapter(path, step=step, shardings=shardings)
