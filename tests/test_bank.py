@@ -347,6 +347,13 @@ def test_ids_out_of_range_or_malformed(served):
     got = jax.jit(forward, compiler_options=FAST)(params, x, adapter_ids=bad)
     rows = np.isnan(np.asarray(got)).any(axis=(1, 2))
     np.testing.assert_array_equal(rows, np.isin(np.arange(B), [3, 5]))
+    # The context manager checks the same, where the values are known.
+    with pytest.raises(ia3_jax.AdapterIdsError, match=r"positions \{3: 5, 5: -2\}"):
+        with ia3_jax.intercept(CONFIG, adapter_ids=bad):
+            model.apply(params, x)
+    with pytest.raises(ia3_jax.AdapterIdsError, match="1-D integer array"):
+        with ia3_jax.intercept(CONFIG, adapter_ids=IDS.astype(jnp.float32)):
+            model.apply(params, x)
 
 
 def test_batch_size_and_base_mismatches_fail_at_trace_time(served):

@@ -35,7 +35,6 @@ from ia3_jax._src import tree as _tree
 from ia3_jax._src.config import IA3Config
 from ia3_jax._src.dtypes import check_vector_dtype
 from ia3_jax._src.errors import AdapterIdsError, IA3ConfigError, StructureError
-from ia3_jax._src.interceptor import NO_ADAPTER
 
 F = TypeVar("F", bound=Callable[..., Any])
 Adapter = Mapping[str, Any]
@@ -228,24 +227,8 @@ def check_adapter_ids(adapter_ids: Any, bank: Adapter | int) -> None:
     Example:
       >>> check_adapter_ids(jnp.array([0, 4, -1]), bank)       # a bank of 5 adapters: fine
     """
-    n = bank if isinstance(bank, int) else bank_size(bank)
-    ids = np.asarray(jax.device_get(adapter_ids))
-    _check_ids_shape(ids)
-    bad = np.flatnonzero((ids < NO_ADAPTER) | (ids >= n))
-    if bad.size:
-        shown = {int(i): int(ids[i]) for i in bad[:8]}
-        raise AdapterIdsError(
-            f"adapter_ids out of range at positions {shown} (position: id): ids are 0..{n - 1} for a bank of {n} "
-            f"adapters, or {NO_ADAPTER} for the base model."
-        )
-
-
-def _check_ids_shape(ids: Any) -> None:
-    if np.ndim(ids) != 1 or not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
-        raise AdapterIdsError(
-            f"adapter_ids must be a 1-D integer array, one id per example; got shape {np.shape(ids)} and dtype "
-            f"{jnp.result_type(ids)}."
-        )
+    n = int(bank) if isinstance(bank, int | np.integer) else bank_size(bank)
+    _interceptor.check_ids(np.asarray(jax.device_get(adapter_ids)), n)
 
 
 def _argument_bank_size(args: Any) -> int | None:
@@ -291,7 +274,7 @@ def bank_apply_fn(fn: F, config: IA3Config | None = None, *, strict: bool = True
     @functools.wraps(fn)
     def wrapped(*args: Any, adapter_ids: Any, **kwargs: Any) -> Any:
         ids = adapter_ids if isinstance(adapter_ids, jax.Array) else jnp.asarray(adapter_ids)
-        _check_ids_shape(ids)
+        _interceptor.check_ids(ids)
         n = _argument_bank_size((args, kwargs))
         if n is not None and not isinstance(ids, jax.core.Tracer):
             check_adapter_ids(ids, n)

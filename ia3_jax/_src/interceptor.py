@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ia3_jax._src import quant
 from ia3_jax._src import tree as _tree
@@ -164,6 +165,26 @@ def scale_per_example(activation: jax.Array, bank_vector: jax.Array, adapter_ids
     return scale(activation, picked.reshape(picked.shape[:1] + middle + picked.shape[1:]))
 
 
+def check_ids(adapter_ids: Any, n_adapters: int | None = None) -> None:
+    """Raises `AdapterIdsError` unless the ids are a 1-D integer array and, where their values are known
+    (not traced) and `n_adapters` is given, each is `NO_ADAPTER` or in ``[0, n_adapters)``."""
+    if np.ndim(adapter_ids) != 1 or not jnp.issubdtype(jnp.result_type(adapter_ids), jnp.integer):
+        raise AdapterIdsError(
+            f"adapter_ids must be a 1-D integer array, one id per example; got shape {np.shape(adapter_ids)} "
+            f"and dtype {jnp.result_type(adapter_ids)}."
+        )
+    if n_adapters is None or isinstance(adapter_ids, jax.core.Tracer):
+        return
+    ids = np.asarray(adapter_ids)
+    bad = np.flatnonzero((ids < NO_ADAPTER) | (ids >= n_adapters))
+    if bad.size:
+        shown = {int(i): int(ids[i]) for i in bad[:8]}
+        raise AdapterIdsError(
+            f"adapter_ids out of range at positions {shown} (position: id): ids are 0..{n_adapters - 1} for a bank "
+            f"of {n_adapters} adapters, or {NO_ADAPTER} for the base model."
+        )
+
+
 def _check_bank_fits(key: str, bank_vector: jax.Array, activation: Any, side: str, adapter_ids: jax.Array) -> None:
     """Trace-time checks of a per-example call: the features fit, and one adapter id per example."""
     shape, features = jnp.shape(activation), bank_vector.shape[:-1]
@@ -181,6 +202,7 @@ def _check_bank_fits(key: str, bank_vector: jax.Array, activation: Any, side: st
             "example: repeat its id the same way (jnp.repeat(adapter_ids, k)); a model that flattens batch and "
             "sequence axes before this layer cannot take per-example ids."
         )
+    check_ids(adapter_ids, bank_vector.shape[-1])  # values, where they are known
 
 
 def _interceptor(config: IA3Config | None, applied: Applied, adapter_ids: jax.Array | None = None):
@@ -243,6 +265,8 @@ def intercept(config: IA3Config | None = None, *, adapter_ids: jax.Array | None 
       >>> with intercept(config):
       ...     logits = model.apply({"params": params}, x)
     """
+    if adapter_ids is not None:
+        check_ids(adapter_ids)
     applied = Applied()
     with nn.intercept_methods(_interceptor(config, applied, adapter_ids)):
         yield applied
