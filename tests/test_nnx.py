@@ -293,3 +293,13 @@ def test_modules_to_save_head_trains_and_round_trips(tmp_path):
     np.testing.assert_allclose(restored(x), model(x), rtol=1e-6)
     with pytest.raises(ia3_jax.StructureError):
         ia3_nnx.set_adapter(fresh, {"body": trained["body"]})  # the head's copy is missing
+    # Merged: plain modules and plain nnx.Params again (nothing a LoRA-only trainer would pick up).
+    served = ia3_nnx.merge(model)
+    assert not jax.tree.leaves(nnx.state(served, nnx.LoRAParam))
+    np.testing.assert_allclose(served(x), model(x), rtol=1e-5, atol=1e-6)
+    graphdef, state = nnx.split(base)
+    merged_state = ia3_nnx.merge(nnx.state(model))
+    assert not any(isinstance(v, nnx.LoRAParam) for _, v in nnx.to_flat_state(merged_state))
+    plain = nnx.merge(graphdef, state)
+    nnx.update(plain, merged_state)
+    np.testing.assert_allclose(plain(x), model(x), rtol=1e-5, atol=1e-6)

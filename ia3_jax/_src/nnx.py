@@ -591,14 +591,14 @@ def _write_folds(
     tree: M | nnx.State, written: Mapping[_tree.Path, dict[str, Any]], copy: bool, *, drop_vectors: bool
 ) -> M | nnx.State:
     """`tree` (a clone, with `copy`) with the folded arrays written; with `drop_vectors` (merge), the
-    vectors and the call wrappers removed as well."""
+    vectors and the call wrappers removed and the ``modules_to_save`` copies plain ``nnx.Param``s again."""
     if isinstance(tree, nnx.State):
         flat = [
             (
                 parts,
                 variable.copy(written[_path(parts[:-1])][str(parts[-1])])
                 if _path(parts[:-1]) in written and str(parts[-1]) in written[_path(parts[:-1])]
-                else variable,
+                else _plain(variable) if drop_vectors else variable,
             )
             for parts, variable in nnx.to_flat_state(tree)
             if not (drop_vectors and isinstance(variable, IA3Vector) and parts[-1] == VECTOR)
@@ -611,7 +611,18 @@ def _write_folds(
         if drop_vectors and isinstance(getattr(module, VECTOR, None), IA3Vector):
             delattr(module, VECTOR)
             module.__class__ = base_type(type(module))
+        if drop_vectors:
+            for name, value in list(vars(module).items()):
+                if isinstance(value, IA3SavedParam):
+                    setattr(module, name, _plain(value))
     return model
+
+
+def _plain(variable: nnx.Variable) -> nnx.Variable:
+    """A `IA3SavedParam` (a ``modules_to_save`` copy) as the ``nnx.Param`` it was before `ia3_init`."""
+    if not isinstance(variable, IA3SavedParam):
+        return variable
+    return nnx.Param(variable.get_value(), **variable.get_metadata())
 
 
 def merge(tree: M | nnx.State, *, safe_merge: bool = False, copy: bool = True) -> M | nnx.State:
