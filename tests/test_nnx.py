@@ -303,3 +303,21 @@ def test_modules_to_save_head_trains_and_round_trips(tmp_path):
     plain = nnx.merge(graphdef, state)
     nnx.update(plain, merged_state)
     np.testing.assert_allclose(plain(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_refused_adapter_changes_nothing():
+    class Two(nnx.Module):
+        def __init__(self):
+            self.k = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
+            self.v = nnx.Linear(4, 6, rngs=nnx.Rngs(1))
+
+        def __call__(self, x):
+            return self.v(self.k(x))
+
+    x = jnp.ones((2, 4))
+    model = ia3_nnx.ia3_init(Two(), ia3_jax.IA3Config(target_modules=["k", "v"]), x)
+    before = ia3_nnx.adapter(model)
+    bad = {"k": {"ia3_l": jnp.full((4,), 5.0)}, "v": {"ia3_l": jnp.ones((3,))}}  # k fits, v does not
+    with pytest.raises(ia3_jax.VectorShapeError, match="'v'"):
+        ia3_nnx.set_adapter(model, bad)
+    jax.tree.map(np.testing.assert_array_equal, ia3_nnx.adapter(model), before)  # k was not written either

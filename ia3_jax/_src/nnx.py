@@ -492,7 +492,8 @@ def adapter(tree: ModelOrState) -> dict[str, Any]:
     return _tree.updated({}, {**saved, **{path + (VECTOR,): v.get_value() for path, v in vectors.items()}})
 
 
-def _set_saved(model: nnx.Module, adapter_tree: Mapping[str, Any] | nnx.State) -> None:
+def _saved_writes(model: nnx.Module, adapter_tree: Mapping[str, Any] | nnx.State) -> list[tuple[nnx.Variable, Any]]:
+    """``(copy variable, new value)`` for every ``modules_to_save`` copy, all checked; nothing written."""
     variables = saved_variables(model)
     if isinstance(adapter_tree, Mapping):
         new = {path: value for path, value in _flat_leaves(_tree.to_dict(adapter_tree)).items() if path[-1] != VECTOR}
@@ -505,12 +506,19 @@ def _set_saved(model: nnx.Module, adapter_tree: Mapping[str, Any] | nnx.State) -
             f"{[_tree.dotted(p) for p in missing[:4]]}, not in the model {[_tree.dotted(p) for p in extra[:4]]}."
         )
     for path, variable in variables.items():
-        old = variable.get_value()
-        if np.shape(new[path]) != np.shape(old):
-            raise StructureError(f"{_tree.dotted(path)!r}: shape {np.shape(new[path])}, the model has {np.shape(old)}.")
-        sharding = getattr(old, "sharding", None)
-        value = jnp.asarray(new[path], old.dtype)
-        variable.set_value(jax.device_put(value, sharding) if sharding is not None else value)
+        if np.shape(new[path]) != np.shape(variable.get_value()):
+            raise StructureError(
+                f"{_tree.dotted(path)!r}: shape {np.shape(new[path])}, the model has {np.shape(variable.get_value())}."
+            )
+    return [(variable, new[path]) for path, variable in variables.items()]
+
+
+def _placed_like(variable: nnx.Variable, value: Any) -> jax.Array:
+    """`value` in the variable's dtype, on its current placement (sharding)."""
+    old = variable.get_value()
+    sharding = getattr(old, "sharding", None)
+    value = jnp.asarray(value, old.dtype)
+    return jax.device_put(value, sharding) if sharding is not None else value
 
 
 def _flat_leaves(tree: Mapping[str, Any], prefix: _tree.Path = ()) -> dict[_tree.Path, Any]:
@@ -543,13 +551,10 @@ def set_adapter(model: nnx.Module, adapter_tree: Mapping[str, Any] | nnx.State) 
             f"target in the model (first: {_tree.dotted(extra[0]) if extra else None!r})."
         )
     for path, variable in vectors.items():
-        value = new[path]
-        variable.get_metadata(TARGET_META).check_vector(np.shape(value))
-        old = variable.get_value()
-        sharding = getattr(old, "sharding", None)
-        value = jnp.asarray(value, old.dtype)
-        variable.set_value(jax.device_put(value, sharding) if sharding is not None else value)
-    _set_saved(model, adapter_tree)
+        variable.get_metadata(TARGET_META).check_vector(np.shape(new[path]))
+    writes = [(variable, new[path]) for path, variable in vectors.items()] + _saved_writes(model, adapter_tree)
+    for variable, value in writes:  # only once everything is checked: a refused adapter changes nothing
+        variable.set_value(_placed_like(variable, value))
 
 
 # --- folding vectors into weights: the Linen fold arithmetic (`merge.rescale_module`) on NNX variables ---
