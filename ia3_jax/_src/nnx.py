@@ -408,6 +408,7 @@ def ia3_init(
         model = nnx.clone(model)
         by_path = dict(named_modules(model))
     keys = iter(jax.random.split(rng, len(chosen))) if rng is not None else None
+    vectors = {}  # every layout and sharding is worked out (and may raise) before any module changes
     for path, feedforward in chosen.items():
         module = by_path[path]
         name = weight_name(module)
@@ -423,8 +424,12 @@ def ia3_init(
         if sharding is not None:
             vector = jax.device_put(vector, sharding)
         metadata.update({TARGET_META: target, WEIGHT_META: name})
-        setattr(module, VECTOR, IA3Vector(vector, **metadata))
-        module.__class__ = _ia3_class(type(module))
+        vectors[path] = IA3Vector(vector, **metadata)
+    if config.modules_to_save and not _saved_roots(model, config):
+        raise TargetError(f"modules_to_save={list(config.modules_to_save)} matches no module of the model.")
+    for path, variable in vectors.items():
+        setattr(by_path[path], VECTOR, variable)
+        by_path[path].__class__ = _ia3_class(type(by_path[path]))
     _retype_saved(model, config)
     return model
 
