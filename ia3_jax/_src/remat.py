@@ -54,12 +54,12 @@ def remat_policy(base: Policy | None = None) -> Policy:
 
     Saves what `base` saves, except elementwise results and the activations that IA3 scales
     (`ACTIVATION_NAME`): the backward pass recomputes those from the saved matrix products, fused
-    into the kernels that read them. The memory IA3 then adds to its floor (the same model trained
-    with no weight gradient) is the output-side activations, which are matrix products and so kept
-    (for Llama's ``k_proj`` / ``v_proj``: 2 x batch x seq x kv_features per layer); a feedforward
-    vector's input (Llama's ``down_proj`` input, batch x seq x intermediate per layer) is no longer
-    kept. On the benchmarks' Llama ~1.1B (bf16, 8 x 1024) that is 2.0 GiB of a 13.0 GiB peak
-    (benchmarks/RESULTS.md).
+    into the kernels that read them. A feedforward vector's input (Llama's ``down_proj`` input,
+    batch x seq x intermediate per layer) is no longer kept; what IA3 could still add is its
+    output-side activations (``k_proj`` / ``v_proj`` outputs), which the attention's own backward
+    keeps anyway. Measured on the benchmarks' Llama ~1.1B (bf16, 8 x 1024, one H200): IA3's peak
+    12.99 GiB without the policy, 10.27 GiB with it, equal to its floor's (the same model trained
+    with no weight gradient) 10.27 GiB, for 1.027x the floor's step time (benchmarks/RESULTS.md).
 
     Use it on the blocks (the decoder layer) of your own model: ``nn.remat(Block, policy=...)`` in
     Linen, ``jax.checkpoint(fn, policy=...)`` around a function. Gradients are unchanged (the same
