@@ -427,3 +427,15 @@ def test_an_already_jitted_function_is_refused():
     h = nn.relu((x @ p["lin0"]["kernel"] + p["lin0"]["bias"]) * adapted["lin0"]["ia3_l"])
     h = nn.relu(h @ p["lin1"]["kernel"] + p["lin1"]["bias"])
     chex.assert_trees_all_close(with_ia3, h @ p["lin2"]["kernel"] + p["lin2"]["bias"], rtol=1e-5, atol=1e-6)
+
+
+def test_all_linear_names_the_kernels_it_leaves_out():
+    params = {
+        "conv": {"kernel": jnp.ones((3, 4, 5)), "bias": jnp.ones(5)},  # a 1-D conv, or a scanned Dense
+        "dense": {"kernel": jnp.ones((4, 5)), "bias": jnp.ones(5)},
+    }
+    with pytest.warns(UserWarning, match=r"2-D kernels only and leaves out conv:"):
+        assert ia3_jax.resolve_targets(params, IA3Config(target_modules="all-linear")) == {("dense",): False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an excluded one is not mentioned
+        ia3_jax.resolve_targets(params, IA3Config(target_modules="all-linear", exclude_modules=["conv"]))

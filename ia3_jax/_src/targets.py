@@ -29,6 +29,14 @@ _CLASSIFIER_LAYERS = ("classifier", "score")
 
 def _all_linear(layers: dict[_tree.Path, Mapping[str, Any]], config: IA3Config) -> set[_tree.Path]:
     linear = {p for p, node in layers.items() if len(quant.kernel_shape(node["kernel"])) == 2}
+    wider = sorted(_tree.dotted(p) for p in set(layers) - linear if not config.is_excluded(_tree.dotted(p)))
+    if wider:  # PEFT's all-linear is nn.Linear alone; say which kernels that leaves out here
+        warnings.warn(
+            f"target_modules='all-linear' takes 2-D kernels only and leaves out {_tree.listing(wider)}: convs, or "
+            "layers stacked by nn.scan / multi-axis nn.DenseGeneral, which a param tree cannot tell apart. "
+            "Name them in target_modules (with layouts=ia3_jax.infer_layouts(...)) to adapt them.",
+            stacklevel=4,
+        )
     skip = set(_OUTPUT_LAYERS)
     if config.task_type == "SEQ_CLS":
         skip |= set(_CLASSIFIER_LAYERS)
