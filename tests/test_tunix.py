@@ -37,6 +37,18 @@ GEMMA = gemma_lib.ModelConfig(
 TOKENS = jnp.array([[3, 17, 5, 99, 42, 7, 64, 1]])
 
 
+# The tiny Hugging Face configs (the PyTorch twins of the Tunix models) share these sizes.
+TINY_SIZES = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+)
+
+
 def _call(model):
     length = TOKENS.shape[1]
     mask = jnp.tril(jnp.ones((1, length, length), bool))
@@ -83,13 +95,7 @@ def test_peft_adapters_both_ways_match_inside_tunix(tmp_path, family):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     common = dict(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
+        **TINY_SIZES,
         rope_theta=10000.0,
         tie_word_embeddings=False,
     )
@@ -132,13 +138,7 @@ def test_gemma3_peft_adapters_both_ways_match_inside_tunix(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     hf_config = transformers.Gemma3TextConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
+        **TINY_SIZES,
         sliding_window=4,
     )
     hf = transformers.Gemma3ForCausalLM(hf_config).eval()
