@@ -439,3 +439,28 @@ def test_all_linear_names_the_kernels_it_leaves_out():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an excluded one is not mentioned
         ia3_jax.resolve_targets(params, IA3Config(target_modules="all-linear", exclude_modules=["conv"]))
+
+
+class _OptionFirst(nn.Module):
+    """A layer with a kernel whose call takes an option besides its input."""
+
+    @nn.compact
+    def __call__(self, inputs, double=False):
+        y = inputs @ self.param("kernel", nn.initializers.normal(1.0), (inputs.shape[-1], 3))
+        return 2 * y if double else y
+
+
+class _CallsByKeyword(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return _OptionFirst(name="layer")(double=True, inputs=x)  # the option comes first
+
+
+def test_input_passed_by_keyword_is_found_by_name():
+    model, x = _CallsByKeyword(), jax.random.normal(KEY, (2, 4))
+    params = model.init(KEY, x)["params"]
+    config = IA3Config(target_modules=["layer"], feedforward_modules=["layer"], init_ia3_weights=False)
+    adapted = ia3_jax.ia3_init(params, config, rng=KEY)
+    got = ia3_jax.apply_fn(model.apply, config)({"params": adapted}, x)
+    layer = adapted["layer"]
+    np.testing.assert_allclose(got, 2 * ((x * layer["ia3_l"]) @ layer["kernel"]), rtol=1e-6)  # by hand

@@ -321,3 +321,26 @@ def test_a_refused_adapter_changes_nothing():
     with pytest.raises(ia3_jax.VectorShapeError, match="'v'"):
         ia3_nnx.set_adapter(model, bad)
     jax.tree.map(np.testing.assert_array_equal, ia3_nnx.adapter(model), before)  # k was not written either
+
+
+def test_input_passed_by_keyword_is_found_by_name():
+    class OptionFirst(nnx.Module):
+        def __init__(self):
+            self.kernel = nnx.Param(jax.random.normal(jax.random.key(0), (4, 3)))
+
+        def __call__(self, inputs, double=False):
+            y = inputs @ self.kernel.get_value()
+            return 2 * y if double else y
+
+    class Model(nnx.Module):
+        def __init__(self):
+            self.layer = OptionFirst()
+
+        def __call__(self, x):
+            return self.layer(double=True, inputs=x)  # the option comes first
+
+    x = jax.random.normal(jax.random.key(1), (2, 4))
+    config = ia3_jax.IA3Config(target_modules=["layer"], feedforward_modules=["layer"], init_ia3_weights=False)
+    model = ia3_nnx.ia3_init(Model(), config, x, rng=jax.random.key(2))
+    vector, kernel = model.layer.ia3_l.get_value(), model.layer.kernel.get_value()
+    np.testing.assert_allclose(model(x), 2 * ((x * vector) @ kernel), rtol=1e-6)  # by hand

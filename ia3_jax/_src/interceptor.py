@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -123,6 +124,32 @@ def check_activation_fits(key: str, vector: jax.Array, activation: Any, side: st
         )
 
 
+def module_input(
+    method: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Any, Callable[[Any], tuple[tuple[Any, ...], dict[str, Any]]]]:
+    """The input a module call scales and a function that rebuilds ``(args, kwargs)`` around a new one.
+
+    The input is the first argument after ``self``: by position, or by its name in `method`'s
+    signature when passed by keyword (``dense(flag=True, inputs=x)`` scales ``x``, not ``flag``).
+    """
+    if args:
+        return args[0], lambda x: ((x, *args[1:]), kwargs)
+    name = _input_name(method)
+    if name not in kwargs:  # a signature we cannot read (``*args``): the first keyword given
+        name = next(iter(kwargs))
+    return kwargs[name], lambda x: (args, {**kwargs, name: x})
+
+
+@functools.cache
+def _input_name(method: Callable[..., Any]) -> str | None:
+    try:
+        parameters = list(inspect.signature(method).parameters.values())[1:]  # after self
+    except (TypeError, ValueError):
+        return None
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return parameters[0].name if parameters and parameters[0].kind in named else None
+
+
 def _trailing(shape: tuple[int, ...], n: int) -> tuple[int, ...]:
     return tuple(shape[len(shape) - n :]) if n <= len(shape) else ()
 
@@ -224,11 +251,12 @@ def _interceptor(config: IA3Config | None, applied: Applied, adapter_ids: jax.Ar
         key = _tree.dotted(path)
         vector = _tree.unbox(module.get_variable("params", _tree.VECTOR))
         check_vector_dtype(vector.dtype, f"IA3 vector at {key!r}")
-        if args:
-            x, call = args[0], lambda x_: next_fun(x_, *args[1:], **kwargs)
-        else:  # input passed by keyword
-            name = next(iter(kwargs))
-            x, call = kwargs[name], lambda x_: next_fun(**{**kwargs, name: x_})
+        x, rebuild = module_input(type(module).__call__, args, kwargs)
+
+        def call(x_: Any) -> Any:
+            call_args, call_kwargs = rebuild(x_)
+            return next_fun(*call_args, **call_kwargs)
+
         fits_input = fits_output = False
         if config is None:  # only then do the shapes decide the side
             features = vector.shape if adapter_ids is None else vector.shape[:-1]

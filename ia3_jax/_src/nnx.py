@@ -46,7 +46,7 @@ from ia3_jax._src.errors import (
     TargetError,
     VectorShapeError,
 )
-from ia3_jax._src.interceptor import check_activation_fits, scale
+from ia3_jax._src.interceptor import check_activation_fits, module_input, scale
 from ia3_jax._src.layout import KernelLayout
 from ia3_jax._src.sharding import vector_spec
 from ia3_jax._src.targets import Target, resolve_targets
@@ -130,21 +130,13 @@ def _view(model: nnx.Module) -> dict[str, Any]:
 # --- the call wrappers: one subclass per module class, cached, so equal models have equal graphdefs ---
 
 
-def _first_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Callable[[Any], tuple]]:
-    """The module's input and a function that rebuilds ``(args, kwargs)`` around a new input."""
-    if args:
-        return args[0], lambda x: ((x, *args[1:]), kwargs)
-    name = next(iter(kwargs))
-    return kwargs[name], lambda x: (args, {**kwargs, name: x})
-
-
 def _ia3_call(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
     variable = getattr(self, VECTOR)
     target: Target = variable.get_metadata(TARGET_META)
     vector = variable.get_value()
     call = type(self)._ia3_base_type.__call__  # type: ignore[attr-defined]
     if target.feedforward:
-        x, rebuild = _first_input(args, kwargs)
+        x, rebuild = module_input(base_type(type(self)).__call__, args, kwargs)
         check_activation_fits(target.key, vector, x, "input", _NNX_MISFIT)
         new_args, new_kwargs = rebuild(scale(x, vector))
         return call(self, *new_args, **new_kwargs)
@@ -179,7 +171,7 @@ def _expand(key: str, vector: jax.Array, shape: tuple[int, ...], positions: tupl
 
 def _record_call(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
     y = type(self)._ia3_base_type.__call__(self, *args, **kwargs)  # type: ignore[attr-defined]
-    x, _ = _first_input(args, kwargs)
+    x, _ = module_input(base_type(type(self)).__call__, args, kwargs)
     _RECORDED.setdefault(self._ia3_record_path, []).append((np.shape(x), np.shape(y)))  # type: ignore[attr-defined]
     return y
 
