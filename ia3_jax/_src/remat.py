@@ -32,7 +32,7 @@ Policy = Callable[..., Any]
 # Matching by name keeps this independent of where jax defines each primitive.
 ELEMENTWISE = frozenset(
     """abs acos acosh add add_any and asin asinh atan atan2 atanh broadcast_in_dim cbrt ceil clamp
-    concatenate convert_element_type copy copy_p cos cosh div eq erf erf_inv erfc exp exp2 expand_dims
+    concatenate convert_element_type copy cos cosh div eq erf erf_inv erfc exp exp2 expand_dims
     expm1 floor ge gt imag integer_pow iota is_finite le log log1p logistic lt max min mul ne neg
     nextafter not or pad pow real reduce_precision rem reshape rev round rsqrt select_n sign sin sinh
     slice sqrt square squeeze sub tan tanh transpose xor""".split()
