@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -35,20 +34,21 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 import ia3_jax  # noqa: E402
-from benchmarks import llama  # noqa: E402
+from benchmarks import jax_bench, llama  # noqa: E402
 
 IA3 = ia3_jax.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
 
 
-def timed(fn: Callable[[], Any], repeats: int) -> float:
-    """Median wall time of `fn` after one warm-up call (compilation), outputs waited for."""
+def timed(fn: Callable[[], Any], repeats: int, min_time_s: float) -> dict[str, Any]:
+    """Wall times of `fn` after one warm-up call (compilation), outputs waited for: at least `repeats`
+    calls and `min_time_s` seconds. ``{"median_s", "iqr_s", "n", "total_s"}``."""
     jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
+    times: list[float] = []
+    while len(times) < repeats or sum(times) < min_time_s:
         start = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return jax_bench.summary(times)
 
 
 def random_adapter(base: dict[str, Any], key: jax.Array) -> dict[str, Any]:
@@ -59,7 +59,9 @@ def random_adapter(base: dict[str, Any], key: jax.Array) -> dict[str, Any]:
     return treedef.unflatten([v + 0.1 * jax.random.normal(k, v.shape, v.dtype) for v, k in zip(leaves, keys)])
 
 
-def run(config: llama.LlamaConfig, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> dict[str, Any]:
+def run(
+    config: llama.LlamaConfig, batch: int, prompt_len: int, new_tokens: int, repeats: int, min_time_s: float
+) -> dict[str, Any]:
     model = llama.Llama(config)
     base = llama.init_params(model, jax.random.key(0))
     adapters = [random_adapter(base, jax.random.key(1 + i)) for i in range(batch)]
@@ -83,14 +85,15 @@ def run(config: llama.LlamaConfig, batch: int, prompt_len: int, new_tokens: int,
     def separate(call):  # one adapter after another: merge it, run its sequence alone
         return lambda: [call(merge(adapters[i]), prompt[i : i + 1]) for i in range(batch)]
 
-    seconds = {}
+    timings = {}
     for phase, jitted in (("prefill", prefill), ("generate", decode)):
         mixed, single, plain = jitted(mixed_apply), jitted(single_apply), jitted(model.apply)  # compiled once each
-        seconds[phase] = {
-            "mixed": timed(functools.partial(mixed, mixed_params, prompt), repeats),
-            "single": timed(functools.partial(single, single_params, prompt), repeats),
-            "separate": timed(separate(plain), repeats),
+        timings[phase] = {
+            "mixed": timed(functools.partial(mixed, mixed_params, prompt), repeats, min_time_s),
+            "single": timed(functools.partial(single, single_params, prompt), repeats, min_time_s),
+            "separate": timed(separate(plain), repeats, min_time_s),
         }
+    seconds = {phase: {k: t["median_s"] for k, t in row.items()} for phase, row in timings.items()}
     prefill_tps = {k: batch * prompt_len / s for k, s in seconds["prefill"].items()}
     decode_tps = {
         k: batch * new_tokens / max(seconds["generate"][k] - seconds["prefill"][k], 1e-9) for k in seconds["prefill"]
@@ -102,7 +105,8 @@ def run(config: llama.LlamaConfig, batch: int, prompt_len: int, new_tokens: int,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "device": jax.devices()[0].device_kind,
-        "seconds": seconds,
+        "seconds": seconds,  # medians
+        "timings": timings,  # median, interquartile range, number and total of the timed calls
         "prefill_tokens_per_s": prefill_tps,
         "decode_tokens_per_s": decode_tps,
         "decode_mixed_vs_single": decode_tps["mixed"] / decode_tps["single"],  # target >= 0.95
@@ -118,13 +122,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="sequences = adapters (default 64)")
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="at least this many timed calls per variant")
+    parser.add_argument("--min-time-s", type=float, default=10.0, help="and at least this many timed seconds")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     if args.cpu_tiny:
-        result = run(llama.TINY_F32, batch=8, prompt_len=16, new_tokens=64, repeats=3)
+        result = run(llama.TINY_F32, batch=8, prompt_len=16, new_tokens=64, repeats=3, min_time_s=0.0)
     else:
-        result = run(llama.LlamaConfig(), args.batch, args.prompt_len, args.new_tokens, args.repeats)
+        result = run(llama.LlamaConfig(), args.batch, args.prompt_len, args.new_tokens, args.repeats, args.min_time_s)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

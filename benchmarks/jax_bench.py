@@ -85,7 +85,7 @@ class Workload:
             rms_norm_eps=c.rms_norm_eps,
             rope_theta=c.rope_theta,
             max_position_embeddings=self.seq,  # FlaxLlama builds a (max_pos, max_pos) mask
-            tie_word_embeddings=False,
+            tie_word_embeddings=c.tie_embeddings,
         )
 
 
@@ -118,6 +118,8 @@ FLOOR_MODEL = {"lean-ia3remat": "lean", "lean-scan-ia3remat": "lean-scan"}
 
 def build_lean(workload: Workload, *, attention: str | None, scan: bool, remat: bool, remat_policy: str) -> Model:
     """The lean Linen Llama of `benchmarks.llama`, random bf16 weights."""
+    if workload.config.tie_embeddings:
+        raise ValueError("the lean Llama has its own lm_head: tie_embeddings=True configs are for the PyTorch twin.")
     config = dataclasses.replace(
         workload.config, attention=attention, remat=remat, remat_policy=remat_policy, scan=scan
     )

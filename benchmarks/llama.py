@@ -56,6 +56,7 @@ class LlamaConfig:
     remat: bool = False
     remat_policy: str = "full"
     scan: bool = False
+    tie_embeddings: bool = False  # the PyTorch twin only (benchmarks.torch_bench); the lean model has an lm_head
 
     @property
     def head_dim(self) -> int:
@@ -72,6 +73,11 @@ REMAT_POLICIES = {
     "mlp_hidden": jax.checkpoint_policies.save_anything_except_these_names("mlp_hidden"),
     "ia3": ia3_jax.remat_policy(),  # IA3's scaled activations and elementwise results recomputed
 }
+# Llama-3.2-1B's shape (Tunix's ModelConfig.llama3p2_1b): issue 12's PyTorch PEFT side.
+LLAMA32_1B = LlamaConfig(
+    vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, intermediate_size=8192,
+    rope_theta=500_000.0, tie_embeddings=True,
+)  # fmt: skip
 TINY = LlamaConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
 TINY_F32 = dataclasses.replace(TINY, dtype=jnp.float32, param_dtype=jnp.float32)  # CPU checks: exact, and fast there
 

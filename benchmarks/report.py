@@ -155,24 +155,35 @@ def _gib(x: Any) -> str:
     return f"{x / GIB:.2f}" if x else "n/a"
 
 
-def training_table(results: dict[str, dict[str, Any]]) -> str:
+def _floor_of(name: str) -> str:
+    """The floor variant of a training variant: its mode part (``ia3``, ``full``) replaced by ``floor``."""
+    parts = name.split(":")
+    mode_at = 2 if parts[0] in ("torch", "tunix") else len(parts) - 1
+    return ":".join(parts[:mode_at] + ["floor"] + parts[mode_at + 1 :])
+
+
+def _is_tunix_comparison(name: str) -> bool:
+    return name.startswith("tunix:") or (name.startswith("torch:") and name.endswith(":llama32-1b"))
+
+
+def training_table(results: dict[str, dict[str, Any]], tunix: bool = False) -> str:
+    """One row per training variant: the lean/HF comparison (default) or issue 12's Tunix comparison."""
     lines = [
         "| variant | tokens/s | step (ms) | step IQR (ms) | peak (GiB) | step vs its floor | trainable params | compile (s) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, r in results.items():
-        if not name.startswith(("jax:", "torch:")):
+        if not name.startswith(("jax:", "torch:", "tunix:")) or _is_tunix_comparison(name) != tunix:
             continue
         if not _ok(r):
             err = str(r.get("error", "")).splitlines()[0][:120] if r.get("error") else ""
             lines.append(f"| {name} | {r.get('status')} | | | | | | {err} |")
             continue
-        prefix, mode = name.rsplit(":", 1)
-        pair = results.get(f"pair:{prefix.split(':', 1)[1]}")
-        if mode == "ia3" and _ok(pair):  # the alternating-rounds ratio is the one to trust
+        pair = results.get(f"pair:{name.split(':')[1]}") if name.startswith("jax:") else None
+        if name.endswith(":ia3") and _ok(pair):  # the alternating-rounds ratio is the one to trust
             vs = pair["ia3_over_floor"]
         else:
-            vs = _ratio(results, name, f"{prefix}:floor", "step_s")
+            vs = _ratio(results, name, _floor_of(name), "step_s")
         compile_s = f"{r['compile_s']:.0f}" if r.get("compile_s") is not None else ""
         iqr = r.get("step_s_iqr")
         iqr_s = f"{1e3 * iqr[0]:.1f}-{1e3 * iqr[1]:.1f}" if iqr else ""
@@ -181,6 +192,20 @@ def training_table(results: dict[str, dict[str, Any]]) -> str:
             f"{'' if vs is None else f'{vs:.3f}x'} | {r.get('trainable_params', 0):,} | {compile_s} |"
         )
     return "\n".join(lines)
+
+
+def issue12_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(target or comparison, measured, verdict) for issue 12's Tunix benchmark."""
+    ia3 = "tunix:llama32-1b:ia3"
+    ratio = _ratio(results, ia3, "tunix:llama32-1b:floor", "step_s")
+    rows = [(f"{ia3} step / its floor (tunix:llama32-1b:floor) <= 1.03", "not measured" if ratio is None else
+             f"{ratio:.3f}", "n/a" if ratio is None else "met" if ratio <= 1.03 else "MISSED")]
+    for torch_name in ("torch:peft:ia3:llama32-1b", "torch:compile:ia3:llama32-1b"):
+        for field, what in (("tokens_per_s", "tokens/s"), ("peak_bytes", "peak")):
+            value = _ratio(results, ia3, torch_name, field)
+            rows.append((f"{ia3} {what} / {torch_name} {what}", "not measured" if value is None else f"{value:.3f}",
+                         "reported"))
+    return rows
 
 
 def pair_table(results: dict[str, dict[str, Any]]) -> str:
@@ -228,13 +253,21 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
     targets += [f"| {a} | {b} | {c} |" for a, b, c in target_rows(results)]
     issue13 = ["| target | measured | verdict |", "| --- | ---: | --- |"]
     issue13 += [f"| {a} | {b} | {c} |" for a, b, c in issue13_rows(results)]
+    tunix = ""
+    if any(_is_tunix_comparison(name) for name in results):
+        issue12 = ["| target | measured | verdict |", "| --- | ---: | --- |"]
+        issue12 += [f"| {a} | {b} | {c} |" for a, b, c in issue12_rows(results)]
+        tunix = (
+            "\n### IA3 on Tunix's Llama-3.2-1B (NNX) against PyTorch PEFT on the same configuration\n\n"
+            + training_table(results, tunix=True) + "\n\n" + "\n".join(issue12) + "\n"
+        )
     return (
         "### Training (one AdamW step per iteration)\n\n" + training_table(results)
         + "\n\n### IA3 against the floor, alternating rounds in one process\n\n" + pair_table(results)
         + "\n\n### Inference and merge\n\n" + inference_table(results)
         + "\n\n### Decoding with a KV cache (lean model, greedy)\n\n" + decode_table(results)
         + "\n\n### Targets\n\n" + "\n".join(targets)
-        + "\n\n### Targets of issue 13\n\n" + "\n".join(issue13) + "\n"
+        + "\n\n### Targets of issue 13\n\n" + "\n".join(issue13) + "\n" + tunix
     )
 
 
@@ -245,7 +278,7 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in results if n.startswith(("jax:", "torch:"))]
+    names = [n for n in results if n.startswith(("jax:", "torch:")) and not _is_tunix_comparison(n)]
     colors = {"ia3": "tab:blue", "floor": "tab:gray", "full": "tab:orange"}
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(names) + 1.5), sharey=True)
     for ax, field, label, unit in (
@@ -352,7 +385,7 @@ def consolidate(folder: Path) -> list[str]:
 
 
 def _order(name: str) -> tuple:
-    kinds = ["jax", "torch", "pair", "infer", "decode"]
+    kinds = ["jax", "torch", "tunix", "pair", "infer", "decode"]
     models = ["lean", "lean-ia3remat", "lean-hidden", "lean-scan", "lean-scan-ia3remat", "lean-scan-hidden",
               "lean-scan-remat", "hf", "peft", "compile", "compile-liger", "compile-ckpt"]
     modes = ["ia3", "floor", "full"]

@@ -68,6 +68,14 @@ VARIANTS = {
         "torch:compile-ckpt:ia3",
     ],
     "decode": ["decode:lean", "infer:lean-scan"],
+    # issue 12: IA3 on Tunix's Llama-3.2-1B (NNX) against its floor and PEFT on the same configuration
+    "tunix": [
+        "tunix:llama32-1b:ia3",
+        "tunix:llama32-1b:floor",
+        "torch:peft:ia3:llama32-1b",
+        "torch:compile:ia3:llama32-1b",
+        "torch:compile:floor:llama32-1b",
+    ],
 }
 # The order the lanes take them: the headline comparisons first, so that a run cut short by its
 # deadline still answers the targets.
@@ -116,13 +124,13 @@ TINY_VARIANTS = [
 ]
 
 
-def workload(cpu_tiny: bool, steps: int | None, min_time_s: float | None = None):
+def workload(cpu_tiny: bool, steps: int | None, min_time_s: float | None = None, model: str = ""):
     from benchmarks import jax_bench, llama
 
     if cpu_tiny:  # float32: exact checks, and the CPU has no fast bf16
         w = jax_bench.Workload(config=llama.TINY_F32, batch=2, seq=32, warmup=1, steps=3, min_time_s=0.0)
     else:
-        w = jax_bench.Workload()
+        w = jax_bench.Workload(config=llama.LLAMA32_1B if model == "llama32-1b" else llama.LlamaConfig())
     w = dataclasses.replace(w, steps=steps) if steps else w
     return dataclasses.replace(w, min_time_s=min_time_s) if min_time_s is not None else w
 
@@ -149,8 +157,8 @@ def run_variant(
     min_time_s: float | None = None,
 ) -> dict[str, Any]:
     """Measures one variant in this process; never raises (errors and OOMs are results too)."""
-    kind, model, *rest = name.split(":")
-    w = workload(cpu_tiny, steps, min_time_s)
+    kind, model, *rest = name.split(":")  # torch:RUNNER:MODE[:llama32-1b], tunix:llama32-1b:MODE, KIND:MODEL[:MODE]
+    w = workload(cpu_tiny, steps, min_time_s, model=rest[1] if kind == "torch" and len(rest) > 1 else model)
     if cpu_tiny and attention == "cudnn":  # the CPU has XLA's attention only
         attention = None
     result: dict[str, Any] = {"name": name, "workload": _workload_dict(w), "gpu_clocks_start": gpu_clocks()}
@@ -163,6 +171,10 @@ def run_variant(
                 env=torch_bench.environment(),
                 **torch_bench.bench_train(rest[0], w, device, runner=model, min_time_s=w.min_time_s),
             )
+        elif kind == "tunix":
+            from benchmarks import jax_bench, tunix_bench
+
+            result.update(env=jax_bench.environment(), **tunix_bench.bench_train(rest[0], w, cpu_tiny))
         elif kind == "decode":
             from benchmarks import jax_bench
 

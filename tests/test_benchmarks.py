@@ -116,6 +116,21 @@ def test_cpu_tiny_run_end_to_end(tmp_path):
     assert "lean: IA3 step / floor step" in summary and "jax:lean:ia3" in summary
 
 
+@pytest.mark.slow  # 5 s
+def test_tunix_bench_trains_only_the_vectors_or_the_floor_weight():
+    pytest.importorskip("tunix")
+    from benchmarks import tunix_bench
+
+    workload = jax_bench.Workload(config=llama.TINY_F32, batch=2, seq=16, warmup=1, steps=2, min_time_s=0.0)
+    ia3, floor = (tunix_bench.bench_train(mode, workload, cpu_tiny=True) for mode in ("ia3", "floor"))
+    assert ia3["losses"][0] == pytest.approx(floor["losses"][0], rel=1e-6)  # vectors start at one
+    assert ia3["losses"][-1] < ia3["losses"][0] and floor["losses"][-1] < floor["losses"][0]
+    config = tunix_bench.tunix_config(cpu_tiny=True)
+    kv = config.num_kv_heads * config.head_dim  # PEFT's llama targets: k_proj, v_proj outputs, down_proj input
+    assert ia3["trainable_params"] == config.num_layers * (2 * kv + config.hidden_dim)
+    assert floor["trainable_params"] == config.embed_dim
+
+
 def _train(name: str, step_s: float, peak: float | None = None, tokens: int = 8192) -> dict:
     return {"name": name, "status": "ok", "step_s": step_s, "tokens_per_s": tokens / step_s, "peak_bytes": peak}
 
@@ -146,3 +161,24 @@ def test_report_targets_and_table():
     assert rows["lean: IA3 step / floor step <= 1.03 (alternating rounds, one process)"] == "MISSED"
     table = report.training_table(results)
     assert "| jax:hf:full | oom |" in table
+
+
+def test_report_tunix_comparison_has_its_own_table_and_targets():
+    results = {
+        r["name"]: r
+        for r in [
+            _train("jax:lean:ia3", 0.080, 10.0),
+            _train("tunix:llama32-1b:ia3", 0.103, 12.0),
+            _train("tunix:llama32-1b:floor", 0.100, 11.0),
+            _train("torch:compile:ia3:llama32-1b", 0.110, 24.0),
+            _train("torch:compile:floor:llama32-1b", 0.100, 22.0),
+        ]
+    }
+    rows = {what: (value, verdict) for what, value, verdict in report.issue12_rows(results)}
+    assert rows["tunix:llama32-1b:ia3 step / its floor (tunix:llama32-1b:floor) <= 1.03"] == ("1.030", "met")
+    assert rows["tunix:llama32-1b:ia3 peak / torch:compile:ia3:llama32-1b peak"] == ("0.500", "reported")
+    assert rows["tunix:llama32-1b:ia3 tokens/s / torch:peft:ia3:llama32-1b tokens/s"][0] == "not measured"
+    tunix_table, main_table = report.training_table(results, tunix=True), report.training_table(results)
+    assert "| torch:compile:ia3:llama32-1b |" in tunix_table and "1.100x" in tunix_table  # vs its own floor
+    assert "llama32-1b" not in main_table and "| jax:lean:ia3 |" in main_table
+    assert "Tunix's Llama-3.2-1B" in report.markdown(results)
