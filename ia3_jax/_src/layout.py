@@ -174,7 +174,8 @@ def _per_layer_layout(module: nn.Module, kernel_shape: tuple[int, ...], x_shape,
     return KernelLayout((0,), (1,))
 
 
-def _stack_axes(stored: tuple[int, ...], per_layer: tuple[int, ...], key: str) -> tuple[int, ...]:
+def stack_axes(stored: tuple[int, ...], per_layer: tuple[int, ...], key: str) -> tuple[int, ...]:
+    """The axes of a `stored` kernel that a layer does not see (``nn.scan``/``nn.vmap``, NNX's ``nnx.vmap``)."""
     extra = len(stored) - len(per_layer)
     fits = [
         axes
@@ -188,6 +189,20 @@ def _stack_axes(stored: tuple[int, ...], per_layer: tuple[int, ...], key: str) -
             + f" Pass layouts={{{key!r}: KernelLayout(in_axes=..., out_axes=..., stack_axes=...)}} for it."
         )
     return fits[0]
+
+
+def stacked_layout(
+    layout: KernelLayout, stored: tuple[int, ...], per_layer: tuple[int, ...], key: str
+) -> KernelLayout:
+    """`layout` (of the kernel one layer sees, `per_layer`) as the layout of the `stored` stacked kernel."""
+    stack = stack_axes(stored, per_layer, key)
+    remaining = [i for i in range(len(stored)) if i not in stack]
+    return KernelLayout(
+        in_axes=tuple(remaining[a] for a in layout.in_axes),
+        out_axes=tuple(remaining[a] for a in layout.out_axes),
+        stack_axes=stack,
+        in_features=layout.in_features,
+    )
 
 
 def _stored_kernels(tree: Any) -> dict[_tree.Path, tuple[int, ...]]:
@@ -248,12 +263,5 @@ def infer_layouts(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str
                 f"module {key!r}: found {len(full)} stored kernel shapes for it in the arguments ({sorted(full)})."
             )
         (stored_shape,) = full
-        stack = _stack_axes(stored_shape, per_layer_shapes[path], key)
-        remaining = [i for i in range(len(stored_shape)) if i not in stack]
-        layouts[key] = KernelLayout(
-            in_axes=tuple(remaining[a] for a in layout.in_axes),
-            out_axes=tuple(remaining[a] for a in layout.out_axes),
-            stack_axes=stack,
-            in_features=layout.in_features,
-        )
+        layouts[key] = stacked_layout(layout, stored_shape, per_layer_shapes[path], key)
     return layouts

@@ -54,18 +54,23 @@ def _resolve(
     return resolved
 
 
-def rescale_module(node: Mapping[str, Any], vector: jax.Array, target: Target, divide: bool) -> dict[str, Any]:
+def rescale_module(
+    node: Mapping[str, Any], vector: jax.Array, target: Target, divide: bool, *, quantized_fix: str = quant.MERGE_FIX
+) -> dict[str, Any]:
     """The arrays that folding `vector` writes into `node`: its kernel and, for an output vector, its bias.
 
     ``w * l`` (or ``w / (l + 1e-8)``) is computed in the promoted dtype and cast back to ``w``'s; a
-    quantized kernel's scale absorbs the vector and its integers stay. Boxes are kept.
+    quantized kernel's scale absorbs the vector and its integers stay (`quant.rescale_quantized`,
+    whose refusal names `quantized_fix`). Boxes are kept.
     """
     boxed_kernel = node["kernel"]
     kernel = _tree.unbox(boxed_kernel)
     factor = target.kernel_factor(vector)
     op = (lambda w, s: w / (s + UNMERGE_EPS)) if divide else (lambda w, s: w * s)
     if quant.is_quantized(kernel):
-        new_kernel = quant.rescale_quantized(kernel, factor, op, key=target.key, feedforward=target.feedforward)
+        new_kernel = quant.rescale_quantized(
+            kernel, factor, op, key=target.key, feedforward=target.feedforward, fix=quantized_fix
+        )
     else:
         new_kernel = op(kernel, factor).astype(kernel.dtype)
     written = {"kernel": _tree.rebox(boxed_kernel, new_kernel)}

@@ -11,6 +11,19 @@ shape, side) and the name of the weight it scales (``kernel``, or e.g. ``w`` for
 ``Einsum``). So `merge`, `unmerge`, `add_weighted_adapter` and `combine` work on the model or on
 an ``nnx.State`` alone, with the same `Target.kernel_factor` and fold arithmetic as Linen.
 
+Two kinds of base need no extra step:
+
+- qwix-quantized models (``qwix.quantize_model(model, qwix.PtqProvider(rules), *inputs)``, before or
+  after `ia3_init`): a quantized weight is a ``WithAux(QArray(qvalue, scale))`` whose arrays are
+  ``nnx.Param``s. Vectors get its logical shape, the call scales around qwix's integer matmul, and
+  `merge` folds output vectors into the per-channel scale with `quant.rescale_quantized` (the Linen
+  arithmetic); a feedforward vector, which varies where the scale is shared, raises
+  `QuantizedMergeError` naming the module and the fix.
+- layers created by ``nnx.vmap`` and run by ``nnx.scan`` (Flax's "scan over layers"): one module
+  per stack, every variable with a layer axis. The trace sees one layer's weight, so the layout gets
+  that axis as a stacked axis and the vector carries it at the same position (``(n_layers, out)``):
+  ``nnx.scan`` hands each layer its own slice, and folds act per layer.
+
 `IA3Vector` subclasses ``nnx.LoRAParam``: ``nnx.Optimizer(model, tx, wrt=IA3Vector)``,
 ``nnx.DiffState(0, IA3Vector)``, ``nnx.split(model, IA3Vector, ...)`` select the vectors, and
 Tunix's unmodified ``PeftTrainer`` (which trains and checkpoints ``nnx.LoRAParam``) trains them.
@@ -47,13 +60,16 @@ from ia3_jax._src.errors import (
     VectorShapeError,
 )
 from ia3_jax._src.interceptor import check_activation_fits, module_input, scale
-from ia3_jax._src.layout import KernelLayout
+from ia3_jax._src.layout import KernelLayout, stacked_layout
 from ia3_jax._src.sharding import vector_spec
 from ia3_jax._src.targets import Target, resolve_targets
 
 VECTOR = _tree.VECTOR  # the attribute name of a module's vector, as PEFT's and the Linen tree's leaf name
 TARGET_META = "ia3_target"  # vector metadata: the module's `Target`
 WEIGHT_META = "ia3_weight"  # vector metadata: the name of the weight attribute it scales
+# vector metadata, for a qwix-quantized weight only: (the state paths of its arrays below the weight, its treedef),
+# so that `merge` of an ``nnx.State`` (where the WithAux/QArray nodes are flattened away) can rebuild it
+QUANT_META = "ia3_quantized"
 
 M = TypeVar("M", bound=nnx.Module)
 ModelOrState = nnx.Module | nnx.State
@@ -90,21 +106,48 @@ def _path(parts: Sequence[Any]) -> _tree.Path:
 
 
 def weight_name(module: nnx.Module) -> str | None:
-    """The attribute holding the module's weight: ``kernel``, else its only parameter of 2+ axes."""
+    """The attribute holding the module's weight: ``kernel``, else its only parameter of 2+ axes.
+
+    A qwix-quantized weight (PTQ puts a ``WithAux(QArray(qvalue=nnx.Param, scale=nnx.Param))`` in the
+    module's attribute, not an ``nnx.Param``) counts as a weight of its logical shape.
+    """
     names = [
         name
         for name, value in vars(module).items()
-        if isinstance(value, nnx.Param)
-        and not isinstance(value, IA3Vector)
-        and len(quant.kernel_shape(value.get_value())) >= 2
+        if quant.is_quantized(value)
+        or (
+            isinstance(value, nnx.Param)
+            and not isinstance(value, IA3Vector)
+            and len(quant.kernel_shape(value.get_value())) >= 2
+        )
     ]
     if "kernel" in names:
         return "kernel"
     return names[0] if len(names) == 1 else None
 
 
-def _weight(module: nnx.Module) -> nnx.Variable:
-    return getattr(module, getattr(module, VECTOR).get_metadata(WEIGHT_META))
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def weight_value(weight: Any) -> Any:
+    """A weight attribute's value: an ``nnx.Param``'s array, or a quantized kernel with arrays for its Params."""
+    if isinstance(weight, nnx.Variable):
+        return weight.get_value()
+    return jax.tree.map(lambda v: v.get_value(), weight, is_leaf=_is_variable)
+
+
+def _key_name(key: Any) -> str:
+    for field in ("name", "key", "idx"):
+        if hasattr(key, field):
+            return str(getattr(key, field))
+    return str(key)
+
+
+def _quantized_structure(weight: Any) -> tuple[tuple[tuple[str, ...], ...], Any]:
+    """(paths of a quantized weight's ``nnx.Variable``s below it, as its state names them; its treedef)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(weight, is_leaf=_is_variable)
+    return tuple(tuple(_key_name(k) for k in path) for path, _ in leaves), treedef
 
 
 def named_modules(model: nnx.Module) -> Iterator[tuple[_tree.Path, nnx.Module]]:
@@ -122,7 +165,7 @@ def _view(model: nnx.Module) -> dict[str, Any]:
             node = node.setdefault(name, {})
         weight = weight_name(module)
         if weight is not None:
-            weight = getattr(module, weight).get_value()
+            weight = weight_value(getattr(module, weight))
             node["kernel"] = jax.ShapeDtypeStruct(quant.kernel_shape(weight), jnp.float32)
     return view
 
@@ -170,14 +213,26 @@ def _expand(key: str, vector: jax.Array, shape: tuple[int, ...], positions: tupl
 
 
 def _record_call(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
+    # The weight as the call sees it: inside nnx.scan / nnx.vmap over stacked layers, one layer's slice.
+    name = weight_name(self)
+    seen = quant.kernel_shape(weight_value(getattr(self, name))) if name is not None else None
     y = type(self)._ia3_base_type.__call__(self, *args, **kwargs)  # type: ignore[attr-defined]
     x, _ = module_input(base_type(type(self)).__call__, args, kwargs)
-    _RECORDED.setdefault(self._ia3_record_path, []).append((np.shape(x), np.shape(y)))  # type: ignore[attr-defined]
+    path = self._ia3_record_path  # type: ignore[attr-defined]
+    _RECORDED.setdefault(path, []).append((np.shape(x), np.shape(y)))
+    _RECORDED_WEIGHTS.setdefault(path, set()).add(seen)
     return y
 
 
 _NNX_MISFIT = "The module was called with activations of another feature shape than at ia3_init."
 _RECORDED: dict[_tree.Path, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
+_RECORDED_WEIGHTS: dict[_tree.Path, set[tuple[int, ...] | None]] = {}
+_NNX_QUANT_FIX = (
+    "Keep this vector unmerged (the adapted model applies it in its __call__), or fold the adapter into the "
+    "float model and quantize that: float_adapted = ia3_jax.nnx.ia3_init(float_model, config, *inputs, rng=key); "
+    "ia3_jax.nnx.set_adapter(float_adapted, ia3_jax.nnx.adapter(model)); "
+    "qwix.quantize_model(ia3_jax.nnx.merge(float_adapted), provider, *inputs)."
+)
 
 
 def base_type(cls: type) -> type:
@@ -289,8 +344,45 @@ def _layout(module: nnx.Module, key: str, weight: tuple[int, ...], calls) -> Ker
     )
 
 
-def _trace(model: nnx.Module, modules: Mapping[_tree.Path, nnx.Module], args: tuple, kwargs: dict) -> dict:
-    """The (input shape, output shape) of every call of `modules` in ``model(*args, **kwargs)``, shapes only."""
+def _stored_layout(
+    module: nnx.Module,
+    key: str,
+    stored: tuple[int, ...],
+    calls: list[tuple[tuple[int, ...], tuple[int, ...]]],
+    seen: set[tuple[int, ...] | None],
+) -> KernelLayout:
+    """The layout of the weight as stored: `_layout` of the weight one call sees, with the stacked-layer axes
+    (``nnx.vmap``-created layers run by ``nnx.scan``) that the stored weight has and the call does not."""
+    if len(seen) != 1 or None in seen:
+        raise LayoutError(f"module {key!r}: its calls saw its weight with several shapes {sorted(map(str, seen))}.")
+    (per_layer,) = seen
+    assert per_layer is not None
+    layout = _layout(module, key, per_layer, calls)
+    if per_layer == stored:
+        return layout
+    return stacked_layout(layout, stored, per_layer, key)
+
+
+def _check_stacking(target: Target) -> None:
+    """Raises `LayoutError` unless each stacked-layer axis sits at the same position in the vector as in the
+    weight, since nnx.scan / nnx.vmap slice every variable of a module at one axis: a kernel (L, in, out) gives
+    the vector (L, out), fine; a kernel (in, out, L) would give (out, L), refused."""
+    axes = target.vector_axes
+    moved = [s for s in target.layout.stack_axes if axes.index(s) != s]
+    if moved:
+        raise LayoutError(
+            f"module {target.key!r}: its weight {target.kernel_shape} stacks layers at axis {moved[0]}, but its IA3 "
+            f"vector {target.vector_shape} has only {len(axes)} axes, so the layer axis sits at {axes.index(moved[0])} "
+            "there; nnx.scan / nnx.vmap slice every variable of a module at the same axis. Stack the layers at a "
+            "lower axis (nnx.vmap's default, 0)."
+        )
+
+
+def _trace(
+    model: nnx.Module, modules: Mapping[_tree.Path, nnx.Module], args: tuple, kwargs: dict
+) -> tuple[dict, dict]:
+    """The (input shape, output shape) of every call of `modules` in ``model(*args, **kwargs)``, and the
+    shapes their weight had inside those calls (one layer's, under ``nnx.scan``), shapes only."""
     if not args and not kwargs:
         raise IA3ConfigError(
             "ia3_jax.nnx needs example inputs of the model (as qwix does): ia3_init(model, config, *inputs, "
@@ -304,10 +396,12 @@ def _trace(model: nnx.Module, modules: Mapping[_tree.Path, nnx.Module], args: tu
             module.__class__ = _subclass(base_type(type(module)), _record_call)
         graphdef, state = nnx.split(model)
         _RECORDED.clear()
+        _RECORDED_WEIGHTS.clear()
         jax.eval_shape(lambda s: nnx.merge(graphdef, s)(*args, **kwargs), state)
-        return dict(_RECORDED)
+        return dict(_RECORDED), dict(_RECORDED_WEIGHTS)
     finally:
         _RECORDED.clear()
+        _RECORDED_WEIGHTS.clear()
         for path, module in modules.items():
             module.__class__ = classes[path]
             del module._ia3_record_path  # type: ignore[attr-defined]
@@ -316,9 +410,16 @@ def _trace(model: nnx.Module, modules: Mapping[_tree.Path, nnx.Module], args: tu
 # --- insertion ---
 
 
-def _vector_sharding(kernel: nnx.Variable, target: Target) -> tuple[dict[str, Any], Any]:
-    """The vector's ``out_sharding`` metadata and its NamedSharding, read at the kernel axes it follows."""
+def _vector_sharding(kernel: Any, target: Target) -> tuple[dict[str, Any], Any]:
+    """The vector's ``out_sharding`` metadata and its NamedSharding, read at the kernel axes it follows.
+
+    For a quantized weight, both are read off its integers (the ``nnx.Param`` of the kernel's logical shape).
+    """
+    if not isinstance(kernel, nnx.Variable):
+        kernel = quant.qvalue(kernel)
     metadata: dict[str, Any] = {}
+    if not isinstance(kernel, nnx.Variable):
+        return metadata, None
     names = kernel.get_metadata("out_sharding", None)
     if names:
         metadata["out_sharding"] = tuple(vector_spec(target, PartitionSpec(*names), None))
@@ -357,7 +458,18 @@ def ia3_init(
     Args:
       model: any ``nnx.Module``; supported targets are ``nnx.Linear``, ``nnx.LinearGeneral``,
         ``nnx.Einsum``, ``nnx.Conv`` and modules holding one weight of 2+ axes used as an
-        einsum/matmul on the input's trailing axes (Tunix's ``Einsum`` with ``w``).
+        einsum/matmul on the input's trailing axes (Tunix's ``Einsum`` with ``w``). Also supported:
+        * their weights quantized by qwix PTQ (``qwix.quantize_model(model, qwix.PtqProvider(rules),
+          *inputs)``; quantizing an adapted model works too). Output vectors merge into the scale;
+          feedforward vectors cannot (`merge` raises `QuantizedMergeError` with the fix). The state
+          alone (``merge(state)``) folds only where `ia3_init` saw the quantized weight; if the model
+          was quantized after `ia3_init`, merge the model.
+        * layers stacked by ``nnx.vmap`` (``out_axes`` = the layer axis) and run by ``nnx.scan``: the
+          vector has the layer axis at the kernel's position, e.g. ``(n_layers, out)``; the layer axis
+          must not be beyond the vector's axes (a kernel ``(in, out, L)`` raises `LayoutError`).
+          PEFT files have one module per layer: ``ia3_jax.save_peft(path, ia3_jax.unstack(
+          ia3_jax.nnx.adapter(model), "layers"), config)``; a stacked vector given as it is is refused.
+        Not tested: qwix-quantized weights inside ``nnx.scan``.
       config: which modules get vectors, and which of them are feedforward (input-scaled).
       *inputs, **input_kwargs: example inputs of ``model(...)`` (only their shapes matter).
       rng: PRNG key for random vectors; required when ``config.init_ia3_weights`` is False.
@@ -373,7 +485,8 @@ def ia3_init(
       TargetError: the config matches nothing, or a module without a weight.
       NotAppliedError: a targeted module's ``__call__`` does not run on these inputs (its weight is
         used some other way, e.g. a tied embedding), so its vector would be a silent no-op.
-      LayoutError: the weight's feature axes cannot be told from the shapes.
+      LayoutError: the weight's feature axes cannot be told from the shapes, or a stacked layer axis
+        that ``nnx.scan`` would slice at another position of the vector.
 
     Example:
       >>> config = ia3_jax.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
@@ -388,7 +501,7 @@ def ia3_init(
         raise AdapterExistsError("the model already holds IA3 vectors: merge them (ia3_jax.nnx.merge) first.")
     chosen = resolve_targets(_view(model), config)
     by_path = dict(named_modules(model))
-    traced = _trace(model, {p: by_path[p] for p in chosen}, inputs, input_kwargs)
+    traced, seen_weights = _trace(model, {p: by_path[p] for p in chosen}, inputs, input_kwargs)
     idle = sorted(_tree.dotted(p) for p in chosen if p not in traced)
     if idle:
         raise NotAppliedError(
@@ -406,9 +519,13 @@ def ia3_init(
         name = weight_name(module)
         assert name is not None  # resolve_targets only returns modules whose view has a kernel
         kernel = getattr(module, name)
-        shape = quant.kernel_shape(kernel.get_value())
-        target = Target(path, _layout(module, _tree.dotted(path), shape, traced[path]), shape, feedforward)
+        shape = quant.kernel_shape(weight_value(kernel))
+        target = Target(path, _stored_layout(module, _tree.dotted(path), shape, traced[path], seen_weights[path]),
+                        shape, feedforward)
+        _check_stacking(target)
         metadata, sharding = _vector_sharding(kernel, target)
+        if quant.is_quantized(kernel):
+            metadata[QUANT_META] = _quantized_structure(kernel)
         if keys is None:
             vector = jnp.ones(target.vector_shape, dtype)
         else:
@@ -557,26 +674,67 @@ def set_adapter(model: nnx.Module, adapter_tree: Mapping[str, Any] | nnx.State) 
 # --- folding vectors into weights: the Linen fold arithmetic (`merge.rescale_module`) on NNX variables ---
 
 
+def _stored_weight(
+    flat: Mapping[_tree.Path, nnx.Variable], module: nnx.Module | None, vector: nnx.Variable, path: _tree.Path
+) -> tuple[Any, tuple[tuple[str, ...], ...] | None]:
+    """The weight a vector scales, as the fold reads it (a quantized one rebuilt from its Variables), and the
+    paths of a quantized weight's Variables below it (None for a plain array)."""
+    target: Target = vector.get_metadata(TARGET_META)
+    weight = vector.get_metadata(WEIGHT_META)
+    if path + (weight,) in flat:
+        return flat[path + (weight,)].get_value(), None
+    # A qwix-quantized weight: its arrays sit below it (``kernel.array.scale``). A model has the WithAux/QArray
+    # nodes; a state lost them, and the structure recorded at ia3_init rebuilds them.
+    attribute = getattr(module, weight, None) if module is not None else None
+    if quant.is_quantized(attribute):
+        structure = _quantized_structure(attribute)
+    else:
+        structure = vector.get_metadata(QUANT_META, None)
+    below = sorted(p[len(path) + 1 :] for p in flat if p[: len(path) + 1] == path + (weight,))
+    if structure is None or sorted(structure[0]) != below:
+        raise StructureError(
+            f"IA3 vector at {target.key!r}: no weight {weight!r} in this model or state"
+            + (
+                f" that ia3_jax can read (arrays {['.'.join(p) for p in below]} below it, of a quantized weight whose "
+                "structure the state does not hold). Merge the model (ia3_jax.nnx.merge(model)) instead of its state."
+                if below
+                else "."
+            )
+        )
+    parts, treedef = structure
+    return jax.tree_util.tree_unflatten(treedef, [flat[path + (weight,) + p].get_value() for p in parts]), parts
+
+
 def _folds(
-    state: nnx.State, vectors: Mapping[_tree.Path, nnx.Variable], divide: bool
+    tree: ModelOrState, vectors: Mapping[_tree.Path, nnx.Variable], divide: bool
 ) -> dict[_tree.Path, dict[str, Any]]:
-    """``{weight or bias path: new value}`` per module: each vector folded into (or divided out of) its weight."""
-    flat = dict(nnx.to_flat_state(state))
-    flat = {_path(parts): v for parts, v in flat.items()}
+    """``{name: new value}`` per module path: each vector folded into (or divided out of) its weight.
+
+    Names are '.'-joined below the module: ``kernel`` and ``bias``, or ``kernel.array.scale`` for a
+    qwix-quantized weight, whose integers are never written (`quant.rescale_quantized`).
+    """
+    state = nnx.state(tree) if isinstance(tree, nnx.Module) else tree
+    modules = dict(named_modules(tree)) if isinstance(tree, nnx.Module) else {}
+    flat = {_path(parts): v for parts, v in nnx.to_flat_state(state)}
     written = {}
     for path, variable in vectors.items():
         target: Target = variable.get_metadata(TARGET_META)
         weight = variable.get_metadata(WEIGHT_META)
         vector = variable.get_value()
         check_vector_dtype(vector.dtype, f"IA3 vector at {target.key!r}")
-        if path + (weight,) not in flat:
-            raise StructureError(f"IA3 vector at {target.key!r} has no weight {weight!r} in this model or state.")
-        node = {"kernel": flat[path + (weight,)].get_value()}
+        kernel, parts = _stored_weight(flat, modules.get(path), variable, path)
+        node = {"kernel": kernel}
         if path + ("bias",) in flat and flat[path + ("bias",)].get_value() is not None:
             node["bias"] = flat[path + ("bias",)].get_value()
         target.check_kernel(node["kernel"])
-        arrays = _merge.rescale_module(node, vector, target, divide)
-        written[path] = {weight if name == "kernel" else name: array for name, array in arrays.items()}
+        arrays = _merge.rescale_module(node, vector, target, divide, quantized_fix=_NNX_QUANT_FIX)
+        new_kernel = arrays.pop("kernel")
+        if parts is None:
+            written[path] = {weight: new_kernel, **arrays}
+        else:  # only the arrays the fold changed (the scale), each under its own path
+            old, new = jax.tree_util.tree_leaves(kernel), jax.tree_util.tree_leaves(new_kernel)
+            changed = {".".join((weight, *p)): b for p, a, b in zip(parts, old, new) if a is not b}
+            written[path] = {**changed, **arrays}
     return written
 
 
@@ -595,11 +753,12 @@ def _write_folds(
     """`tree` (a clone, with `copy`) with the folded arrays written; with `drop_vectors` (merge), the
     vectors and the call wrappers removed and the ``modules_to_save`` copies plain ``nnx.Param``s again."""
     if isinstance(tree, nnx.State):
+        new = {p + tuple(name.split(".")): array for p, arrays in written.items() for name, array in arrays.items()}
         flat = [
             (
                 parts,
-                variable.copy(written[_path(parts[:-1])][str(parts[-1])])
-                if _path(parts[:-1]) in written and str(parts[-1]) in written[_path(parts[:-1])]
+                variable.copy(new[_path(parts)])
+                if _path(parts) in new
                 else _plain(variable) if drop_vectors else variable,
             )
             for parts, variable in nnx.to_flat_state(tree)
@@ -609,7 +768,8 @@ def _write_folds(
     model = nnx.clone(tree) if copy else tree
     for path, module in named_modules(model):
         for name, array in written.get(path, {}).items():
-            getattr(module, name).set_value(array)
+            variable: Any = functools.reduce(getattr, name.split("."), module)  # kernel, or kernel.array.scale
+            variable.set_value(array)
         if drop_vectors and isinstance(getattr(module, VECTOR, None), IA3Vector):
             delattr(module, VECTOR)
             module.__class__ = base_type(type(module))
@@ -635,9 +795,15 @@ def merge(tree: M | nnx.State, *, safe_merge: bool = False, copy: bool = True) -
     vectors, which fits the original, un-adapted model (``nnx.update(plain_model, merged)``).
     ``w * l`` is computed in the promoted dtype and cast back to ``w``'s, as for Linen.
 
+    A qwix-quantized weight keeps its integers: an output vector is folded into its scale.
+
     Raises:
       NonFiniteMergeError: with ``safe_merge``, a written array holds NaN or inf (nothing changes).
       UnsupportedKernelError: a weight is an integer array.
+      QuantizedMergeError: a feedforward vector on a quantized weight (folding would re-round the
+        integers); the message names the module and the fix. Nothing changes.
+      StructureError: an ``nnx.State`` whose quantized weight `ia3_init` did not see quantized (the
+        model was quantized after `ia3_init`): merge the model instead.
 
     Example:
       >>> served = ia3_jax.nnx.merge(model)           # runs at full speed, no vectors
@@ -645,8 +811,7 @@ def merge(tree: M | nnx.State, *, safe_merge: bool = False, copy: bool = True) -
     vectors = vector_variables(tree)
     if not vectors:
         raise StructureError("merge: no IA3 vectors in this model or state.")
-    state = nnx.state(tree) if isinstance(tree, nnx.Module) else tree
-    written = _folds(state, vectors, divide=False)
+    written = _folds(tree, vectors, divide=False)
     if safe_merge:
         _raise_non_finite(written, "merge(safe_merge=True)")
     return _write_folds(tree, written, copy, drop_vectors=True)
@@ -666,8 +831,7 @@ def unmerge(
     vectors = vector_variables(adapter_tree)
     if not vectors:
         raise StructureError("unmerge: the adapter holds no IA3 vectors.")
-    state = nnx.state(merged) if isinstance(merged, nnx.Module) else merged
-    written = _folds(state, vectors, divide=True)
+    written = _folds(merged, vectors, divide=True)
     near = [
         f"{_tree.dotted(p)!r} (smallest |l| {m:.3g})"
         for p, m in _merge.smallest_magnitudes({p: v.get_value() for p, v in vectors.items()}).items()

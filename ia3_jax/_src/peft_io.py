@@ -221,7 +221,9 @@ def _free_entries(adapter: Mapping[str, Any], config: IA3Config) -> dict[str, _E
         if len(shape) != 1:
             raise AdapterMismatchError(
                 f"the vector at {key!r} has shape {shape}: without `params`, save_peft writes 1-D vectors of "
-                "2-D kernels only. Pass params= (and layouts=) so that each kernel decides PEFT's shape."
+                "2-D kernels only. Pass params= (and layouts=) so that each kernel decides PEFT's shape; for layers "
+                "stacked by nn.scan / nnx.vmap (one vector per layer along an axis), PEFT's format has one module "
+                "per layer: pass ia3_jax.unstack(adapter, '<stacked module path>') (and unstacked params)."
             )
         if not (linear or config.is_target(key)):
             raise AdapterMismatchError(

@@ -95,6 +95,18 @@ def kernel_shape(kernel: Any) -> tuple[int, ...]:
     )
 
 
+# What to do instead when a vector cannot be folded into a quantized kernel (Linen params; NNX has its own).
+MERGE_FIX = (
+    "Keep this vector unmerged (serve with ia3_jax.apply_fn), or merge into dequantized weights: "
+    "ia3_jax.merge(ia3_jax.quant.dequantize(params), config), then requantize with qwix if needed."
+)
+
+
+def qvalue(kernel: Any) -> Any:
+    """The integers of a qwix quantized kernel as stored (an ``nnx.Param`` in an NNX model, else an array)."""
+    return _qarray(kernel).qvalue
+
+
 def rescale_quantized(
     kernel: Any,
     factor: jax.Array,
@@ -102,6 +114,7 @@ def rescale_quantized(
     *,
     key: str,
     feedforward: bool,
+    fix: str = MERGE_FIX,
 ) -> Any:
     """`kernel` with ``fold(scale, factor)`` as its scale; its integers are left untouched.
 
@@ -113,6 +126,7 @@ def rescale_quantized(
         and cast back to the scale's dtype.
       key: the module path, for messages.
       feedforward: whether the vector scales the input side (only for the message).
+      fix: what the `QuantizedMergeError` tells the user to do instead.
 
     Raises:
       QuantizedMergeError: the scale is shared along an axis where the vector varies (always the case
@@ -129,9 +143,7 @@ def rescale_quantized(
         raise QuantizedMergeError(
             f"cannot merge the {side} IA3 vector at {key!r} into its quantized kernel: the kernel {shape} "
             f"({_qtype_name(qarray.qtype)}) has scale {tuple(scale.shape)}, one value shared along axis "
-            f"{shared[0]} where the vector varies, so folding it would re-round the integers (lossy). Keep this "
-            "vector unmerged (serve with ia3_jax.apply_fn), or merge into dequantized weights: "
-            "ia3_jax.merge(ia3_jax.quant.dequantize(params), config), then requantize with qwix if needed."
+            f"{shared[0]} where the vector varies, so folding it would re-round the integers (lossy). {fix}"
         )
     new_scale = fold(scale, factor).astype(scale.dtype)
     qarray = qarray.replace(scale=_tree.rebox(boxed_scale, new_scale))
