@@ -11,6 +11,12 @@ Example:
   >>> model = ia3_nnx.ia3_init(model, config, x)               # a clone with vectors
   >>> optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=ia3_jax.IA3Vector)
   >>> served = ia3_nnx.merge(model)                            # vectors folded into the weights
+
+Adapter banks (many adapters, each example of a batch with its own): `set_bank` writes
+``ia3_jax.stack_adapters([...])`` into the model, `bank_call` runs it with per-example ids::
+
+  >>> ia3_nnx.set_bank(model, ia3_jax.stack_adapters([ia3_nnx.adapter(m) for m in tuned]))
+  >>> y = nnx.jit(ia3_nnx.bank_call)(model, jnp.array([2, -1, 0]), x)    # -1: the base model
 """
 
 from ia3_jax._src.nnx import (
@@ -18,6 +24,7 @@ from ia3_jax._src.nnx import (
     IA3Vector,
     adapter,
     add_weighted_adapter,
+    bank_call,
     base_type,
     combine,
     ia3_init,
@@ -26,6 +33,7 @@ from ia3_jax._src.nnx import (
     save_adapter,
     saved_variables,
     set_adapter,
+    set_bank,
     unmerge,
 )
 
@@ -34,6 +42,7 @@ __all__ = [
     "IA3Vector",
     "adapter",
     "add_weighted_adapter",
+    "bank_call",
     "base_type",
     "combine",
     "ia3_init",
@@ -42,5 +51,6 @@ __all__ = [
     "save_adapter",
     "saved_variables",
     "set_adapter",
+    "set_bank",
     "unmerge",
 ]

@@ -391,3 +391,29 @@ def test_strict_mode_catches_an_unapplied_bank_vector(served):
     forward = ia3_jax.bank_apply_fn(model.apply, CONFIG)
     with pytest.raises(ia3_jax.NotAppliedError, match="'unused'"):
         forward({"params": ia3_jax.join(extra, bank)}, x, adapter_ids=IDS)
+
+
+class Heads(nn.Module):
+    """k and v of 4 heads of size 4: every vector is (4, 4), so a single adapter's last axes all share size 4."""
+
+    @nn.compact
+    def __call__(self, x):
+        k, v = (nn.DenseGeneral((4, 4), name=name)(x) for name in ("k", "v"))
+        return jnp.einsum("bshd,bshd->bsh", k, v)
+
+
+def test_a_single_adapter_whose_last_axes_look_like_a_bank_is_refused():
+    """(4, 4) vectors read as a bank would be features (4,) of 4 adapters, which also fit the (.., 4, 4)
+    output's trailing axis; the kernel (8, 4, 4) says the module's output features are (4, 4)."""
+    model, config = Heads(), ia3_jax.IA3Config(target_modules=["k", "v"], init_ia3_weights=False)
+    x = jnp.ones((4, S, D))
+    base, layouts = setup(model, x)
+    params = ia3_jax.ia3_init(base, config, rng=jax.random.key(1), layouts=layouts)
+    assert params["k"]["ia3_l"].shape == (4, 4)
+    forward = ia3_jax.bank_apply_fn(model.apply, config)
+    with pytest.raises(ia3_jax.VectorShapeError, match=r"bank vector at 'k' has shape \(4, 4\).*features \[\(4, 4\)\]"):
+        jax.eval_shape(lambda p: forward({"params": p}, x, adapter_ids=jnp.array([0, 1, 2, 3])), params)
+    # A real bank of those adapters runs.
+    bank = ia3_jax.stack_adapters([ia3_jax.split(params).adapter] * 2)
+    out = jax.eval_shape(lambda b: forward({"params": ia3_jax.join(params, b)}, x, adapter_ids=IDS[:4] % 2), bank)
+    assert out.shape == (4, S, 4)

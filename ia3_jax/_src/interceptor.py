@@ -181,15 +181,22 @@ def scale_per_example(activation: jax.Array, bank_vector: jax.Array, adapter_ids
     Example:
       >>> y = scale_per_example(jnp.ones((3, 5, 16)), jnp.ones((16, 4)), jnp.array([2, -1, 0]))
     """
+    picked = pick_per_example(bank_vector, adapter_ids)
+    middle = (1,) * (jnp.ndim(activation) - picked.ndim)  # the activation's axes between batch and features
+    return scale(activation, picked.reshape(picked.shape[:1] + middle + picked.shape[1:]))
+
+
+def pick_per_example(bank_vector: jax.Array, adapter_ids: jax.Array) -> jax.Array:
+    """Each example's vector from a bank ``(*features, n_adapters)``: ``(batch, *features)``.
+
+    `NO_ADAPTER` (-1) gives ones (the base model); any other id outside ``[0, n_adapters)`` gives NaN.
+    """
     n = bank_vector.shape[-1]
-    features = bank_vector.ndim - 1
     # Every negative id is sent out of range: -2 must give NaN, not wrap around to adapter n - 2.
     picked = jnp.take(bank_vector, jnp.where(adapter_ids < 0, n, adapter_ids), axis=-1, mode="fill", fill_value=jnp.nan)
     picked = jnp.moveaxis(picked, -1, 0)  # (batch, *features)
-    base = (adapter_ids == NO_ADAPTER).reshape((-1,) + (1,) * features)
-    picked = jnp.where(base, jnp.ones((), picked.dtype), picked)
-    middle = (1,) * (jnp.ndim(activation) - 1 - features)  # the activation's axes between batch and features
-    return scale(activation, picked.reshape(picked.shape[:1] + middle + picked.shape[1:]))
+    base = (adapter_ids == NO_ADAPTER).reshape((-1,) + (1,) * (bank_vector.ndim - 1))
+    return jnp.where(base, jnp.ones((), picked.dtype), picked)
 
 
 def check_ids(adapter_ids: Any, n_adapters: int | None = None) -> None:
@@ -212,14 +219,66 @@ def check_ids(adapter_ids: Any, n_adapters: int | None = None) -> None:
         )
 
 
-def _check_bank_fits(key: str, bank_vector: jax.Array, activation: Any, side: str, adapter_ids: jax.Array) -> None:
-    """Trace-time checks of a per-example call: the features fit, and one adapter id per example."""
-    shape, features = jnp.shape(activation), bank_vector.shape[:-1]
-    if bank_vector.ndim < 2 or len(shape) <= len(features) or _trailing(shape, len(features)) != features:
+def kernel_feature_shapes(
+    kernel_shape: tuple[int, ...],
+    x_shape: tuple[int, ...],
+    y_shape: tuple[int, ...] | None = None,
+    *,
+    out_features: tuple[int, ...] | None = None,
+    conv: bool = False,
+) -> dict[str, set[tuple[int, ...]]]:
+    """The full feature shapes, ``{"input": {...}, "output": {...}}``, that a module's kernel allows for a call
+    on `x_shape` (giving `y_shape`, where known): the readings of a dense-type kernel ``(*in, *out)``, a
+    transposed 2-D kernel ``(out, in)``, or with `conv` a convolution kernel ``(*window, in, out)``, that fit
+    the activations (and `out_features`, the module's declared output features, where known). Empty sets:
+    no reading fits (a layout these readings do not know), so nothing can be told."""
+    found: dict[str, set[tuple[int, ...]]] = {"input": set(), "output": set()}
+
+    def add(ins: tuple[int, ...], outs: tuple[int, ...]) -> None:
+        fits_y = y_shape is None or _trailing(y_shape, len(outs)) == outs
+        if fits_y and (out_features is None or outs == out_features):
+            found["input"].add(ins)
+            found["output"].add(outs)
+
+    n = len(kernel_shape)
+    if conv:
+        if n >= 3 and x_shape and kernel_shape[-2] and x_shape[-1] % kernel_shape[-2] == 0:
+            add(tuple(x_shape[-1:]), tuple(kernel_shape[-1:]))
+        return found
+    for k in range(1, n):
+        if _trailing(x_shape, k) == tuple(kernel_shape[:k]):
+            add(tuple(kernel_shape[:k]), tuple(kernel_shape[k:]))
+    if n == 2 and tuple(x_shape[-1:]) == tuple(kernel_shape[1:]):
+        add(tuple(kernel_shape[1:]), tuple(kernel_shape[:1]))
+    return found
+
+
+def check_bank_fits(
+    key: str,
+    bank_vector: jax.Array,
+    activation: Any,
+    side: str,
+    adapter_ids: jax.Array,
+    features: set[tuple[int, ...]] | None = None,
+) -> None:
+    """Trace-time checks of a per-example call: the features fit, and one adapter id per example.
+
+    `features`, where known, are the module's full feature shapes for `side` (`kernel_feature_shapes`):
+    the bank vector's features must be one of them, so that a single adapter whose last vector axis
+    happens to look like an adapter axis (``(4, 4)`` heads and head_dim) is refused, not misread.
+    """
+    shape, own = jnp.shape(activation), bank_vector.shape[:-1]
+    if (
+        bank_vector.ndim < 2
+        or len(shape) <= len(own)
+        or _trailing(shape, len(own)) != own
+        or (features and own not in features)
+    ):
+        told = f" (its kernel gives the module {side} features {sorted(features)})" if features else ""
         raise VectorShapeError(
-            f"bank vector at {key!r} has shape {bank_vector.shape}, i.e. features {features} and "
+            f"bank vector at {key!r} has shape {bank_vector.shape}, i.e. features {own} and "
             f"{bank_vector.shape[-1:]} adapters (the adapter axis is last), but the {side} it scales has shape "
-            f"{shape}. A bank of adapters for another base model, or a single adapter given to a bank call "
+            f"{shape}{told}. A bank of adapters for another base model, or a single adapter given to a bank call "
             "(stack adapters with ia3_jax.stack_adapters), gives this."
         )
     if shape[0] != adapter_ids.shape[0]:
@@ -232,14 +291,33 @@ def _check_bank_fits(key: str, bank_vector: jax.Array, activation: Any, side: st
     check_ids(adapter_ids, bank_vector.shape[-1])  # values, where they are known
 
 
+def _declared_features(module: nn.Module) -> tuple[int, ...] | None:
+    """A Linen module's declared output features (``features`` of Dense, DenseGeneral, Conv), if any."""
+    features = getattr(module, "features", None)
+    if isinstance(features, int | np.integer):
+        return (int(features),)
+    if isinstance(features, tuple) and features and all(isinstance(f, int | np.integer) for f in features):
+        return tuple(int(f) for f in features)
+    return None
+
+
 def _interceptor(config: IA3Config | None, applied: Applied, adapter_ids: jax.Array | None = None):
     """The method interceptor; with `adapter_ids` every vector is a bank vector ``(*features, n_adapters)``."""
 
-    def scaled(key: str, vector: jax.Array, activation: Any, side: str) -> jax.Array:
+    def scaled(key: str, vector: jax.Array, activation: Any, side: str, module: Any = None, x: Any = None) -> jax.Array:
         if adapter_ids is None:
             check_activation_fits(key, vector, activation, side)
             return scale(activation, vector)
-        _check_bank_fits(key, vector, activation, side, adapter_ids)
+        kernel_shape = quant.kernel_shape(module.get_variable("params", "kernel"))
+        y_shape = jnp.shape(activation) if side == "output" else None
+        features = kernel_feature_shapes(
+            kernel_shape,
+            jnp.shape(x),
+            y_shape,
+            out_features=_declared_features(module),
+            conv=hasattr(module, "kernel_size"),
+        )[side]
+        check_bank_fits(key, vector, activation, side, adapter_ids, features)
         return scale_per_example(activation, vector, adapter_ids)
 
     def intercept(next_fun, args, kwargs, context):
@@ -264,7 +342,10 @@ def _interceptor(config: IA3Config | None, applied: Applied, adapter_ids: jax.Ar
             fits_input = _trailing(jnp.shape(x), len(features)) == features
             fits_output = _output_features(kernel_shape, jnp.shape(x), len(features)) == features
         feedforward = feedforward_side(key, config, fits_input, fits_output)
-        out = call(scaled(key, vector, x, "input")) if feedforward else scaled(key, vector, call(x), "output")
+        if feedforward:
+            out = call(scaled(key, vector, x, "input", module, x))
+        else:
+            out = scaled(key, vector, call(x), "output", module, x)
         applied.record(path, vector)
         return out
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
@@ -43,7 +44,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from ia3_jax._src import bank as _bank
 from ia3_jax._src import checkpoint as _checkpoint
+from ia3_jax._src import interceptor as _interceptor
 from ia3_jax._src import merge as _merge
 from ia3_jax._src import quant
 from ia3_jax._src import tree as _tree
@@ -178,12 +181,18 @@ def _ia3_call(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
     target: Target = variable.get_metadata(TARGET_META)
     vector = variable.get_value()
     call = type(self)._ia3_base_type.__call__  # type: ignore[attr-defined]
+    ids = _bank_ids(target, vector)  # per-example adapter ids inside `bank_call`, else None
     if target.feedforward:
         x, rebuild = module_input(base_type(type(self)).__call__, args, kwargs)
+        if ids is not None:
+            new_args, new_kwargs = rebuild(_bank_scale(self, target, vector, x, ids))
+            return call(self, *new_args, **new_kwargs)
         check_activation_fits(target.key, vector, x, "input", _NNX_MISFIT)
         new_args, new_kwargs = rebuild(scale(x, vector))
         return call(self, *new_args, **new_kwargs)
     y = call(self, *args, **kwargs)
+    if ids is not None:
+        return _bank_scale(self, target, vector, y, ids)
     positions = _einsum_output_positions(self)
     if positions is not None:  # e.g. Tunix's kv_einsum 'BSD,CKDH->CBSKH': features (C, K, H) not all trailing
         return scale(y, _expand(target.key, vector, jnp.shape(y), positions))
@@ -917,3 +926,181 @@ def load_adapter(path: Any, model: nnx.Module, *, step: int | None = None) -> IA
     restored, config = _checkpoint.load_adapter(path, step=step, shardings=shardings)
     set_adapter(model, restored)
     return config
+
+
+# --- adapter banks: N adapters in each vector's last axis, each example of a batch scaled by its own ---
+
+
+class _BankIds(threading.local):
+    """The adapter ids of the `bank_call` being traced (per thread), read by `_ia3_call`."""
+
+    ids: jax.Array | None = None
+
+
+_BANK = _BankIds()
+
+
+def _features(target: Target) -> tuple[int, ...]:
+    """The feature shape a target's call scales (per layer: without stacked-layer axes)."""
+    return target.layout.feature_shape(target.kernel_shape, target.feedforward)
+
+
+def _bank_ids(target: Target, vector: jax.Array) -> jax.Array | None:
+    """The ids of the `bank_call` in progress (None outside one), once the vector is checked to be of the
+    right kind: a bank inside `bank_call`, a single adapter's outside. Exact, since the target knows its features."""
+    ids, features = _BANK.ids, _features(target)
+    is_bank = vector.ndim == len(features) + 1 and tuple(vector.shape[:-1]) == features
+    if ids is None and is_bank:
+        raise VectorShapeError(
+            f"IA3 vector at {target.key!r} holds a bank of {vector.shape[-1]} adapters (shape {vector.shape}, the "
+            "adapter axis last) but the model was called without adapter ids: run it with "
+            "ia3_jax.nnx.bank_call(model, adapter_ids, *inputs), or write one adapter with "
+            "ia3_jax.nnx.set_adapter(model, ia3_jax.bank_select(bank, i))."
+        )
+    if ids is not None and not is_bank:
+        raise VectorShapeError(
+            f"bank_call: the IA3 vector at {target.key!r} has shape {vector.shape}, not a bank of vectors of shape "
+            f"{features} (*features, n_adapters): write a bank first with ia3_jax.nnx.set_bank(model, "
+            "ia3_jax.stack_adapters([...]))."
+        )
+    return ids
+
+
+def _bank_scale(module: nnx.Module, target: Target, vector: jax.Array, activation: Any, ids: jax.Array) -> Any:
+    """`activation` with each example scaled by its adapter's column of `vector`, checked (`check_bank_fits`)."""
+    side = "input" if target.feedforward else "output"
+    positions = None if target.feedforward else _einsum_output_positions(module)
+    if positions is None:
+        _interceptor.check_bank_fits(target.key, vector, activation, side, ids, {_features(target)})
+        return _interceptor.scale_per_example(activation, vector, ids)
+    # Features not trailing (Tunix's kv_einsum 'BSD,CKDH->CBSKH'): move the batch axis (where the input's
+    # first axis goes) first and the features last, scale, and move them back.
+    spec = module.einsum_str.replace(" ", "")  # type: ignore[attr-defined]
+    operands, out = spec.split("->")
+    ndim = jnp.ndim(activation)
+    batch = out.find(operands[0])
+    if batch < 0 or batch in positions or max(positions) >= ndim:
+        raise VectorShapeError(
+            f"bank_call: the output of {target.key!r} ({spec!r}, shape {jnp.shape(activation)}) has no batch axis "
+            "apart from its features, so its examples cannot take their own adapters."
+        )
+    order = [batch] + [i for i in range(ndim) if i != batch and i not in positions] + list(positions)
+    moved = jnp.transpose(activation, order)
+    _interceptor.check_bank_fits(target.key, vector, moved, side, ids, {_features(target)})
+    return jnp.transpose(_interceptor.scale_per_example(moved, vector, ids), [order.index(i) for i in range(ndim)])
+
+
+def _check_bank_model(model: nnx.Module, caller: str) -> dict[_tree.Path, nnx.Variable]:
+    """The model's vectors, refused (`StructureError`) when there are none or it holds modules_to_save copies."""
+    vectors = vector_variables(model)
+    if not vectors:
+        raise StructureError(f"{caller}: no IA3 vectors in this model: adapt it with ia3_jax.nnx.ia3_init first.")
+    if saved_variables(model):
+        raise StructureError(
+            f"{caller}: the model holds modules_to_save copies, which one bank call would share among all "
+            "adapters: per-example copies of whole modules are not an IA3 scaling. Serve such adapters on their own."
+        )
+    return vectors
+
+
+def set_bank(model: nnx.Module, bank: Mapping[str, Any] | nnx.State) -> None:
+    """Writes an adapter bank into the adapted `model`, in place: each `IA3Vector` becomes ``(*shape, N)``.
+
+    Args:
+      model: adapted by `ia3_init` (vectors at the bank's paths; no ``modules_to_save``).
+      bank: `ia3_jax.stack_adapters` of adapters of this model (`adapter` trees, `load_adapter` /
+        `load_peft` pairs), i.e. a nested dict whose every ``ia3_l`` is ``(*vector_shape, N)``, the
+        adapter axis last; or the vector ``nnx.State`` of a model holding a bank.
+
+    Everything is checked before anything is written (a refused bank changes nothing):
+    `StructureError` when the paths differ from the model's or the vectors do not share one adapter
+    axis, `VectorShapeError` when a vector's features are not its module's (a single adapter, or
+    one for another model). The vectors keep the model's dtype and placement, the adapter axis
+    replicated. Run the model with `bank_call`; `adapter` gives the bank back, and
+    ``set_adapter(model, ia3_jax.bank_select(bank, i))`` makes it a single-adapter model again.
+
+    Example:
+      >>> bank = ia3_jax.stack_adapters([ia3_jax.nnx.adapter(m) for m in tuned])   # k_proj: (2, 8, 5)
+      >>> ia3_jax.nnx.set_bank(model, bank)
+      >>> logits, _ = ia3_jax.nnx.bank_call(model, jnp.array([4, -1, 0]), tokens, positions, None, mask)
+    """
+    vectors = _check_bank_model(model, "set_bank")
+    tree = adapter(bank) if isinstance(bank, nnx.State) else _tree.to_dict(bank)
+    new = _tree.vectors(tree)
+    if set(new) != set(vectors):
+        missing, extra = sorted(set(vectors) - set(new)), sorted(set(new) - set(vectors))
+        raise StructureError(
+            f"set_bank: the bank does not fit the model: the model's vectors {[_tree.dotted(p) for p in missing[:8]]} "
+            f"are missing from it and its vectors {[_tree.dotted(p) for p in extra[:8]]} have no target in the model."
+        )
+    for path, variable in vectors.items():
+        target: Target = variable.get_metadata(TARGET_META)
+        shape = tuple(np.shape(new[path]))
+        if shape == target.vector_shape:
+            raise VectorShapeError(
+                f"set_bank: the vector at {target.key!r} has shape {shape}, a single adapter's, not a bank's "
+                f"{target.vector_shape} + (n_adapters,): stack adapters with ia3_jax.stack_adapters, or write one "
+                "adapter with set_adapter."
+            )
+        if shape[:-1] != target.vector_shape:
+            raise VectorShapeError(
+                f"set_bank: the bank vector at {target.key!r} has shape {shape}, i.e. vectors {shape[:-1]} and "
+                f"{shape[-1:]} adapters (the adapter axis last), but the model's vector there has shape "
+                f"{target.vector_shape}: a bank for another model or config."
+            )
+    _bank.bank_size(tree)  # vectors only (no modules_to_save copies), one adapter axis, float dtypes
+    for path, variable in vectors.items():
+        variable.set_value(_placed_like(variable, new[path]))
+
+
+def bank_call(model: nnx.Module, adapter_ids: Any, *args: Any, **kwargs: Any) -> Any:
+    """``model(*args, **kwargs)`` with each example scaled by its own adapter of the bank `set_bank` wrote.
+
+    Args:
+      model: holds a bank (`set_bank`): every vector ``(*features, N)``.
+      adapter_ids: ``(batch,)`` integers, one per example along the leading (batch) axis of every
+        targeted module's activations: ``i`` for adapter ``i``, `ia3_jax.NO_ADAPTER` (-1) for the base.
+      *args, **kwargs: the model's inputs.
+
+    Returns the model's output; each example's equals the model run on it alone with its adapter
+    (``set_adapter(model, ia3_jax.bank_select(bank, i))``, or merged), feedforward targets scaling
+    their input and the others their output as in the model's own call.
+
+    A plain function of the model: ``nnx.jit(bank_call)(model, ids, x)``, ``jax.jit`` over
+    ``nnx.merge(graphdef, state)``, ``nnx.grad`` / ``jax.grad`` (each example's gradient reaches only
+    its adapter's column), ``jax.vmap`` and ``nnx.scan``-ed layers compose with it; the ids are read
+    while the call is traced, so trace the model's call inside it (not an ``nnx.jit``-ed method).
+
+    Raises:
+      AdapterIdsError: the ids are not a 1-D integer array, concrete ids out of range (checked before
+        running; under jit an out-of-range id gives its example NaN: check serving inputs with
+        `ia3_jax.check_adapter_ids`), or not one id per example of a module's batch axis.
+      VectorShapeError: the model holds single-adapter vectors (or a bank vector is called without
+        ids, outside `bank_call`), or a bank's features do not fit the activations.
+
+    Example:
+      >>> ia3_jax.nnx.set_bank(model, ia3_jax.stack_adapters(adapters))          # 5 adapters
+      >>> y = nnx.jit(ia3_jax.nnx.bank_call)(model, jnp.array([3, -1, 0, 4]), x)  # x: (4, ..., features)
+    """
+    ids = adapter_ids if isinstance(adapter_ids, jax.Array) else jnp.asarray(adapter_ids)
+    _interceptor.check_ids(ids)
+    sizes = {}
+    for variable in _check_bank_model(model, "bank_call").values():
+        target: Target = variable.get_metadata(TARGET_META)
+        shape = tuple(np.shape(variable.get_value()))
+        if shape[:-1] != target.vector_shape:
+            raise VectorShapeError(
+                f"bank_call: the IA3 vector at {target.key!r} has shape {shape}, not a bank of {target.vector_shape} "
+                "vectors (*shape, n_adapters): write one first with ia3_jax.nnx.set_bank(model, "
+                "ia3_jax.stack_adapters([...]))."
+            )
+        sizes[target.key] = shape[-1]
+    if len(set(sizes.values())) != 1:
+        shown = dict(list(sizes.items())[:8])
+        raise StructureError(f"bank_call: the model's vectors hold banks of different sizes {shown}.")
+    _interceptor.check_ids(ids, next(iter(sizes.values())))  # values, where they are concrete
+    previous, _BANK.ids = _BANK.ids, ids
+    try:
+        return model(*args, **kwargs)
+    finally:
+        _BANK.ids = previous
