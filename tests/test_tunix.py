@@ -1,5 +1,7 @@
 """IA3 on Tunix models: PEFT adapters both ways (compared inside Tunix), PeftTrainer training and checkpoints."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -34,6 +36,8 @@ GEMMA = gemma_lib.ModelConfig(
     sliding_window_size=4,
     param_dtype=jnp.float32,
 )
+# num_heads == num_kv_heads: Tunix fuses q, k and v into one qkv_einsum (3, N, D, H) instead.
+GEMMA_QKV = dataclasses.replace(GEMMA, num_heads=2, num_kv_heads=2)
 TOKENS = jnp.array([[3, 17, 5, 99, 42, 7, 64, 1]])
 
 
@@ -79,11 +83,80 @@ def test_gemma3_fused_kv_einsum_sites():
     assert config.target_modules == ("down_proj", "q_proj", "v_proj")
     adapted = ia3_tunix.ia3_init(model, config, rng=jax.random.key(0))
     vector = adapted.layers[0].attn.kv_einsum.ia3_l.get_value()
-    assert vector.shape == (2, 2, 8)  # (k|v, num_kv_heads, head_dim)
-    np.testing.assert_array_equal(vector[0], 1)  # k_proj is not targeted: its half stays one
-    assert np.abs(vector[1] - 1).min() > 0
+    assert vector.shape == (1, 2, 8)  # (v, num_kv_heads, head_dim): k_proj is not targeted, so not in the vector
+    x = jax.random.normal(jax.random.key(2), (1, 5, 32))
+    base_k, base_v = model.layers[0].attn.kv_einsum(x)
+    k, v = adapted.layers[0].attn.kv_einsum(x)
+    np.testing.assert_array_equal(k, base_k)  # scaled by exactly one
+    np.testing.assert_allclose(v, base_v * vector[0], rtol=1e-6, atol=1e-6)
     assert adapted.layers[0].attn.q_einsum.ia3_l.get_value().shape == (4, 8)
     np.testing.assert_allclose(_call(ia3_nnx.merge(adapted)), _call(adapted), rtol=1e-5, atol=1e-5)
+
+
+def _qkv(module, x):
+    return np.stack([np.asarray(p) for p in module(x)])  # (3, B, T, N, H): q, k, v
+
+
+def test_gemma3_fused_qkv_einsum_scales_only_the_targeted_slices():
+    """Gemma 3 with num_heads == num_kv_heads: q, k, v fused into qkv_einsum (3, N, D, H). A k_proj/v_proj
+    config gives a (2, N, H) vector of the k and v slices only: q is scaled by exactly one, also after
+    training with weight decay (which moves every parameter it is given), and in the merged weight."""
+    model = gemma_lib.Gemma3(GEMMA_QKV, rngs=nnx.Rngs(0))
+    site = ia3_tunix.sites(model)[("layers", "0", "attn", "qkv_einsum")]
+    assert [k.rsplit(".", 1)[1] for k in site.hf_keys] == ["q_proj", "k_proj", "v_proj"]
+    config = ia3_jax.IA3Config(
+        target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False
+    )
+    adapted = ia3_tunix.ia3_init(model, config, rng=jax.random.key(0))
+    vector = np.asarray(adapted.layers[0].attn.qkv_einsum.ia3_l.get_value())
+    assert vector.shape == (2, 2, 8)  # (k|v, num_heads, head_dim)
+    x = jax.random.normal(jax.random.key(2), (1, 5, 32))
+    w = np.asarray(model.layers[0].attn.qkv_einsum.w.get_value())
+    base = np.einsum("BTD,SNDH->SBTNH", x, w)  # by hand
+    expected = base * np.concatenate([np.ones((1, 2, 8)), vector])[:, None, None]
+    assert np.abs(expected - base).max() > 0.5 * np.abs(base).max()  # a no-op could not pass
+    merged = ia3_nnx.merge(adapted)
+    for module in (adapted.layers[0].attn.qkv_einsum, merged.layers[0].attn.qkv_einsum):
+        out = _qkv(module, x)
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)  # measured ~3e-8
+        np.testing.assert_array_equal(out[0], _qkv(model.layers[0].attn.qkv_einsum, x)[0])  # q: exactly
+    np.testing.assert_array_equal(merged.layers[0].attn.qkv_einsum.w.get_value()[0], w[0])
+    np.testing.assert_allclose(_call(merged), _call(adapted), rtol=1e-5, atol=1e-5)
+    assert set(ia3_tunix.hf_adapter(adapted, config)["model"]["layers"]["0"]["self_attn"]) == {"k_proj", "v_proj"}
+
+    # Training (AdamW, weight decay 0.1): k and v move, q has no parameter to move.
+    optimizer = nnx.Optimizer(adapted, optax.adamw(0.1, weight_decay=0.1), wrt=ia3_nnx.IA3Vector)
+
+    @nnx.jit
+    def step(m, opt):
+        def loss(m):
+            logits, _ = m(TOKENS, jnp.arange(8)[None], None, jnp.tril(jnp.ones((1, 8, 8), bool)))
+            return -jax.nn.log_softmax(logits[0, :-1]).take(TOKENS[0, 1:], axis=-1).diagonal().mean()
+
+        opt.update(m, nnx.grad(loss)(m))
+
+    for _ in range(3):
+        step(adapted, optimizer)
+    trained = np.asarray(adapted.layers[0].attn.qkv_einsum.ia3_l.get_value())
+    assert np.abs(trained - vector).min() > 0.01  # every k and v entry trained
+    np.testing.assert_array_equal(
+        _qkv(adapted.layers[0].attn.qkv_einsum, x)[0], _qkv(model.layers[0].attn.qkv_einsum, x)[0]
+    )
+    np.testing.assert_array_equal(ia3_nnx.merge(adapted).layers[0].attn.qkv_einsum.w.get_value()[0], w[0])
+
+    with pytest.raises(ia3_jax.AdapterMismatchError, match="k_proj"):  # a trained k that PEFT would drop
+        ia3_tunix.hf_adapter(adapted, config.replace(target_modules=["v_proj", "down_proj"]))
+
+    # Targeting q_proj too: one vector over all of (3, N, H), every slice PEFT's vector of its module.
+    full = ia3_tunix.ia3_init(
+        model,
+        config.replace(target_modules=["q_proj", "k_proj", "v_proj"], feedforward_modules=[]),
+        rng=jax.random.key(0),
+    )
+    assert full.layers[0].attn.qkv_einsum.ia3_l.get_value().shape == (3, 2, 8)
+    # PEFT's gemma3 defaults (q_proj, v_proj, down_proj): the q and v slices.
+    defaults = ia3_tunix.ia3_init(model, ia3_tunix.default_config(model))
+    assert defaults.layers[0].attn.qkv_einsum.ia3_l.get_metadata("ia3_target").slices == (0, (0, 2))
 
 
 @pytest.mark.interop
@@ -131,51 +204,66 @@ def test_peft_adapters_both_ways_match_inside_tunix(tmp_path, family):
 
 
 @pytest.mark.interop
-def test_gemma3_peft_adapters_both_ways_match_inside_tunix(tmp_path):
-    """Gemma 3, whose k_proj/v_proj Tunix fuses into kv_einsum: PEFT -> Tunix and Tunix -> PEFT, inside Tunix."""
+@pytest.mark.parametrize("fused", ["kv_einsum", "qkv_einsum"])
+def test_gemma3_peft_adapters_both_ways_match_inside_tunix(tmp_path, fused):
+    """Gemma 3, whose q/k/v projections Tunix fuses (kv_einsum with 4 heads and 2 kv heads: PEFT's gemma3
+    defaults q_proj, v_proj, down_proj; qkv_einsum with 2 and 2: k_proj, v_proj, down_proj, q untouched):
+    PEFT -> Tunix and Tunix -> PEFT, each against the Tunix model loaded from PEFT's merge_and_unload()."""
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    hf_config = transformers.Gemma3TextConfig(
-        **TINY_SIZES,
-        sliding_window=4,
-    )
+    heads = 4 if fused == "kv_einsum" else 2
+    hf_config = transformers.Gemma3TextConfig(**{**TINY_SIZES, "num_attention_heads": heads}, sliding_window=4)
     hf = transformers.Gemma3ForCausalLM(hf_config).eval()
     hf.save_pretrained(tmp_path / "base")
+    tunix_config = GEMMA if fused == "kv_einsum" else GEMMA_QKV
+    targets = {} if fused == "kv_einsum" else dict(target_modules=["k_proj", "v_proj", "down_proj"])
 
     def load(directory):
-        return gemma_params.create_model_from_safe_tensors(str(directory), GEMMA, dtype=jnp.float32)
+        return gemma_params.create_model_from_safe_tensors(str(directory), tunix_config, dtype=jnp.float32)
 
     base = load(tmp_path / "base")
     base_logits = _call(base)
+    x = jax.random.normal(jax.random.key(2), (1, 5, 32))
+    base_attn = base.layers[0].attn
 
-    # PEFT -> Tunix: PEFT's gemma3 defaults (q_proj, v_proj, down_proj), random vectors.
-    peft_model = peft.get_peft_model(hf, peft.IA3Config(init_ia3_weights=False, task_type="CAUSAL_LM"))
+    # PEFT -> Tunix, random vectors.
+    peft_model = peft.get_peft_model(hf, peft.IA3Config(**targets, init_ia3_weights=False, task_type="CAUSAL_LM"))
     peft_model.save_pretrained(tmp_path / "peft")
     peft_model.merge_and_unload().save_pretrained(tmp_path / "peft_merged")
     adapted, peft_config = ia3_tunix.load_peft(tmp_path / "peft", base)
-    assert peft_config.target_modules == ia3_tunix.default_config(base).target_modules
-    np.testing.assert_array_equal(adapted.layers[0].attn.kv_einsum.ia3_l.get_value()[0], 1)  # k half
-    expected = _call(load(tmp_path / "peft_merged"))
+    assert set(peft_config.target_modules) == set(targets.get("target_modules", ("q_proj", "v_proj", "down_proj")))
+    module = getattr(adapted.layers[0].attn, fused)
+    assert module.ia3_l.get_value().shape == ((1, 2, 8) if fused == "kv_einsum" else (2, 2, 8))
+    untouched = 0  # k of kv_einsum, q of qkv_einsum: scaled by exactly one
+    np.testing.assert_array_equal(module(x)[untouched], getattr(base_attn, fused)(x)[untouched])
+    merged = load(tmp_path / "peft_merged")
+    expected = _call(merged)
+    if fused == "qkv_einsum":  # q_proj kept its weight in PEFT's merge, as in ours
+        np.testing.assert_array_equal(
+            merged.layers[0].attn.qkv_einsum.w.get_value()[0], base_attn.qkv_einsum.w.get_value()[0]
+        )
     scale = np.abs(expected).max()
     assert np.abs(expected - base_logits).max() > 0.1 * scale  # a no-op could not pass
-    assert np.abs(_call(adapted) - expected).max() <= 1e-5 * scale
+    assert np.abs(_call(adapted) - expected).max() <= 1e-5 * scale  # measured 4e-7 (qkv) to 6e-7 (kv)
 
-    # Tunix -> PEFT, with the k half trained away from one (as PeftTrainer would): k_proj joins the targets.
-    ours_config = ia3_tunix.default_config(base, init_ia3_weights=False)
+    # Tunix -> PEFT: ia3_jax's random vectors, read by PeftModel.from_pretrained, merged by PEFT.
+    ours_config = ia3_tunix.default_config(base, init_ia3_weights=False, **targets)
     ours = ia3_tunix.ia3_init(base, ours_config, rng=jax.random.key(0))
-    for layer in ours.layers:
-        vector = layer.attn.kv_einsum.ia3_l
-        vector.set_value(vector.get_value().at[0].set(jax.random.uniform(jax.random.key(1), (2, 8), minval=0.5)))
     ia3_tunix.save_peft(tmp_path / "ours", ours, ours_config)
     twin = transformers.Gemma3ForCausalLM.from_pretrained(tmp_path / "base").eval()
     read = peft.PeftModel.from_pretrained(twin, tmp_path / "ours")
-    assert set(read.peft_config["default"].target_modules) == {"q_proj", "k_proj", "v_proj", "down_proj"}
+    assert set(read.peft_config["default"].target_modules) == set(ours_config.target_modules)
     read.merge_and_unload().save_pretrained(tmp_path / "ours_merged")
-    expected = _call(load(tmp_path / "ours_merged"))
+    merged = load(tmp_path / "ours_merged")
+    expected = _call(merged)
     assert np.abs(expected - base_logits).max() > 0.1 * scale
-    assert np.abs(_call(ours) - expected).max() <= 1e-5 * np.abs(expected).max()
+    assert np.abs(_call(ours) - expected).max() <= 1e-5 * np.abs(expected).max()  # measured 4e-7 (qkv) to 6e-7 (kv)
+    if fused == "qkv_einsum":  # PEFT got no q_proj vector: its merge keeps q_proj's weight
+        np.testing.assert_array_equal(
+            merged.layers[0].attn.qkv_einsum.w.get_value()[0], base_attn.qkv_einsum.w.get_value()[0]
+        )
     reloaded, _ = ia3_tunix.load_peft(tmp_path / "ours", base)  # and back: the same vectors
     jax.tree.map(np.testing.assert_allclose, ia3_nnx.adapter(reloaded), ia3_nnx.adapter(ours))
 

@@ -76,7 +76,7 @@ def rescale_module(
     written = {"kernel": _tree.rebox(boxed_kernel, new_kernel)}
     if not target.feedforward and "bias" in node:
         bias = _tree.unbox(node["bias"])
-        written["bias"] = _tree.rebox(node["bias"], op(bias, vector).astype(bias.dtype))
+        written["bias"] = _tree.rebox(node["bias"], op(bias, target.full_vector(vector)).astype(bias.dtype))
     return written
 
 

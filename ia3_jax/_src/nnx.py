@@ -179,7 +179,7 @@ def _view(model: nnx.Module) -> dict[str, Any]:
 def _ia3_call(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
     variable = getattr(self, VECTOR)
     target: Target = variable.get_metadata(TARGET_META)
-    vector = variable.get_value()
+    vector = target.full_vector(variable.get_value())  # Target.slices: parts it leaves out scale by one
     call = type(self)._ia3_base_type.__call__  # type: ignore[attr-defined]
     ids = _bank_ids(target, vector)  # per-example adapter ids inside `bank_call`, else None
     if target.feedforward:

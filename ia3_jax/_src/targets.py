@@ -137,6 +137,10 @@ class Target:
       layout: which kernel axes are input, output and stacked-layer axes.
       kernel_shape: the kernel's logical shape (a quantized kernel's integer shape).
       feedforward: the vector scales the input features (else the output features, bias included).
+      slices: ``(kernel axis, indices)`` when the vector covers only these indices of that output axis
+        and every other index is scaled by exactly one: the parts of a fused weight that the config does
+        not target (Tunix's Gemma 3 ``qkv_einsum`` under ``k_proj``/``v_proj``: q is not in the vector, so
+        no optimizer, weight decay included, can move it). None: the vector covers every feature.
 
     Example: an ``nn.Dense(16)`` on 8 input features, not feedforward:
     ``Target(("mlp", "up"), KernelLayout((0,), (1,)), (8, 16), False).vector_shape == (16,)``.
@@ -146,6 +150,7 @@ class Target:
     layout: KernelLayout
     kernel_shape: tuple[int, ...]
     feedforward: bool
+    slices: tuple[int, tuple[int, ...]] | None = None
 
     @property
     def key(self) -> str:
@@ -153,7 +158,22 @@ class Target:
 
     @property
     def vector_shape(self) -> tuple[int, ...]:
-        return self.layout.vector_shape(self.kernel_shape, self.feedforward)
+        shape = self.layout.vector_shape(self.kernel_shape, self.feedforward)
+        if self.slices is None:
+            return shape
+        axis, kept = self.slices
+        pos = self.vector_axes.index(axis)
+        return shape[:pos] + (len(kept),) + shape[pos + 1 :]
+
+    def full_vector(self, vector: jax.Array) -> jax.Array:
+        """`vector` over all the features it scales: with `slices`, exactly one at the indices it leaves out."""
+        if self.slices is None:
+            return vector
+        axis, kept = self.slices
+        pos = self.vector_axes.index(axis)
+        full = self.layout.vector_shape(self.kernel_shape, self.feedforward)
+        ones = jnp.ones(full + tuple(vector.shape[len(full) :]), vector.dtype)
+        return ones.at[(slice(None),) * pos + (np.asarray(kept),)].set(vector)
 
     @property
     def vector_axes(self) -> list[int | None]:
@@ -206,7 +226,7 @@ class Target:
     def kernel_factor(self, vector: jax.Array) -> jax.Array:
         """`vector`, checked, reshaped to broadcast against the kernel (grouped convs: expanded)."""
         self.check_vector(vector.shape)
-        return self.layout.scale_for_kernel(vector, self.kernel_shape, self.feedforward)
+        return self.layout.scale_for_kernel(self.full_vector(vector), self.kernel_shape, self.feedforward)
 
 
 def targets(

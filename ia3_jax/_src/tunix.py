@@ -12,6 +12,7 @@ it selects, so PEFT's per-model-type defaults (`default_config`) apply to Tunix 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import re
@@ -192,8 +193,9 @@ def tunix_config(config: IA3Config, model: nnx.Module) -> IA3Config:
     """`config` (PEFT's, on Hugging Face module names) as the config that selects the same modules in `model`.
 
     Example: ``k_proj``/``down_proj`` of a Llama become ``layers.N.attn.k_proj`` / ``layers.N.mlp.down_proj``.
-    A Tunix weight fused from several Hugging Face weights (Gemma 3's ``kv_einsum``: k_proj and v_proj) is
-    selected when any of them is; its vector's other parts stay ones (see `save_peft`).
+    A Tunix weight fused from several Hugging Face weights (Gemma 3's ``kv_einsum``: k_proj and v_proj, or
+    ``qkv_einsum``: q_proj, k_proj and v_proj) is selected when any of them is; `ia3_init` then gives it a
+    vector of the targeted parts only.
     """
     chosen = [site for site in sites(model).values() if any(_targeted(config, k) for k in site.hf_keys)]
     if not chosen:
@@ -225,18 +227,49 @@ def example_inputs(length: int = 4) -> tuple[Any, ...]:
 def ia3_init(model: M, config: IA3Config, *inputs: Any, **kwargs: Any) -> M:
     """`ia3_jax.nnx.ia3_init` on a Tunix model with PEFT's `config` (Hugging Face module names).
 
-    Without `inputs`, a short token sequence is used for the shape trace (`example_inputs`). Parts of a
-    fused weight that `config` does not target (Gemma 3's k_proj half of ``kv_einsum`` under PEFT's
-    default q_proj/v_proj/down_proj) start at one, also with random vectors.
+    Without `inputs`, a short token sequence is used for the shape trace (`example_inputs`).
+
+    A weight that Tunix fuses from several Hugging Face weights gets a vector of the parts that `config`
+    targets only, as PEFT has vectors on those modules only: Gemma 3's ``qkv_einsum`` (num_heads ==
+    num_kv_heads) under ``k_proj``/``v_proj`` gets a ``(2, num_heads, head_dim)`` vector (k, v) and q is
+    scaled by exactly one however the vector trains; under PEFT's gemma3 defaults (q_proj, v_proj,
+    down_proj) ``kv_einsum`` gets ``(1, num_kv_heads, head_dim)`` (v) and ``qkv_einsum`` ``(2, ...)``
+    (q, v). The vector's `Target` records which indices it covers (``Target.slices``).
 
     Example:
       >>> model = ia3_jax.tunix.ia3_init(llama, ia3_jax.tunix.default_config(llama))
     """
     adapted = _nnx.ia3_init(model, tunix_config(config, model), *(inputs or example_inputs()), **kwargs)
-    if not config.init_ia3_weights:
-        parts = _parts(adapted)
-        _write_parts(adapted, {k: np.ones_like(v) if not _targeted(config, k) else v for k, v in parts.items()})
+    modules = dict(_nnx.named_modules(adapted))
+    variables = _nnx.vector_variables(adapted)
+    for path, (site, target, vector) in _vectors(adapted).items():
+        slices = _fused_slices(site, target, config)
+        if slices is None:
+            continue
+        axis, kept = slices
+        metadata = {**variables[path].get_metadata(), _nnx.TARGET_META: dataclasses.replace(target, slices=slices)}
+        narrowed = jnp.take(vector, jnp.asarray(kept), axis=target.vector_axes.index(axis))
+        setattr(modules[path], _nnx.VECTOR, _nnx.IA3Vector(narrowed, **metadata))
     return adapted
+
+
+def _fused_slices(site: Site, target: Target, config: IA3Config) -> tuple[int, tuple[int, ...]] | None:
+    """For a weight fused from Hugging Face weights of which `config` targets some but not all: the kernel
+    axis that stacks them (Gemma 3's S of ``qkv_einsum`` (S, N, D, H)) and its indices of the targeted ones."""
+    if site.feature_index is None:
+        return None
+    targeted = np.array([_targeted(config, k) for k in site.hf_keys])
+    if targeted.all():
+        return None
+    part = np.searchsorted(np.cumsum(site.sizes), site.feature_index, side="right")  # which hf key, per entry
+    for axis in target.layout.out_axes:
+        line = part[tuple(slice(None) if a == axis else slice(0, 1) for a in range(part.ndim))]
+        if (part == line).all():
+            return axis, tuple(int(i) for i in np.flatnonzero(targeted[line.ravel()]))
+    raise LayoutError(
+        f"{target.key!r} is fused by Tunix from {list(site.hf_keys)} along no single output axis: IA3 cannot "
+        f"scale only the targeted ones {list(np.asarray(site.hf_keys)[targeted])}; target all of them."
+    )
 
 
 def _torch_index(target: Target, site: Site) -> np.ndarray:
@@ -271,6 +304,9 @@ def _torch_index(target: Target, site: Site) -> np.ndarray:
     read = moved[(Ellipsis,) + (0,) * len(rest)]
     if not (moved == read.reshape(read.shape + (1,) * len(rest))).all():
         raise LayoutError(f"module {target.key!r}: Tunix's rule mixes the features IA3 scales with others.")
+    if target.slices is not None:  # a vector of some parts of a fused weight (`ia3_init`)
+        axis, kept = target.slices
+        read = np.take(read, kept, axis=target.vector_axes.index(axis))
     return read
 
 
@@ -292,14 +328,16 @@ def _split(site: Site, target: Target, flat: np.ndarray) -> dict[str, np.ndarray
 
 
 def _parts(model: nnx.Module) -> dict[str, np.ndarray]:
-    """Every vector of the adapted Tunix model as PEFT's flat vectors, by Hugging Face module path
-    (every part of a fused weight, targeted or not)."""
+    """Every vector of the adapted Tunix model as PEFT's flat vectors, by Hugging Face module path (of a
+    fused weight, the parts its vector covers)."""
     out = {}
     for site, target, vector in _vectors(model).values():
         index = _torch_index(target, site)
-        flat = np.empty(index.size, np.float32)
+        size = sum(site.sizes) if site.sizes else index.size
+        flat = np.ones(size, np.float32)
         flat[index] = np.asarray(vector, np.float32)
-        out.update(_split(site, target, flat))
+        covered = _split(site, target, np.isin(np.arange(size), index))
+        out.update({k: v for k, v in _split(site, target, flat).items() if covered[k].any()})
     return out
 
 
@@ -309,7 +347,8 @@ def _write_parts(model: nnx.Module, parts: dict[str, np.ndarray]) -> None:
     for path, (site, target, _) in _vectors(model).items():
         index = _torch_index(target, site)
         pieces = []
-        for key, piece in _split(site, target, np.ones(index.size, np.float32)).items():
+        size = sum(site.sizes) if site.sizes else index.size
+        for key, piece in _split(site, target, np.ones(size, np.float32)).items():
             given = parts.get(key, piece)
             if given.size != piece.size:
                 raise AdapterMismatchError(f"{key!r}: {given.size} entries, the Tunix module needs {piece.size}.")
@@ -321,42 +360,28 @@ def _write_parts(model: nnx.Module, parts: dict[str, np.ndarray]) -> None:
 def hf_adapter(model: nnx.Module, config: IA3Config | None = None) -> dict[str, Any]:
     """The adapted Tunix model's vectors as an adapter tree on Hugging Face module paths (flat 1-D vectors).
 
-    With `config`, parts of fused weights that it does not target are left out where they are ones.
+    With `config`, parts of fused weights that it does not target are left out where they are ones (a
+    model adapted by `ia3_jax.nnx.ia3_init` has vectors over whole fused weights), and raise
+    `AdapterMismatchError` where they are not: PEFT would have no module to put them on.
     """
     parts = _parts(model)
     if config is not None:
-        parts = {k: v for k, v in parts.items() if _targeted(config, k) or not (v == 1).all()}
+        stray = sorted(k for k, v in parts.items() if not _targeted(config, k) and not (v == 1).all())
+        if stray:
+            raise AdapterMismatchError(
+                f"the model's vectors of {stray[:4]} are not ones, but target_modules={config.target_modules!r} does "
+                "not target them, so PEFT would drop them: save with the config the model was adapted with."
+            )
+        parts = {k: v for k, v in parts.items() if _targeted(config, k)}
     return _tree.updated({}, {tuple(k.split(".")) + (_tree.VECTOR,): v for k, v in parts.items()})
-
-
-def _widened_config(model: nnx.Module, config: IA3Config) -> IA3Config:
-    """`config` widened to the Hugging Face modules whose vectors the adapted Tunix model needs.
-
-    Tunix fuses some weights (Gemma 3: k_proj and v_proj into ``kv_einsum``), so one vector covers a
-    module that `config` may not target (k_proj under PEFT's gemma3 defaults); once trained away from
-    ones, that part is written as a vector of its own and its module name joins ``target_modules``.
-    """
-    extra = sorted(
-        {k.rsplit(".", 1)[-1] for k, v in _parts(model).items() if not _targeted(config, k) and not (v == 1).all()}
-    )
-    if not extra:
-        return config
-    if not isinstance(config.target_modules, (list, tuple)):
-        raise AdapterMismatchError(
-            f"the vectors of {extra} (parts of weights Tunix fuses) trained away from one, but target_modules="
-            f"{config.target_modules!r} is a pattern that ia3_jax cannot widen: add them to it."
-        )
-    return config.replace(target_modules=sorted(set(config.target_modules) | set(extra)))
 
 
 def save_peft(path: str | Path, model: nnx.Module, config: IA3Config) -> Path:
     """Writes the adapted Tunix model's vectors as PEFT's adapter for its Hugging Face twin.
 
     `config` is PEFT's (Hugging Face names), as given to `ia3_init`. ``PeftModel.from_pretrained(
-    LlamaForCausalLM(...), path)`` then gives the Tunix model's logits. A trained part of a fused
-    weight that `config` does not target widens the written config (`_widened_config`).
+    LlamaForCausalLM(...), path)`` then gives the Tunix model's logits.
     """
-    config = _widened_config(model, config)
     return peft_io.save_peft(path, hf_adapter(model, config), config)
 
 
@@ -364,9 +389,9 @@ def load_peft(path: str | Path, model: M, *inputs: Any) -> tuple[M, IA3Config]:
     """A clone of the Tunix `model` carrying the PEFT adapter at `path`; returns ``(model, PEFT's config)``.
 
     Each PEFT vector (``(out, 1)`` / ``(1, in)``) is mapped onto its Tunix module through Tunix's
-    key mapping and reshaped to the Tunix vector (``(num_kv_heads, head_dim)`` for ``k_proj``; the
-    k then v halves of ``(2, num_kv_heads, head_dim)`` for Gemma 3's ``kv_einsum``, a half the
-    adapter does not target staying ones).
+    key mapping and reshaped to the Tunix vector (``(num_kv_heads, head_dim)`` for ``k_proj``; for
+    Gemma 3's fused ``kv_einsum`` / ``qkv_einsum``, a vector of the parts the adapter targets, in
+    q, k, v order, e.g. ``(2, num_heads, head_dim)`` for k_proj and v_proj on ``qkv_einsum``).
 
     Example:
       >>> model, config = ia3_jax.tunix.load_peft("peft_out", llama)
