@@ -236,7 +236,7 @@ def test_tunix_llama3():
 
 
 def test_tunix_gemma3_fused_kv_einsum():
-    """Gemma 3's kv_einsum 'BSD,CKDH->CBSKH': its (2, K, H) features sit around the batch axis, not trailing."""
+    """Gemma 3's kv_einsum 'BSD,CKDH->CBSKH': its (C, K, H) features sit around the batch axis, not trailing."""
     pytest.importorskip("tunix")
     from tunix.models.gemma3 import model as gemma_lib
 
@@ -253,7 +253,8 @@ def test_tunix_gemma3_fused_kv_einsum():
     )
     bank = _bank(model)
     ia3_nnx.set_bank(model, bank)
-    assert model.layers[0].attn.kv_einsum.ia3_l.get_value().shape == (2, 2, 8, N)
+    # PEFT's gemma3 defaults target v_proj, not k_proj: the vector holds the v slice only
+    assert model.layers[0].attn.kv_einsum.ia3_l.get_value().shape == (1, 2, 8, N)
     tokens = jax.random.randint(jax.random.key(1), (B, 6), 0, 128)
     positions = jnp.broadcast_to(jnp.arange(6), (B, 6))
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((6, 6), bool)), (B, 6, 6))
