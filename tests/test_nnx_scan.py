@@ -212,3 +212,26 @@ class Deep(nnx.Module):
             return layer(x)
 
         return body(x, self.layers)
+
+
+def test_bank_on_scanned_layers_equals_each_adapter_alone():
+    """A bank on nnx.scan-ned layers: vectors (N_layers, *features, n_adapters), the scan slices the layer axis."""
+    adapters = []
+    for seed in range(3):
+        _, tuned = _adapted(seed=seed)
+        adapters.append(ia3_nnx.adapter(tuned))
+    _, model = _adapted()
+    bank = ia3_jax.stack_adapters(adapters)
+    ia3_nnx.set_bank(model, bank)
+    assert model.layers.k.ia3_l.get_value().shape == (N, 12, 3)
+    ids = jnp.array([2, ia3_jax.NO_ADAPTER])
+    got = nnx.jit(ia3_nnx.bank_call)(model, ids, X)
+    for row, i in enumerate(np.asarray(ids)):
+        alone = _adapted()[1]
+        if i >= 0:
+            ia3_nnx.set_adapter(alone, ia3_jax.bank_select(bank, int(i)))
+            want = _run(alone, X[row : row + 1])
+        else:
+            want = _run(_adapted()[0], X[row : row + 1])
+        np.testing.assert_allclose(got[row : row + 1], want, rtol=1e-6, atol=1e-7)  # measured: bitwise equal
+    assert np.abs(np.asarray(got[0] - _run(_adapted()[0], X[:1])[0])).max() > 1e-2  # the adapter acts
