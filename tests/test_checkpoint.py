@@ -220,6 +220,39 @@ def test_save_that_raises_leaves_previous_checkpoint(tmp_path, monkeypatch):
     assert _step_names(tmp_path / "run") == ["1", "2"] and _step_names(tmp_path) == ["run", "single"]
 
 
+def test_cleanup_waits_out_a_directory_that_refills(tmp_path, monkeypatch):
+    """A failed orbax save's other items finish writing into the staging directory from background
+    threads while it is deleted (ENOTEMPTY, seen under load): the save's cleanup retries, and the
+    original error is what the caller sees. Injected: rmtree's first two calls fail with ENOTEMPTY."""
+    import errno
+    import shutil
+
+    a1, _ = _setup(seed=0)
+    a2, _ = _setup(seed=5)
+    ia3_jax.save_adapter(tmp_path / "single", a1, CONFIG)
+    real_rmtree, calls = shutil.rmtree, []
+
+    def refilling(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) <= 2:
+            raise OSError(errno.ENOTEMPTY, "Directory not empty", path)
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", refilling)
+    ia3_jax.save_adapter(tmp_path / "single", a2, CONFIG, overwrite=True)  # the replaced copy is deleted
+    assert len(calls) >= 3 and calls[0] == calls[2]  # the same directory, retried
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    chex.assert_trees_all_equal(ia3_jax.load_adapter(tmp_path / "single")[0], a2)
+    assert sorted(os.listdir(tmp_path)) == ["single"]  # nothing left beside it
+
+    def no_permission(path, *args, **kwargs):  # any other error is not waited out
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(shutil, "rmtree", no_permission)
+    with pytest.raises(PermissionError):
+        ia3_jax.save_adapter(tmp_path / "single", a1, CONFIG, overwrite=True)
+
+
 # --- bad input ---------------------------------------------------------------------------------
 
 

@@ -22,12 +22,14 @@ the old one under its replaced name, which `recover` puts back. POSIX local or m
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
 import secrets
 import shutil
 import socket
+import time
 from collections.abc import Callable, Iterator
 
 from ia3_jax._src.errors import CheckpointError
@@ -121,9 +123,23 @@ def discard(directory: str, path: str) -> None:
         os.rename(directory, trash)
         directory = trash
     if os.path.isdir(directory) and not os.path.islink(directory):
-        shutil.rmtree(directory)
+        _remove_tree(directory)
     else:
         os.unlink(directory)
+
+
+def _remove_tree(directory: str, attempts: int = 50, pause_s: float = 0.1) -> None:
+    """`shutil.rmtree`, retried while a directory refills: when one item of an orbax save raises, the
+    items already launched finish writing from orbax's background threads into the staging directory
+    being deleted (``ENOTEMPTY``). Bounded (5 s): a writer that never stops is not ours to wait for."""
+    for attempt in range(attempts):
+        try:
+            shutil.rmtree(directory)
+            return
+        except OSError as err:
+            if err.errno != errno.ENOTEMPTY or attempt == attempts - 1:
+                raise
+            time.sleep(pause_s)
 
 
 def recover(path: str) -> str | None:
