@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import statistics
 import sys
@@ -95,25 +94,18 @@ def split_for(model: nnx.Module, mode: str) -> tuple[Any, Any, Any, Any]:
     return model, graphdef, trainable, frozen
 
 
-def train_step(graphdef: Any, optimizer: optax.GradientTransformation, seq: int):
-    """One AdamW step on the trainable state (donated with the optimizer state)."""
+def loss_fn(graphdef: Any, seq: int):
+    """``loss(trainable, frozen, ids)``: the Tunix model's float32 next-token loss on ``(batch, seq)`` ids."""
     positions = jnp.arange(seq)[None]
     mask = jnp.tril(jnp.ones((1, seq, seq), bool))
 
     def loss(trainable, frozen, ids):
         model = nnx.merge(graphdef, trainable, frozen)
-        logits, _ = model(
-            ids, jnp.broadcast_to(positions, ids.shape), None, jnp.broadcast_to(mask, (ids.shape[0], seq, seq))
-        )
+        batch = ids.shape[0]
+        logits, _ = model(ids, jnp.broadcast_to(positions, ids.shape), None, jnp.broadcast_to(mask, (batch, seq, seq)))
         return causal_lm_loss(logits, ids)
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(trainable, opt_state, frozen, ids):
-        value, grads = jax.value_and_grad(loss)(trainable, frozen, ids)
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, value
-
-    return step
+    return loss
 
 
 def bench_train(mode: str, workload: jax_bench.Workload, cpu_tiny: bool = False) -> dict[str, Any]:
@@ -124,7 +116,8 @@ def bench_train(mode: str, workload: jax_bench.Workload, cpu_tiny: bool = False)
     opt_state = optimizer.init(trainable)
     ids = jax.random.randint(jax.random.key(1), (workload.batch, workload.seq), 0, config.vocab_size)
     start = time.perf_counter()
-    compiled = train_step(graphdef, optimizer, workload.seq).lower(trainable, opt_state, frozen, ids).compile()
+    step = jax_bench.train_step(loss_fn(graphdef, workload.seq), optimizer)  # trainable, opt_state donated
+    compiled = step.lower(trainable, opt_state, frozen, ids).compile()
     compile_s = time.perf_counter() - start
     times, losses = jax_bench.timed_steps(compiled, (trainable, opt_state), frozen, ids, workload)
     step_s = statistics.median(times)

@@ -135,22 +135,23 @@ def _train(name: str, step_s: float, peak: float | None = None, tokens: int = 81
     return {"name": name, "status": "ok", "step_s": step_s, "tokens_per_s": tokens / step_s, "peak_bytes": peak}
 
 
+def _by_name(*results: dict) -> dict[str, dict]:
+    return {r["name"]: r for r in results}
+
+
 def test_report_targets_and_table():
-    results = {
-        r["name"]: r
-        for r in [
-            _train("jax:lean:ia3", 0.080, 10.0),
-            _train("jax:lean:floor", 0.075, 9.0),
-            _train("torch:peft:ia3", 0.140, 20.0),
-            {
-                "name": "pair:lean",
-                "status": "ok",
-                "ia3_over_floor": 1.02,
-                "modes": {"ia3": {"step_s": 0.0765}, "floor": {"step_s": 0.075}},
-            },
-            {"name": "jax:hf:full", "status": "oom", "error": "RESOURCE_EXHAUSTED: out of memory"},
-        ]
-    }
+    results = _by_name(
+        _train("jax:lean:ia3", 0.080, 10.0),
+        _train("jax:lean:floor", 0.075, 9.0),
+        _train("torch:peft:ia3", 0.140, 20.0),
+        {
+            "name": "pair:lean",
+            "status": "ok",
+            "ia3_over_floor": 1.02,
+            "modes": {"ia3": {"step_s": 0.0765}, "floor": {"step_s": 0.075}},
+        },
+        {"name": "jax:hf:full", "status": "oom", "error": "RESOURCE_EXHAUSTED: out of memory"},
+    )
     rows = {what: (value, verdict) for what, value, verdict in report.target_rows(results)}
     # the pair (same process, alternating rounds) is preferred over separate processes (0.080 / 0.075)
     assert rows["lean: IA3 step / floor step <= 1.03 (alternating rounds, one process)"] == ("1.020", "met")
@@ -164,16 +165,13 @@ def test_report_targets_and_table():
 
 
 def test_report_tunix_comparison_has_its_own_table_and_targets():
-    results = {
-        r["name"]: r
-        for r in [
-            _train("jax:lean:ia3", 0.080, 10.0),
-            _train("tunix:llama32-1b:ia3", 0.103, 12.0),
-            _train("tunix:llama32-1b:floor", 0.100, 11.0),
-            _train("torch:compile:ia3:llama32-1b", 0.110, 24.0),
-            _train("torch:compile:floor:llama32-1b", 0.100, 22.0),
-        ]
-    }
+    results = _by_name(
+        _train("jax:lean:ia3", 0.080, 10.0),
+        _train("tunix:llama32-1b:ia3", 0.103, 12.0),
+        _train("tunix:llama32-1b:floor", 0.100, 11.0),
+        _train("torch:compile:ia3:llama32-1b", 0.110, 24.0),
+        _train("torch:compile:floor:llama32-1b", 0.100, 22.0),
+    )
     rows = {what: (value, verdict) for what, value, verdict in report.issue12_rows(results)}
     assert rows["tunix:llama32-1b:ia3 step / its floor (tunix:llama32-1b:floor) <= 1.03"] == ("1.030", "met")
     assert rows["tunix:llama32-1b:ia3 peak / torch:compile:ia3:llama32-1b peak"] == ("0.500", "reported")
