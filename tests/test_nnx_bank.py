@@ -18,6 +18,8 @@ logits up to ~0.2):
 
 from __future__ import annotations
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -196,10 +198,90 @@ def test_errors(plain):
         np.testing.assert_array_equal(got, want)
 
 
+class JittedCall(nnx.Module):
+    """A model whose own __call__ is nnx.jit-ed: bank_call must not bake the first call's ids into its cache."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.up = nnx.Linear(4, 4, rngs=rngs)
+
+    @nnx.jit
+    def __call__(self, x):
+        return self.up(x)
+
+
+def test_jitted_method_gets_each_calls_ids():
+    x = jnp.ones((2, 4))
+    model = ia3_nnx.ia3_init(JittedCall(nnx.Rngs(0)), ia3_jax.IA3Config(target_modules=["up"]), x)
+    ia3_nnx.set_bank(model, {"up": {"ia3_l": jnp.stack([jnp.full((4,), 2.0), jnp.full((4,), 3.0)], -1)}})
+    base = JittedCall(nnx.Rngs(0))(x)
+    np.testing.assert_allclose(ia3_nnx.bank_call(model, jnp.array([0, 0]), x) / base, 2.0, rtol=1e-6)
+    np.testing.assert_allclose(
+        ia3_nnx.bank_call(model, jnp.array([1, -1]), x) / base, np.repeat([[3.0], [1.0]], 4, 1), rtol=1e-6
+    )
+    ran = nnx.jit(ia3_nnx.bank_call)(model, jnp.array([-1, 1]), x)
+    np.testing.assert_allclose(ran / base, np.repeat([[1.0], [3.0]], 4, 1), rtol=1e-6)
+    assert not hasattr(model.up, "ia3_adapter_ids")
+    with pytest.raises(ia3_jax.VectorShapeError, match="without adapter ids"):  # and no stale ids afterwards
+        model(x)
+    with pytest.raises(ia3_jax.AdapterIdsError):  # a call that raises leaves no ids behind either
+        ia3_nnx.bank_call(model, jnp.array([0, 1, 0]), x)
+    assert not hasattr(model.up, "ia3_adapter_ids")
+
+
+class Peeking(Plain):
+    """Plain, recording what the NNX filters and ia3_jax.nnx.adapter see in the middle of a bank_call."""
+
+    seen: dict = {}
+
+    def __call__(self, x):
+        if not isinstance(getattr(self.up, "ia3_l", None), ia3_nnx.IA3Vector):  # ia3_init's trace
+            return super().__call__(x)
+        Peeking.seen = {
+            "param": [p for p, _ in nnx.to_flat_state(nnx.state(self, nnx.Param))],
+            "lora": [p for p, _ in nnx.to_flat_state(nnx.state(self, nnx.LoRAParam))],
+            "adapter": jax.tree.leaves(ia3_nnx.adapter(self)),
+            "ids": [p for p, _ in nnx.to_flat_state(nnx.state(self))],
+        }
+        return super().__call__(x)
+
+
+def test_ids_are_no_param_and_gone_after_the_call(plain):
+    _, bank, x = plain
+    model = ia3_nnx.ia3_init(Peeking(nnx.Rngs(0)), CONFIG, x, rng=jax.random.key(0))
+    ia3_nnx.set_bank(model, bank)
+    ia3_nnx.bank_call(model, IDS, x)
+    assert any("ia3_adapter_ids" in p for p in Peeking.seen["ids"])  # they were there, as module state
+    assert not any("ia3_adapter_ids" in p for key in ("param", "lora") for p in Peeking.seen[key])
+    assert len(Peeking.seen["adapter"]) == 3
+    assert not any("ia3_adapter_ids" in p for p, _ in nnx.to_flat_state(nnx.state(model)))
+
+
+def test_single_adapter_verbs_on_a_bank_name_the_fix(plain, tmp_path: pathlib.Path):
+    model, bank, x = plain
+    fix = r"holds a bank of 5 adapters.*ia3_jax\.nnx\.set_adapter\(model, ia3_jax\.bank_select\(ia3_jax\.nnx\.adapter"
+    for verb, run in [
+        ("merge", lambda: ia3_nnx.merge(model)),
+        ("merge", lambda: ia3_nnx.merge(nnx.split(model)[1])),
+        ("unmerge", lambda: ia3_nnx.unmerge(Plain(nnx.Rngs(0)), model)),
+        ("unmerge", lambda: ia3_nnx.unmerge(nnx.split(Plain(nnx.Rngs(0)))[1], nnx.state(model, ia3_nnx.IA3Vector))),
+    ]:
+        with pytest.raises(ia3_jax.VectorShapeError, match=f"{verb}: .*{fix}"):
+            run()
+    with pytest.raises(ia3_jax.AdapterMismatchError, match=r"bank of adapters.*bank_select"):
+        ia3_jax.save_peft(tmp_path / "peft", ia3_nnx.adapter(model), CONFIG)
+    # an orbax checkpoint of a bank model loads back as a bank: into the bank model and into a single one
+    ia3_nnx.save_adapter(tmp_path / "ckpt", model, CONFIG)
+    for into in (nnx.clone(model), ia3_nnx.ia3_init(Plain(nnx.Rngs(0)), CONFIG, x, rng=jax.random.key(3))):
+        ia3_nnx.load_adapter(tmp_path / "ckpt", into)
+        for got, want in zip(jax.tree.leaves(ia3_nnx.adapter(into)), jax.tree.leaves(bank)):
+            np.testing.assert_array_equal(got, want)
+        np.testing.assert_allclose(ia3_nnx.bank_call(into, IDS, x), ia3_nnx.bank_call(model, IDS, x), **SINGLE_TOL)
+
+
 # --- a tiny Tunix Llama3: k_proj / v_proj einsums (output, (kv_heads, head_dim) vectors), down_proj (input) ---
 
 
-def test_tunix_llama3():
+def test_tunix_llama3(tmp_path: pathlib.Path):
     pytest.importorskip("tunix")
     from tunix.models.llama3 import model as llama_lib
 
@@ -233,6 +315,8 @@ def test_tunix_llama3():
     print(f"llama3: all -1 vs the un-adapted model {_max_err(base_logits, call(base, tokens, positions, mask)):.2g}")
     np.testing.assert_allclose(base_logits, call(base, tokens, positions, mask), **SINGLE_TOL)
     assert np.abs(np.asarray(got - base_logits))[np.asarray(IDS) >= 0].max(axis=(1, 2)).min() > 1e-2
+    with pytest.raises(ia3_jax.VectorShapeError, match=r"holds a bank of 5 adapters.*ia3_jax\.nnx\.set_adapter"):
+        ia3_tunix.save_peft(tmp_path / "peft", model, ia3_config)
 
 
 def test_tunix_gemma3_fused_kv_einsum():
@@ -246,11 +330,8 @@ def test_tunix_gemma3_fused_kv_einsum():
         num_layers=1, num_embed=128, embed_dim=32, hidden_dim=64, num_heads=4, head_dim=8, num_kv_heads=2,
         sliding_window_size=4, param_dtype=jnp.float32,
     )
-    model = ia3_tunix.ia3_init(
-        gemma_lib.Gemma3(config, rngs=nnx.Rngs(0)),
-        ia3_tunix.default_config(gemma_lib.Gemma3(config, rngs=nnx.Rngs(0)), init_ia3_weights=False),
-        rng=jax.random.key(0),
-    )
+    base = gemma_lib.Gemma3(config, rngs=nnx.Rngs(0))
+    model = ia3_tunix.ia3_init(base, ia3_tunix.default_config(base, init_ia3_weights=False), rng=jax.random.key(0))
     bank = _bank(model)
     ia3_nnx.set_bank(model, bank)
     # PEFT's gemma3 defaults target v_proj, not k_proj: the vector holds the v slice only
@@ -264,6 +345,8 @@ def test_tunix_gemma3_fused_kv_einsum():
     single = _one_by_one(model, bank, (tokens, positions, mask), IDS, call)
     print(f"\ngemma3: single {_max_err(got, single):.2g} max |logit| {np.abs(np.asarray(got)).max():.2g}")
     np.testing.assert_allclose(got, single, **SINGLE_TOL)
-    base_logits, _ = run(model, jnp.full_like(IDS, ia3_jax.NO_ADAPTER), tokens, positions, None, mask)
-    np.testing.assert_allclose(got[np.asarray(IDS) < 0], base_logits[np.asarray(IDS) < 0], **SINGLE_TOL)
+    base_logits = call(base, tokens, positions, mask)  # the un-adapted model
+    rows = np.asarray(IDS) < 0
+    print(f"gemma3: -1 rows vs the un-adapted model {_max_err(got[rows], base_logits[rows]):.2g}")
+    np.testing.assert_allclose(got[rows], base_logits[rows], **SINGLE_TOL)
     assert np.abs(np.asarray(got - base_logits))[np.asarray(IDS) >= 0].max(axis=(1, 2)).min() > 1e-2

@@ -226,6 +226,11 @@ def test_bank_on_scanned_layers_equals_each_adapter_alone():
     assert model.layers.k.ia3_l.get_value().shape == (N, 12, 3)
     ids = jnp.array([2, ia3_jax.NO_ADAPTER])
     got = nnx.jit(ia3_nnx.bank_call)(model, ids, X)
+    # eagerly too: the ids ride on the layers as state stacked like their vectors, sliced by nnx.scan
+    np.testing.assert_allclose(ia3_nnx.bank_call(model, ids, X), got, rtol=1e-6, atol=1e-7)
+    swapped = ia3_nnx.bank_call(model, ids[::-1], X[::-1])
+    np.testing.assert_allclose(swapped[::-1], got, rtol=1e-6, atol=1e-7)
+    assert not hasattr(model.layers.k, "ia3_adapter_ids")
     for row, i in enumerate(np.asarray(ids)):
         alone = _adapted()[1]
         if i >= 0:

@@ -34,7 +34,7 @@ from ia3_jax._src import interceptor as _interceptor
 from ia3_jax._src import tree as _tree
 from ia3_jax._src.config import IA3Config
 from ia3_jax._src.dtypes import check_vector_dtype
-from ia3_jax._src.errors import AdapterIdsError, IA3ConfigError, StructureError
+from ia3_jax._src.errors import AdapterIdsError, IA3ConfigError, StructureError, VectorShapeError
 
 F = TypeVar("F", bound=Callable[..., Any])
 Adapter = Mapping[str, Any]
@@ -154,6 +154,27 @@ def stack_adapters(adapters: Sequence[AdapterLike], config: IA3Config | None = N
     read = _read(adapters, config)
     stacked = {path + (_tree.VECTOR,): jnp.stack([v[path] for v in read], axis=-1) for path in read[0]}
     return _tree.updated({}, stacked)
+
+
+def bank_width(single: Sequence[int], shape: Sequence[int]) -> int | None:
+    """N when a vector of `shape` is a bank of N adapters whose single vectors have shape `single`
+    (``single + (N,)``, the adapter axis last), else None. Exact, given the target's ``vector_shape``."""
+    shape, single = tuple(shape), tuple(single)
+    return shape[-1] if len(shape) == len(single) + 1 and shape[:-1] == single else None
+
+
+BANK_FIX = "ia3_jax.nnx.set_adapter(model, ia3_jax.bank_select(ia3_jax.nnx.adapter(model), i)) first"
+
+
+def refuse_bank(key: str, single: Sequence[int], shape: Sequence[int], what: str) -> None:
+    """Raises `VectorShapeError` naming the fix when the vector at `key` (of `shape`; one adapter's: `single`) is
+    a bank: `what` (merge, unmerge, a PEFT export) works on one adapter."""
+    n = bank_width(single, shape)
+    if n is not None:
+        raise VectorShapeError(
+            f"{what}: the IA3 vector at {key!r} (shape {tuple(shape)}) holds a bank of {n} adapters, and {what} "
+            f"works on one adapter: write adapter i with {BANK_FIX} (a bank tree: ia3_jax.bank_select(bank, i))."
+        )
 
 
 def _bank_vectors(bank: Adapter) -> dict[_tree.Path, jax.Array]:

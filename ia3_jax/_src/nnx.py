@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
@@ -42,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.errors import TraceContextError
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ia3_jax._src import bank as _bank
@@ -181,7 +181,7 @@ def _ia3_call(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
     target: Target = variable.get_metadata(TARGET_META)
     vector = target.full_vector(variable.get_value())  # Target.slices: parts it leaves out scale by one
     call = type(self)._ia3_base_type.__call__  # type: ignore[attr-defined]
-    ids = _bank_ids(target, vector)  # per-example adapter ids inside `bank_call`, else None
+    ids = _bank_ids(self, target, vector)  # per-example adapter ids inside `bank_call`, else None
     if target.feedforward:
         x, rebuild = module_input(base_type(type(self)).__call__, args, kwargs)
         if ids is not None:
@@ -200,16 +200,34 @@ def _ia3_call(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
     return scale(y, vector)
 
 
-def _einsum_output_positions(module: nnx.Module) -> tuple[int, ...] | None:
-    """Where the weight's output features sit in the output of the module's ``einsum_str``, when they are not
-    its trailing axes (``'BSD,CKDH->CBSKH'``: C, K, H at 0, 3, 4); None when they are (or there is no einsum)."""
+def _einsum_operands(module: nnx.Module) -> tuple[str, str, str] | None:
+    """(input, weight, output) subscripts of the module's ``einsum_str`` ``'x,w->y'``; None without one (or
+    with ``...``)."""
     spec = getattr(module, "einsum_str", None)
     if not isinstance(spec, str) or "->" not in spec or "..." in spec or spec.count(",") != 1:
         return None
     operands, out = spec.replace(" ", "").split("->")
-    w = operands.split(",")[1]
+    x, w = operands.split(",")
+    return x, w, out
+
+
+def _einsum_output_positions(module: nnx.Module) -> tuple[int, ...] | None:
+    """Where the weight's output features sit in the output of the module's ``einsum_str``, when they are not
+    its trailing axes (``'BSD,CKDH->CBSKH'``: C, K, H at 0, 3, 4); None when they are (or there is no einsum)."""
+    parsed = _einsum_operands(module)
+    if parsed is None:
+        return None
+    _, w, out = parsed
     positions = tuple(i for i, c in enumerate(out) if c in w)
     return None if positions == tuple(range(len(out) - len(positions), len(out))) else positions
+
+
+def _einsum_batch_position(module: nnx.Module) -> int | None:
+    """Where the input's first (batch) axis goes in the output of the module's ``einsum_str`` (None: nowhere)."""
+    parsed = _einsum_operands(module)
+    if parsed is None or not parsed[0] or parsed[0][0] not in parsed[2]:
+        return None
+    return parsed[2].index(parsed[0][0])
 
 
 def _expand(key: str, vector: jax.Array, shape: tuple[int, ...], positions: tuple[int, ...]) -> jax.Array:
@@ -730,6 +748,7 @@ def _folds(
         target: Target = variable.get_metadata(TARGET_META)
         weight = variable.get_metadata(WEIGHT_META)
         vector = variable.get_value()
+        _bank.refuse_bank(target.key, target.vector_shape, np.shape(vector), "unmerge" if divide else "merge")
         check_vector_dtype(vector.dtype, f"IA3 vector at {target.key!r}")
         kernel, parts = _stored_weight(flat, modules.get(path), variable, path)
         node = {"kernel": kernel}
@@ -909,6 +928,8 @@ def load_adapter(path: Any, model: nnx.Module, *, step: int | None = None) -> IA
 
     The arrays are restored straight onto the devices and shardings of the model's vectors, so a
     model built sharded (or with ``nnx.eval_shape`` and then materialised) gets sharded vectors.
+    A checkpoint of a bank (`save_adapter` of a model that `set_bank` gave one) is written with
+    `set_bank`, into a model holding a bank or one adapter alike; `bank_call` runs it.
     """
     vectors = vector_variables(model)
     shardings = _tree.updated(
@@ -924,20 +945,30 @@ def load_adapter(path: Any, model: nnx.Module, *, step: int | None = None) -> IA
         },
     )
     restored, config = _checkpoint.load_adapter(path, step=step, shardings=shardings)
-    set_adapter(model, restored)
+    read = _tree.vectors(_tree.to_dict(restored))
+    if any(
+        _bank.bank_width(v.get_metadata(TARGET_META).vector_shape, np.shape(read[p])) is not None
+        for p, v in vectors.items()
+        if p in read
+    ):
+        set_bank(model, restored)  # a bank's checkpoint (`save_adapter` of a bank model): the model holds it after
+    else:
+        set_adapter(model, restored)
     return config
 
 
 # --- adapter banks: N adapters in each vector's last axis, each example of a batch scaled by its own ---
 
 
-class _BankIds(threading.local):
-    """The adapter ids of the `bank_call` being traced (per thread), read by `_ia3_call`."""
+class _AdapterIds(nnx.Variable):
+    """The per-example adapter ids of a `bank_call`, set on each module holding a bank for the call's duration.
 
-    ids: jax.Array | None = None
+    Module state (not a trace-time global), so ``nnx.jit``-ed methods, ``nnx.scan`` (which slices it along
+    the layers' stacked axes like the vectors) and ``jax.jit`` over ``nnx.split`` states all see the ids of
+    the call at hand. Not an ``nnx.Param``: no ``Param`` / ``LoRAParam`` filter, `adapter` or save sees it."""
 
 
-_BANK = _BankIds()
+IDS = "ia3_adapter_ids"  # the attribute of a module's `_AdapterIds` inside `bank_call`
 
 
 def _features(target: Target) -> tuple[int, ...]:
@@ -945,25 +976,20 @@ def _features(target: Target) -> tuple[int, ...]:
     return target.layout.feature_shape(target.kernel_shape, target.feedforward)
 
 
-def _bank_ids(target: Target, vector: jax.Array) -> jax.Array | None:
-    """The ids of the `bank_call` in progress (None outside one), once the vector is checked to be of the
-    right kind: a bank inside `bank_call`, a single adapter's outside. Exact, since the target knows its features."""
-    ids, features = _BANK.ids, _features(target)
-    is_bank = vector.ndim == len(features) + 1 and tuple(vector.shape[:-1]) == features
-    if ids is None and is_bank:
+def _bank_ids(module: nnx.Module, target: Target, vector: jax.Array) -> jax.Array | None:
+    """The module's ids of the `bank_call` in progress (None outside one); a bank vector called without
+    ids is refused. (`bank_call` checked that all vectors are banks before setting the ids.)"""
+    ids = getattr(module, IDS, None)
+    if ids is not None:
+        return ids.get_value()
+    if _bank.bank_width(_features(target), vector.shape) is not None:  # per layer: nnx.scan slices stacked axes
         raise VectorShapeError(
             f"IA3 vector at {target.key!r} holds a bank of {vector.shape[-1]} adapters (shape {vector.shape}, the "
             "adapter axis last) but the model was called without adapter ids: run it with "
             "ia3_jax.nnx.bank_call(model, adapter_ids, *inputs), or write one adapter with "
             "ia3_jax.nnx.set_adapter(model, ia3_jax.bank_select(bank, i))."
         )
-    if ids is not None and not is_bank:
-        raise VectorShapeError(
-            f"bank_call: the IA3 vector at {target.key!r} has shape {vector.shape}, not a bank of vectors of shape "
-            f"{features} (*features, n_adapters): write a bank first with ia3_jax.nnx.set_bank(model, "
-            "ia3_jax.stack_adapters([...]))."
-        )
-    return ids
+    return None
 
 
 def _bank_scale(module: nnx.Module, target: Target, vector: jax.Array, activation: Any, ids: jax.Array) -> Any:
@@ -975,14 +1001,15 @@ def _bank_scale(module: nnx.Module, target: Target, vector: jax.Array, activatio
         return _interceptor.scale_per_example(activation, vector, ids)
     # Features not trailing (Tunix's kv_einsum 'BSD,CKDH->CBSKH'): move the batch axis (where the input's
     # first axis goes) first and the features last, scale, and move them back.
-    spec = module.einsum_str.replace(" ", "")  # type: ignore[attr-defined]
-    operands, out = spec.split("->")
+    spec = module.einsum_str  # type: ignore[attr-defined]
     ndim = jnp.ndim(activation)
-    batch = out.find(operands[0])
-    if batch < 0 or batch in positions or max(positions) >= ndim:
+    batch = _einsum_batch_position(module)
+    if batch is None or batch in positions or max(positions) >= ndim:
         raise VectorShapeError(
             f"bank_call: the output of {target.key!r} ({spec!r}, shape {jnp.shape(activation)}) has no batch axis "
-            "apart from its features, so its examples cannot take their own adapters."
+            "apart from its features, so its examples cannot take their own adapters: serve this module's adapters "
+            "one at a time (ia3_jax.nnx.set_adapter(model, ia3_jax.bank_select(bank, i))), or merge them "
+            "(ia3_jax.nnx.merge)."
         )
     order = [batch] + [i for i in range(ndim) if i != batch and i not in positions] + list(positions)
     moved = jnp.transpose(activation, order)
@@ -1001,6 +1028,30 @@ def _check_bank_model(model: nnx.Module, caller: str) -> dict[_tree.Path, nnx.Va
             "adapters: per-example copies of whole modules are not an IA3 scaling. Serve such adapters on their own."
         )
     return vectors
+
+
+def _require_bank(caller: str, target: Target, shape: tuple[int, ...]) -> int:
+    """The number of adapters of a bank vector of `shape` at `target`; `VectorShapeError` naming the fix when
+    it is a single adapter's vector or one for another model."""
+    n = _bank.bank_width(target.vector_shape, shape)
+    if n is not None:
+        return n
+    if shape == target.vector_shape:
+        fix = (
+            "stack adapters with ia3_jax.stack_adapters([...]), or write one adapter with ia3_jax.nnx.set_adapter."
+            if caller == "set_bank"
+            else "write a bank first with ia3_jax.nnx.set_bank(model, ia3_jax.stack_adapters([...]))."
+        )
+        raise VectorShapeError(
+            f"{caller}: the IA3 vector at {target.key!r} has shape {shape}, a single adapter's, not a bank of "
+            f"{target.vector_shape} vectors ({target.vector_shape} + (n_adapters,), the adapter axis last): {fix}"
+        )
+    raise VectorShapeError(
+        f"{caller}: the bank vector at {target.key!r} has shape {shape}, i.e. vectors {shape[:-1]} and "
+        f"{shape[-1:]} adapters (the adapter axis last), but the model's vector there has shape "
+        f"{target.vector_shape}: a bank for another model or config; stack adapters of this model "
+        "(ia3_jax.stack_adapters([ia3_jax.nnx.adapter(m) for m in tuned]))."
+    )
 
 
 def set_bank(model: nnx.Module, bank: Mapping[str, Any] | nnx.State) -> None:
@@ -1034,20 +1085,7 @@ def set_bank(model: nnx.Module, bank: Mapping[str, Any] | nnx.State) -> None:
             f"are missing from it and its vectors {[_tree.dotted(p) for p in extra[:8]]} have no target in the model."
         )
     for path, variable in vectors.items():
-        target: Target = variable.get_metadata(TARGET_META)
-        shape = tuple(np.shape(new[path]))
-        if shape == target.vector_shape:
-            raise VectorShapeError(
-                f"set_bank: the vector at {target.key!r} has shape {shape}, a single adapter's, not a bank's "
-                f"{target.vector_shape} + (n_adapters,): stack adapters with ia3_jax.stack_adapters, or write one "
-                "adapter with set_adapter."
-            )
-        if shape[:-1] != target.vector_shape:
-            raise VectorShapeError(
-                f"set_bank: the bank vector at {target.key!r} has shape {shape}, i.e. vectors {shape[:-1]} and "
-                f"{shape[-1:]} adapters (the adapter axis last), but the model's vector there has shape "
-                f"{target.vector_shape}: a bank for another model or config."
-            )
+        _require_bank("set_bank", variable.get_metadata(TARGET_META), tuple(np.shape(new[path])))
     _bank.bank_size(tree)  # vectors only (no modules_to_save copies), one adapter axis, float dtypes
     for path, variable in vectors.items():
         variable.set_value(_placed_like(variable, new[path]))
@@ -1068,8 +1106,10 @@ def bank_call(model: nnx.Module, adapter_ids: Any, *args: Any, **kwargs: Any) ->
 
     A plain function of the model: ``nnx.jit(bank_call)(model, ids, x)``, ``jax.jit`` over
     ``nnx.merge(graphdef, state)``, ``nnx.grad`` / ``jax.grad`` (each example's gradient reaches only
-    its adapter's column), ``jax.vmap`` and ``nnx.scan``-ed layers compose with it; the ids are read
-    while the call is traced, so trace the model's call inside it (not an ``nnx.jit``-ed method).
+    its adapter's column), ``jax.vmap`` and ``nnx.scan``-ed layers compose with it, and so does a model
+    whose ``__call__`` (or a submodule's) is ``nnx.jit``-ed: the ids travel as module state, an
+    ``nnx.Variable`` (not a ``Param``) set on each module holding a bank for the call's duration and
+    removed when it returns or raises.
 
     Raises:
       AdapterIdsError: the ids are not a 1-D integer array, concrete ids out of range (checked before
@@ -1084,23 +1124,64 @@ def bank_call(model: nnx.Module, adapter_ids: Any, *args: Any, **kwargs: Any) ->
     """
     ids = adapter_ids if isinstance(adapter_ids, jax.Array) else jnp.asarray(adapter_ids)
     _interceptor.check_ids(ids)
+    vectors = _check_bank_model(model, "bank_call")
     sizes = {}
-    for variable in _check_bank_model(model, "bank_call").values():
+    for variable in vectors.values():
         target: Target = variable.get_metadata(TARGET_META)
-        shape = tuple(np.shape(variable.get_value()))
-        if shape[:-1] != target.vector_shape:
-            raise VectorShapeError(
-                f"bank_call: the IA3 vector at {target.key!r} has shape {shape}, not a bank of {target.vector_shape} "
-                "vectors (*shape, n_adapters): write one first with ia3_jax.nnx.set_bank(model, "
-                "ia3_jax.stack_adapters([...]))."
-            )
-        sizes[target.key] = shape[-1]
+        sizes[target.key] = _require_bank("bank_call", target, tuple(np.shape(variable.get_value())))
     if len(set(sizes.values())) != 1:
         shown = dict(list(sizes.items())[:8])
-        raise StructureError(f"bank_call: the model's vectors hold banks of different sizes {shown}.")
+        raise StructureError(
+            f"bank_call: the model's vectors hold banks of different sizes {shown}: write one bank of N adapters "
+            "for every vector with ia3_jax.nnx.set_bank(model, ia3_jax.stack_adapters(adapters))."
+        )
     _interceptor.check_ids(ids, next(iter(sizes.values())))  # values, where they are concrete
-    previous, _BANK.ids = _BANK.ids, ids
+    modules = dict(named_modules(model))
+    try:
+        _set_ids(modules, vectors, ids)
+    except TraceContextError:
+        # The model lives outside the trace at hand (a jax.jit / jax.vmap closing over it): run a copy made
+        # here, and write back what the call changed (which raises as model(...) itself would).
+        work = nnx.merge(*nnx.split(model))
+        before = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
+        modules = dict(named_modules(work))
+        try:
+            _set_ids(modules, vectors, ids)
+            out = work(*args, **kwargs)
+        finally:
+            _drop_ids(modules)
+        after = nnx.state(work)
+        if any(v.get_value() is not before.get(p) for p, v in nnx.to_flat_state(after)):
+            nnx.update(model, after)
+        return out
     try:
         return model(*args, **kwargs)
     finally:
-        _BANK.ids = previous
+        _drop_ids(modules)
+
+
+def _set_ids(modules: Mapping[_tree.Path, nnx.Module], vectors: Mapping[_tree.Path, nnx.Variable], ids: Any) -> None:
+    """Gives each module holding a bank vector its `_AdapterIds`: ``(batch,)``, broadcast over the stacked-layer
+    axes of ``nnx.vmap``-ed layers at the vector's positions, so that ``nnx.scan`` slices both alike. (All or none.)"""
+    try:
+        for path, variable in vectors.items():
+            target: Target = variable.get_metadata(TARGET_META)
+            shape = np.shape(variable.get_value())
+            dims, batch = [int(np.shape(ids)[0])], 0
+            for pos, axis in enumerate(target.vector_axes):
+                if axis in target.layout.stack_axes:
+                    at = min(pos, len(dims))
+                    dims.insert(at, shape[pos])
+                    batch += at <= batch
+            rest = tuple(i for i in range(len(dims)) if i != batch)
+            value = jnp.broadcast_to(jnp.expand_dims(ids, rest), dims) if rest else ids
+            setattr(modules[path], IDS, _AdapterIds(value))
+    except BaseException:
+        _drop_ids(modules)
+        raise
+
+
+def _drop_ids(modules: Mapping[_tree.Path, nnx.Module]) -> None:
+    for module in modules.values():
+        if isinstance(vars(module).get(IDS), _AdapterIds):
+            delattr(module, IDS)

@@ -54,6 +54,7 @@ import safetensors.flax
 import safetensors.numpy
 
 from ia3_jax._src import atomic
+from ia3_jax._src import bank as _bank
 from ia3_jax._src import tree as _tree
 from ia3_jax._src.config import IA3Config, suffix_regex
 from ia3_jax._src.errors import (
@@ -223,7 +224,9 @@ def _free_entries(adapter: Mapping[str, Any], config: IA3Config) -> dict[str, _E
                 f"the vector at {key!r} has shape {shape}: without `params`, save_peft writes 1-D vectors of "
                 "2-D kernels only. Pass params= (and layouts=) so that each kernel decides PEFT's shape; for layers "
                 "stacked by nn.scan / nnx.vmap (one vector per layer along an axis), PEFT's format has one module "
-                "per layer: pass ia3_jax.unstack(adapter, '<stacked module path>') (and unstacked params)."
+                "per layer: pass ia3_jax.unstack(adapter, '<stacked module path>') (and unstacked params). For a bank "
+                "of adapters (the adapter axis last: ia3_jax.stack_adapters, ia3_jax.nnx.set_bank), save one adapter: "
+                f"ia3_jax.bank_select(bank, i), or on an NNX model {_bank.BANK_FIX}."
             )
         if not (linear or config.is_target(key)):
             raise AdapterMismatchError(
@@ -381,6 +384,9 @@ def save_peft(
     check_modules_to_save_copies(adapter, config, params=base, alternatives=alternatives)
     want = _entries(base, config, layouts) if base is not None else _free_entries(adapter, config)
     have = _adapter_leaves(adapter)
+    for key, entry in want.items():
+        if key.endswith("." + _tree.VECTOR) and key in have:
+            _bank.refuse_bank(key.removesuffix("." + _tree.VECTOR), entry.shape, np.shape(have[key]), "save_peft")
     _check_savable(have)
     _check_fits({k: np.shape(leaf) for k, leaf in have.items()}, {k: e.shape for k, e in want.items()}, "the adapter")
     tensors = {PEFT_KEY_PREFIX + key: entry.to_peft(have[key]) for key, entry in want.items()}

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ia3_jax._src import bank as _bank
 from ia3_jax._src import nnx as _nnx
 from ia3_jax._src import peft_io
 from ia3_jax._src import tree as _tree
@@ -332,6 +333,7 @@ def _parts(model: nnx.Module) -> dict[str, np.ndarray]:
     fused weight, the parts its vector covers)."""
     out = {}
     for site, target, vector in _vectors(model).values():
+        _bank.refuse_bank(target.key, target.vector_shape, np.shape(vector), "a PEFT export (hf_adapter / save_peft)")
         index = _torch_index(target, site)
         size = sum(site.sizes) if site.sizes else index.size
         flat = np.ones(size, np.float32)
