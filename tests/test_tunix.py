@@ -159,6 +159,50 @@ def test_gemma3_fused_qkv_einsum_scales_only_the_targeted_slices():
     assert defaults.layers[0].attn.qkv_einsum.ia3_l.get_metadata("ia3_target").slices == (0, (0, 2))
 
 
+def test_qwix_quantized_tunix_model_is_adapted_and_merged():
+    """qwix.quantize_model gives the root model a subclass from module ``abc``: still a Tunix Llama 3."""
+    qwix = pytest.importorskip("qwix")
+    from ia3_jax import quant
+
+    length = TOKENS.shape[1]
+    inputs = (TOKENS, jnp.arange(length)[None], None, jnp.tril(jnp.ones((1, length, length), bool)))
+    rules = [qwix.QuantizationRule(module_path=r".*attn.*", weight_qtype=jnp.int8)]
+    quantized = qwix.quantize_model(llama_lib.Llama3(LLAMA, rngs=nnx.Rngs(0)), qwix.PtqProvider(rules), *inputs)
+    assert type(quantized) is not llama_lib.Llama3  # qwix's subclass (module "abc" in qwix 0.1)
+    assert ia3_tunix.family(quantized) == "llama3"
+    config = ia3_tunix.default_config(quantized)  # k_proj, v_proj (quantized Einsums), down_proj (float)
+    ones = ia3_tunix.ia3_init(quantized, config)
+    assert quant.is_quantized(ones.layers[0].attn.k_proj.w) and hasattr(ones.layers[0].attn.k_proj, "ia3_l")
+    base = _call(quantized)
+    np.testing.assert_array_equal(_call(ones), base)  # vectors at one: the quantized base exactly
+
+    adapted = ia3_tunix.ia3_init(quantized, config.replace(init_ia3_weights=False), rng=jax.random.key(0))
+    nnx.update(adapted, jax.tree.map(lambda v: 1 + 0.3 * v, nnx.state(adapted, ia3_nnx.IA3Vector)))
+    y = _call(adapted)
+    assert np.abs(y - base).max() > 0.1 * np.abs(base).max()  # the vectors act (measured 0.022 of logits 0.16)
+    merged = ia3_nnx.merge(adapted)  # output vectors into the int8 scale, down_proj's into its float kernel
+    assert quant.is_quantized(merged.layers[0].attn.k_proj.w) and not hasattr(merged.layers[0].attn.k_proj, "ia3_l")
+    # measured: max |merged - adapted| 3e-8 (logits up to 0.16)
+    np.testing.assert_allclose(_call(merged), y, rtol=0, atol=6e-8)
+
+
+def test_narrowed_fused_vector_keeps_the_kernel_placement():
+    """A sharded qkv_einsum (3, N, D, H), heads over "model": the (k|v, N, H) vector is placed like N (ia3_init
+    re-places the narrowed vector from the kernel; jnp.take alone also keeps this placement on jax 0.10)."""
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto))
+    model = gemma_lib.Gemma3(GEMMA_QKV, rngs=nnx.Rngs(0))
+    w = model.layers[0].attn.qkv_einsum.w
+    w.set_value(jax.device_put(w.get_value(), NamedSharding(mesh, P(None, "model", None, None))))
+    config = ia3_jax.IA3Config(target_modules=["k_proj", "v_proj"], feedforward_modules=[])
+    vector = ia3_tunix.ia3_init(model, config).layers[0].attn.qkv_einsum.ia3_l
+    assert vector.get_value().shape == (2, 2, 8)
+    assert vector.get_value().sharding == NamedSharding(mesh, P(None, "model", None))
+    assert vector.get_metadata("out_sharding") == (None, "tp", None)  # Tunix's names, read at the kept axes
+
+
 @pytest.mark.interop
 @pytest.mark.parametrize("family", ["llama3", "qwen3"])
 def test_peft_adapters_both_ways_match_inside_tunix(tmp_path, family):

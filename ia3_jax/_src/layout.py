@@ -174,28 +174,57 @@ def _per_layer_layout(module: nn.Module, kernel_shape: tuple[int, ...], x_shape,
     return KernelLayout((0,), (1,))
 
 
-def stack_axes(stored: tuple[int, ...], per_layer: tuple[int, ...], key: str) -> tuple[int, ...]:
-    """The axes of a `stored` kernel that a layer does not see (``nn.scan``/``nn.vmap``, NNX's ``nnx.vmap``)."""
+def stack_axes(
+    stored: tuple[int, ...],
+    per_layer: tuple[int, ...],
+    key: str,
+    *,
+    given: tuple[int, ...] | None = None,
+    fix: str | None = None,
+) -> tuple[int, ...]:
+    """The axes of a `stored` kernel that a layer does not see (``nn.scan``/``nn.vmap``, NNX's ``nnx.vmap``).
+
+    `given`: the axes the user named, checked against the shapes instead of inferred. `fix`: what the error
+    of an ambiguous or unfitting pair tells the user to pass (default: Linen's ``layouts=``).
+    """
     extra = len(stored) - len(per_layer)
     fits = [
         axes
         for axes in itertools.combinations(range(len(stored)), extra)
         if tuple(n for i, n in enumerate(stored) if i not in axes) == per_layer
     ]
+    if fix is None:
+        fix = f"Pass layouts={{{key!r}: KernelLayout(in_axes=..., out_axes=..., stack_axes=...)}} for it."
+    if given is not None:
+        if tuple(sorted(given)) in fits:
+            return tuple(sorted(given))
+        raise LayoutError(
+            f"module {key!r}: the stacked-layer axes {given} given for it do not fit its stored kernel {stored} and "
+            f"the kernel seen inside the layer {per_layer}: removing them does not leave the latter"
+            + (f" (the axes that do: any of {fits})." if fits else ".")
+        )
     if len(fits) != 1:
         raise LayoutError(
             f"module {key!r}: the stored kernel {stored} and the kernel seen inside the layer {per_layer} "
             + ("do not fit together." if not fits else f"leave the stacked-layer axis ambiguous (any of {fits}).")
-            + f" Pass layouts={{{key!r}: KernelLayout(in_axes=..., out_axes=..., stack_axes=...)}} for it."
+            + " "
+            + fix
         )
     return fits[0]
 
 
 def stacked_layout(
-    layout: KernelLayout, stored: tuple[int, ...], per_layer: tuple[int, ...], key: str
+    layout: KernelLayout,
+    stored: tuple[int, ...],
+    per_layer: tuple[int, ...],
+    key: str,
+    *,
+    given: tuple[int, ...] | None = None,
+    fix: str | None = None,
 ) -> KernelLayout:
-    """`layout` (of the kernel one layer sees, `per_layer`) as the layout of the `stored` stacked kernel."""
-    stack = stack_axes(stored, per_layer, key)
+    """`layout` (of the kernel one layer sees, `per_layer`) as the layout of the `stored` stacked kernel
+    (`given`, `fix`: as in `stack_axes`)."""
+    stack = stack_axes(stored, per_layer, key, given=given, fix=fix)
     remaining = [i for i in range(len(stored)) if i not in stack]
     return KernelLayout(
         in_axes=tuple(remaining[a] for a in layout.in_axes),

@@ -256,7 +256,8 @@ _RECORDED: dict[_tree.Path, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
 _RECORDED_WEIGHTS: dict[_tree.Path, set[tuple[int, ...] | None]] = {}
 _NNX_QUANT_FIX = (
     "Keep this vector unmerged (the adapted model applies it in its __call__), or fold the adapter into the "
-    "float model and quantize that: float_adapted = ia3_jax.nnx.ia3_init(float_model, config, *inputs, rng=key); "
+    "float model and quantize that: float_adapted = ia3_jax.nnx.ia3_init(float_model, config, *inputs, rng=key) "
+    "(Tunix models: ia3_jax.tunix.ia3_init(float_model, config, rng=key), with the same PEFT config); "
     "ia3_jax.nnx.set_adapter(float_adapted, ia3_jax.nnx.adapter(model)); "
     "qwix.quantize_model(ia3_jax.nnx.merge(float_adapted), provider, *inputs)."
 )
@@ -377,17 +378,36 @@ def _stored_layout(
     stored: tuple[int, ...],
     calls: list[tuple[tuple[int, ...], tuple[int, ...]]],
     seen: set[tuple[int, ...] | None],
+    given: tuple[int, ...] | None = None,
 ) -> KernelLayout:
     """The layout of the weight as stored: `_layout` of the weight one call sees, with the stacked-layer axes
-    (``nnx.vmap``-created layers run by ``nnx.scan``) that the stored weight has and the call does not."""
+    (``nnx.vmap``-created layers run by ``nnx.scan``) that the stored weight has and the call does not;
+    `given`: those axes as the user named them (``ia3_init(..., stack_axes=...)``), checked against the shapes."""
+    if seen == {None} or not seen:
+        raise LayoutError(
+            f"module {key!r}: no weight was seen during its calls (the module held no weight when called), so its "
+            "layout cannot be read off the shapes; IA3 supports modules that hold their weight and use it in __call__."
+        )
     if len(seen) != 1 or None in seen:
-        raise LayoutError(f"module {key!r}: its calls saw its weight with several shapes {sorted(map(str, seen))}.")
+        raise LayoutError(
+            f"module {key!r}: its calls saw its weight with several shapes "
+            f"{sorted(map(str, seen - {None}))}" + (" (and some calls did not read it)" if None in seen else "") + "."
+        )
     (per_layer,) = seen
     assert per_layer is not None
     layout = _layout(module, key, per_layer, calls)
     if per_layer == stored:
+        if given:
+            raise LayoutError(
+                f"stack_axes={{{key!r}: {list(given)}}}: its weight {stored} is not stacked (each call sees all of it)."
+            )
         return layout
-    return stacked_layout(layout, stored, per_layer, key)
+    example = f"stack_axes={{{key!r}: 0}}"
+    fix = (
+        f"Name the layer axis of its stored weight: ia3_jax.nnx.ia3_init(model, config, *inputs, {example}) "
+        "(0 for nnx.vmap's default out_axes=0; the key is the module's '.'-joined path)."
+    )
+    return stacked_layout(layout, stored, per_layer, key, given=given, fix=fix)
 
 
 def _check_stacking(target: Target) -> None:
@@ -437,7 +457,7 @@ def _trace(
 # --- insertion ---
 
 
-def _vector_sharding(kernel: Any, target: Target) -> tuple[dict[str, Any], Any]:
+def vector_sharding(kernel: Any, target: Target) -> tuple[dict[str, Any], Any]:
     """The vector's ``out_sharding`` metadata and its NamedSharding, read at the kernel axes it follows.
 
     For a quantized weight, both are read off its integers (the ``nnx.Param`` of the kernel's logical shape).
@@ -461,6 +481,20 @@ def _vector_sharding(kernel: Any, target: Target) -> tuple[dict[str, Any], Any]:
     return metadata, None
 
 
+def _given_stack_axes(
+    stack_axes: Mapping[str, int | Sequence[int]] | None, chosen: Mapping[_tree.Path, bool]
+) -> dict[str, tuple[int, ...]]:
+    """`ia3_init`'s ``stack_axes`` as tuples, each key a targeted module (a typo raises `TargetError`)."""
+    given = {k: (v,) if isinstance(v, int) else tuple(v) for k, v in (stack_axes or {}).items()}
+    unknown = sorted(set(given) - {_tree.dotted(p) for p in chosen})
+    if unknown:
+        raise TargetError(
+            f"stack_axes names {unknown[:4]}, which are not modules that the config targets: keys are '.'-joined "
+            f"module paths of targets, e.g. {sorted(_tree.dotted(p) for p in chosen)[:3]}."
+        )
+    return given
+
+
 def has_vectors(model: nnx.Module) -> bool:
     return any(isinstance(getattr(m, VECTOR, None), IA3Vector) for _, m in named_modules(model))
 
@@ -472,6 +506,7 @@ def ia3_init(
     rng: jax.Array | None = None,
     dtype: Any = jnp.float32,
     copy: bool = True,
+    stack_axes: Mapping[str, int | Sequence[int]] | None = None,
     **input_kwargs: Any,
 ) -> M:
     """The NNX model with an `IA3Vector` ``ia3_l`` on every module that `config` targets.
@@ -496,12 +531,15 @@ def ia3_init(
           must not be beyond the vector's axes (a kernel ``(in, out, L)`` raises `LayoutError`).
           PEFT files have one module per layer: ``ia3_jax.save_peft(path, ia3_jax.unstack(
           ia3_jax.nnx.adapter(model), "layers"), config)``; a stacked vector given as it is is refused.
-        Not tested: qwix-quantized weights inside ``nnx.scan``.
       config: which modules get vectors, and which of them are feedforward (input-scaled).
       *inputs, **input_kwargs: example inputs of ``model(...)`` (only their shapes matter).
       rng: PRNG key for random vectors; required when ``config.init_ia3_weights`` is False.
       dtype: vector dtype, float32 by default whatever the base dtype (PEFT's autocast).
       copy: adapt a clone (default) and leave `model` as it was; False adapts `model` in place.
+      stack_axes: ``{'.'-joined module path: layer axis (or axes) of its stored weight}`` for ``nnx.vmap``-stacked
+        layers whose layer axis the shapes leave ambiguous (the layer count equals a weight dimension, e.g. 8
+        layers of ``nnx.Linear(8, 8)``: ``stack_axes={"layers": 0}``, 0 for ``nnx.vmap``'s default
+        ``out_axes``); checked against the shapes. Not needed otherwise.
 
     Returns:
       The adapted model. A vector's shape is its module's output features, e.g. ``(num_kv_heads,
@@ -528,6 +566,7 @@ def ia3_init(
         raise AdapterExistsError("the model already holds IA3 vectors: merge them (ia3_jax.nnx.merge) first.")
     chosen = resolve_targets(_view(model), config)
     by_path = dict(named_modules(model))
+    given = _given_stack_axes(stack_axes, chosen)
     traced, seen_weights = _trace(model, {p: by_path[p] for p in chosen}, inputs, input_kwargs)
     idle = sorted(_tree.dotted(p) for p in chosen if p not in traced)
     if idle:
@@ -547,10 +586,11 @@ def ia3_init(
         assert name is not None  # resolve_targets only returns modules whose view has a kernel
         kernel = getattr(module, name)
         shape = quant.kernel_shape(weight_value(kernel))
-        target = Target(path, _stored_layout(module, _tree.dotted(path), shape, traced[path], seen_weights[path]),
-                        shape, feedforward)
+        key = _tree.dotted(path)
+        layout = _stored_layout(module, key, shape, traced[path], seen_weights[path], given.get(key))
+        target = Target(path, layout, shape, feedforward)
         _check_stacking(target)
-        metadata, sharding = _vector_sharding(kernel, target)
+        metadata, sharding = vector_sharding(kernel, target)
         if quant.is_quantized(kernel):
             metadata[QUANT_META] = _quantized_structure(kernel)
         if keys is None:

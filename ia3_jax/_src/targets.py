@@ -20,7 +20,7 @@ import numpy as np
 from ia3_jax._src import quant
 from ia3_jax._src import tree as _tree
 from ia3_jax._src.config import IA3Config
-from ia3_jax._src.errors import TargetError, UnsupportedKernelError, VectorShapeError
+from ia3_jax._src.errors import LayoutError, TargetError, UnsupportedKernelError, VectorShapeError
 from ia3_jax._src.layout import KernelLayout, module_layout
 
 _OUTPUT_LAYERS = ("lm_head",)
@@ -151,6 +151,15 @@ class Target:
     kernel_shape: tuple[int, ...]
     feedforward: bool
     slices: tuple[int, tuple[int, ...]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.slices is not None and self.layout.stack_axes:
+            # `full_vector` builds the ones and reads the slice position from the stored (stacked) shape, while
+            # inside nnx.scan / nn.scan the vector is one layer's slice: refuse rather than scale wrong features.
+            raise LayoutError(
+                f"module {self.key!r}: a vector of some slices of a fused weight ({self.slices}) on stacked layers "
+                f"(stack axes {self.layout.stack_axes}) is not supported; target every part of the fused weight."
+            )
 
     @property
     def key(self) -> str:

@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -72,15 +73,17 @@ class Site(NamedTuple):
 
 
 def family(model: nnx.Module) -> str:
-    """The Tunix family of `model` (``"llama3"``, ``"gemma3"``, ...), read from its class's module."""
+    """The Tunix family of `model` (``"llama3"``, ``"gemma3"``, ...), read from the module of its class or of
+    the first base class from ``tunix.models.<family>.model`` (qwix's and ia3_jax's subclasses are skipped)."""
+    for cls in type(model).__mro__:
+        match = re.fullmatch(r"tunix\.models\.(\w+)\.model", cls.__module__)
+        if match is not None and match.group(1) in FAMILIES:
+            return match.group(1)
     module = _nnx.base_type(type(model)).__module__
-    match = re.fullmatch(r"tunix\.models\.(\w+)\.model", module)
-    if match is None or match.group(1) not in FAMILIES:
-        raise UnknownModelTypeError(
-            f"{type(model).__name__} (module {module}) is not a Tunix model family with a torch key mapping "
-            f"that ia3_jax knows: {sorted(FAMILIES)}."
-        )
-    return match.group(1)
+    raise UnknownModelTypeError(
+        f"{type(model).__name__} (module {module}) is not a Tunix model family with a torch key mapping "
+        f"that ia3_jax knows: {sorted(FAMILIES)}."
+    )
 
 
 def _params(model: nnx.Module) -> Any:
@@ -248,9 +251,14 @@ def ia3_init(model: M, config: IA3Config, *inputs: Any, **kwargs: Any) -> M:
         if slices is None:
             continue
         axis, kept = slices
-        metadata = {**variables[path].get_metadata(), _nnx.TARGET_META: dataclasses.replace(target, slices=slices)}
+        module, narrowed_target = modules[path], dataclasses.replace(target, slices=slices)
+        kernel = getattr(module, variables[path].get_metadata(_nnx.WEIGHT_META))
+        placement, sharding = _nnx.vector_sharding(kernel, narrowed_target)
+        metadata = {**variables[path].get_metadata(), **placement, _nnx.TARGET_META: narrowed_target}
         narrowed = jnp.take(vector, jnp.asarray(kept), axis=target.vector_axes.index(axis))
-        setattr(modules[path], _nnx.VECTOR, _nnx.IA3Vector(narrowed, **metadata))
+        if sharding is not None:  # placed like the kernel axes it follows, as `ia3_jax.nnx.ia3_init` places it
+            narrowed = jax.device_put(narrowed, sharding)
+        setattr(module, _nnx.VECTOR, _nnx.IA3Vector(narrowed, **metadata))
     return adapted
 
 
@@ -323,6 +331,11 @@ def _vectors(model: nnx.Module) -> dict[_tree.Path, tuple[Site, Target, Any]]:
     return out
 
 
+def _flat_size(site: Site, index: np.ndarray) -> int:
+    """The length of PEFT's vectors of the site's Hugging Face modules, concatenated (`index` from `_torch_index`)."""
+    return sum(site.sizes) if site.sizes else index.size
+
+
 def _split(site: Site, target: Target, flat: np.ndarray) -> dict[str, np.ndarray]:
     bounds = np.cumsum((0,) + (site.sizes or (math.prod(target.vector_shape),)))
     return {k: flat[a:b] for k, a, b in zip(site.hf_keys, bounds[:-1], bounds[1:])}
@@ -335,7 +348,7 @@ def _parts(model: nnx.Module) -> dict[str, np.ndarray]:
     for site, target, vector in _vectors(model).values():
         _bank.refuse_bank(target.key, target.vector_shape, np.shape(vector), "a PEFT export (hf_adapter / save_peft)")
         index = _torch_index(target, site)
-        size = sum(site.sizes) if site.sizes else index.size
+        size = _flat_size(site, index)
         flat = np.ones(size, np.float32)
         flat[index] = np.asarray(vector, np.float32)
         covered = _split(site, target, np.isin(np.arange(size), index))
@@ -349,7 +362,7 @@ def _write_parts(model: nnx.Module, parts: dict[str, np.ndarray]) -> None:
     for path, (site, target, _) in _vectors(model).items():
         index = _torch_index(target, site)
         pieces = []
-        size = sum(site.sizes) if site.sizes else index.size
+        size = _flat_size(site, index)
         for key, piece in _split(site, target, np.ones(size, np.float32)).items():
             given = parts.get(key, piece)
             if given.size != piece.size:
