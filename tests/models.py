@@ -1,4 +1,5 @@
-"""Tiny Flax models shared by the core tests (PEFT's IA3 test matrix: MLP, Conv1D-style, Conv2d, Conv3d)."""
+"""Tiny Flax models shared by the core tests (PEFT's IA3 test matrix: MLP, Conv1D-style, Conv2d, Conv3d; an NNX
+module of Tunix's ``Einsum`` kind)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 
 class MLP(nn.Module):
@@ -86,3 +88,14 @@ def init_from_numpy(model: nn.Module, x: jax.Array, seed: int = 0):
         return jnp.asarray(rng.normal(0.0, fan_in**-0.5, s.shape), s.dtype)
 
     return jax.tree.map(draw, shapes)
+
+
+class TunixStyleEinsum(nnx.Module):
+    """Tunix's ``Einsum``: one weight ``w`` (not ``kernel``), ``jnp.einsum(einsum_str, x, w)``."""
+
+    def __init__(self, einsum_str: str, shape: tuple[int, ...], rngs: nnx.Rngs):
+        self.einsum_str = einsum_str
+        self.w = nnx.Param(nnx.initializers.normal(0.3)(rngs.params(), shape))
+
+    def __call__(self, x):
+        return jnp.einsum(self.einsum_str, x, self.w.value)

@@ -281,6 +281,13 @@ def test_single_adapter_verbs_on_a_bank_name_the_fix(plain, tmp_path: pathlib.Pa
 # --- a tiny Tunix Llama3: k_proj / v_proj einsums (output, (kv_heads, head_dim) vectors), down_proj (input) ---
 
 
+def _lm_inputs(length: int = 6, vocab: int = 128):
+    """A Tunix LM's (tokens, positions, attention mask) for B causal sequences."""
+    tokens = jax.random.randint(jax.random.key(1), (B, length), 0, vocab)
+    positions = jnp.broadcast_to(jnp.arange(length), (B, length))
+    return tokens, positions, jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (B, length, length))
+
+
 def test_tunix_llama3(tmp_path: pathlib.Path):
     pytest.importorskip("tunix")
     from tunix.models.llama3 import model as llama_lib
@@ -299,9 +306,7 @@ def test_tunix_llama3(tmp_path: pathlib.Path):
     assert model.layers[0].attn.k_proj.ia3_l.get_value().shape == (2, 8, N)
     assert model.layers[0].mlp.down_proj.ia3_l.get_value().shape == (64, N)
 
-    tokens = jax.random.randint(jax.random.key(1), (B, 6), 0, 128)
-    positions = jnp.broadcast_to(jnp.arange(6), (B, 6))
-    mask = jnp.broadcast_to(jnp.tril(jnp.ones((6, 6), bool)), (B, 6, 6))
+    tokens, positions, mask = _lm_inputs()
     run = nnx.jit(ia3_nnx.bank_call)
     got, _ = run(model, IDS, tokens, positions, None, mask)
     call = jax.jit(lambda m, t, p, a: m(t, p, None, a)[0], compiler_options=FAST)
@@ -336,9 +341,7 @@ def test_tunix_gemma3_fused_kv_einsum():
     ia3_nnx.set_bank(model, bank)
     # PEFT's gemma3 defaults target v_proj, not k_proj: the vector holds the v slice only
     assert model.layers[0].attn.kv_einsum.ia3_l.get_value().shape == (1, 2, 8, N)
-    tokens = jax.random.randint(jax.random.key(1), (B, 6), 0, 128)
-    positions = jnp.broadcast_to(jnp.arange(6), (B, 6))
-    mask = jnp.broadcast_to(jnp.tril(jnp.ones((6, 6), bool)), (B, 6, 6))
+    tokens, positions, mask = _lm_inputs()
     run = nnx.jit(ia3_nnx.bank_call)
     got, _ = run(model, IDS, tokens, positions, None, mask)
     call = jax.jit(lambda m, t, p, a: m(t, p, None, a)[0], compiler_options=FAST)

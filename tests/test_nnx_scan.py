@@ -14,19 +14,9 @@ from flax import nnx
 
 import ia3_jax
 import ia3_jax.nnx as ia3_nnx
+from tests.models import TunixStyleEinsum as Einsum
 
 N = 3  # layers
-
-
-class Einsum(nnx.Module):
-    """Tunix's ``Einsum``: one weight ``w``, ``jnp.einsum(einsum_str, x, w)``."""
-
-    def __init__(self, einsum_str: str, shape: tuple[int, ...], rngs: nnx.Rngs):
-        self.einsum_str = einsum_str
-        self.w = nnx.Param(nnx.initializers.normal(0.3)(rngs.params(), shape))
-
-    def __call__(self, x):
-        return jnp.einsum(self.einsum_str, x, self.w.value)
 
 
 class Block(nnx.Module):
