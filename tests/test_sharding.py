@@ -2,8 +2,9 @@
 (data parallel, FSDP, tensor parallel, FSDP x TP) and pmap against a single device, Flax boxes.
 
 References: the model written out in plain jnp (no Flax, no interceptor), trained for the same steps
-on one device (float32, the same sums in another order: measured at most 1.2e-7 on the vectors and
-2.4e-7 on losses of ~3, every layout; TOL allows about twice that), hand-written PartitionSpecs, and
+on one device (float32, the same sums in another order: measured at most 3.6e-7 on the vectors of ~1
+under the suite's unoptimised XLA CPU backend (tests/conftest.py; 1.2e-7 optimised) and 2.4e-7 on
+losses of ~3, every layout; TOL allows about twice that), hand-written PartitionSpecs, and
 the collectives XLA emits without IA3.
 """
 
@@ -31,7 +32,7 @@ import ia3_jax
 
 L, D, H, B = 2, 8, 16, 8
 CONFIG = ia3_jax.IA3Config(target_modules=["up", "down"], feedforward_modules=["down"], init_ia3_weights=False)
-TOL = {"rtol": 1e-7, "atol": 2.5e-7}  # |a - b| <= atol + rtol |b|: see the module docstring
+TOL = {"rtol": 1e-7, "atol": 7e-7}  # |a - b| <= atol + rtol |b|: see the module docstring
 ALL = ("data", "model")  # both mesh axes together: 8-way
 
 
