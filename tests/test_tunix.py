@@ -26,13 +26,8 @@ SIZES = dict(num_layers=2, vocab_size=128, embed_dim=32, hidden_dim=64, num_head
 LLAMA = llama_lib.ModelConfig(**SIZES, rope_theta=10000, norm_eps=1e-5)
 QWEN = qwen_lib.ModelConfig(**SIZES, rope_theta=10000, norm_eps=1e-6)
 GEMMA = gemma_lib.ModelConfig(
-    num_layers=2,
-    num_embed=128,
-    embed_dim=32,
-    hidden_dim=64,
-    num_heads=4,
-    head_dim=8,
-    num_kv_heads=2,
+    **{k: v for k, v in SIZES.items() if k != "vocab_size"},
+    num_embed=SIZES["vocab_size"],
     sliding_window_size=4,
     param_dtype=jnp.float32,
 )
