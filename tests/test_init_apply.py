@@ -77,6 +77,8 @@ def test_fan_in_fan_out_kernels():
     got = ia3_jax.apply_fn(model.apply, config)({"params": adapted}, x)
     chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(model.apply({"params": ia3_jax.merge(adapted, config)}, x), expected, rtol=1e-5, atol=1e-6)
+    # Without a config the shapes decide each side, the (out, in) kernels read as such.
+    chex.assert_trees_all_close(ia3_jax.apply_fn(model.apply)({"params": adapted}, x), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("spatial", [1, 2, 3])
@@ -116,6 +118,9 @@ def test_convs_interceptor_equals_merged(spatial, feedforward):
     expected = by_hand(adapted, x)
     chex.assert_trees_all_close(got, expected, rtol=1e-4, atol=1e-5)
     chex.assert_trees_all_close(merged, expected, rtol=1e-4, atol=1e-5)
+    # Without a config the shapes decide each side (no conv here has as many input as output channels).
+    config_free = jax.jit(ia3_jax.apply_fn(model.apply))({"params": adapted}, x)
+    chex.assert_trees_all_close(config_free, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_grouped_conv_feedforward_merge_by_hand():
@@ -150,6 +155,8 @@ def test_dense_general_multi_axis():
     o = jnp.einsum("bhqk,bkhd->bqhd", w, v) * adapted["o"]["ia3_l"]
     expected = jnp.einsum("bqhd,hde->bqe", o, p["o"]["kernel"]) + p["o"]["bias"]
     chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-6)
+    # Without a config: k, v's (2, 4) vectors fit their outputs, o's its (heads, head_dim) input.
+    chex.assert_trees_all_close(ia3_jax.apply_fn(model.apply)({"params": adapted}, x), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_jit_grad_vmap_remat_compose():
@@ -228,12 +235,13 @@ def test_vector_that_does_not_fit_is_reported():
         ia3_jax.merge(adapted, config)
 
 
-def test_square_layer_without_config_is_ambiguous():
-    dense = nn.Dense(6, name="sq")
-    x = jnp.ones((2, 6))
-    params = {"sq": dense.init(KEY, x)["params"]}
+@pytest.mark.parametrize(
+    "layer, x", [(nn.Dense(6, name="sq"), jnp.ones((2, 6))), (nn.Conv(6, (3, 3), name="sq"), jnp.ones((1, 4, 4, 6)))]
+)
+def test_square_layer_without_config_is_ambiguous(layer, x):
+    params = {"sq": layer.init(KEY, x)["params"]}
     adapted = ia3_jax.ia3_init(params, IA3Config(target_modules=["sq"]))
-    apply = lambda v, x: dense.apply({"params": v["params"]["sq"]}, x)  # noqa: E731
+    apply = lambda v, x: layer.apply({"params": v["params"]["sq"]}, x)  # noqa: E731
     with pytest.raises(ia3_jax.VectorShapeError, match="square"):
         ia3_jax.apply_fn(apply, strict=False)({"params": adapted}, x)
     with pytest.raises(ia3_jax.VectorShapeError, match="square"):

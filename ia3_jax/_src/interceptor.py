@@ -154,13 +154,6 @@ def _trailing(shape: tuple[int, ...], n: int) -> tuple[int, ...]:
     return tuple(shape[len(shape) - n :]) if n <= len(shape) else ()
 
 
-def _output_features(kernel_shape: tuple[int, ...], x_shape: tuple[int, ...], n: int) -> tuple[int, ...]:
-    """The layer's output features as the kernel seen inside the call shows them (no config needed)."""
-    if len(kernel_shape) == 2:  # (in, out) or (out, in): the output is the axis that the input is not
-        return (kernel_shape[1] if kernel_shape[0] == x_shape[-1] else kernel_shape[0],)
-    return _trailing(kernel_shape, n)
-
-
 NO_ADAPTER = -1  # the adapter id of an example that runs on the base model alone
 
 
@@ -219,7 +212,7 @@ def check_ids(adapter_ids: Any, n_adapters: int | None = None) -> None:
         )
 
 
-def kernel_feature_shapes(
+def _kernel_feature_shapes(
     kernel_shape: tuple[int, ...],
     x_shape: tuple[int, ...],
     y_shape: tuple[int, ...] | None = None,
@@ -263,7 +256,7 @@ def check_bank_fits(
 ) -> None:
     """Trace-time checks of a per-example call: the features fit, and one adapter id per example.
 
-    `features`, where known, are the module's full feature shapes for `side` (`kernel_feature_shapes`):
+    `features`, where known, are the module's full feature shapes for `side` (read off its kernel):
     the bank vector's features must be one of them, so that a single adapter whose last vector axis
     happens to look like an adapter axis (``(4, 4)`` heads and head_dim) is refused, not misread.
     """
@@ -301,23 +294,28 @@ def _declared_features(module: nn.Module) -> tuple[int, ...] | None:
     return None
 
 
+def _module_feature_shapes(
+    module: nn.Module, x: Any, y_shape: tuple[int, ...] | None = None
+) -> dict[str, set[tuple[int, ...]]]:
+    """`_kernel_feature_shapes` of a Linen module's kernel on its input `x` (and output shape, where known)."""
+    return _kernel_feature_shapes(
+        quant.kernel_shape(module.get_variable("params", "kernel")),
+        jnp.shape(x),
+        y_shape,
+        out_features=_declared_features(module),
+        conv=hasattr(module, "kernel_size"),
+    )
+
+
 def _interceptor(config: IA3Config | None, applied: Applied, adapter_ids: jax.Array | None = None):
     """The method interceptor; with `adapter_ids` every vector is a bank vector ``(*features, n_adapters)``."""
 
-    def scaled(key: str, vector: jax.Array, activation: Any, side: str, module: Any = None, x: Any = None) -> jax.Array:
+    def scaled(key: str, vector: jax.Array, activation: Any, side: str, module: nn.Module, x: Any) -> jax.Array:
         if adapter_ids is None:
             check_activation_fits(key, vector, activation, side)
             return scale(activation, vector)
-        kernel_shape = quant.kernel_shape(module.get_variable("params", "kernel"))
         y_shape = jnp.shape(activation) if side == "output" else None
-        features = kernel_feature_shapes(
-            kernel_shape,
-            jnp.shape(x),
-            y_shape,
-            out_features=_declared_features(module),
-            conv=hasattr(module, "kernel_size"),
-        )[side]
-        check_bank_fits(key, vector, activation, side, adapter_ids, features)
+        check_bank_fits(key, vector, activation, side, adapter_ids, _module_feature_shapes(module, x, y_shape)[side])
         return scale_per_example(activation, vector, adapter_ids)
 
     def intercept(next_fun, args, kwargs, context):
@@ -338,9 +336,8 @@ def _interceptor(config: IA3Config | None, applied: Applied, adapter_ids: jax.Ar
         fits_input = fits_output = False
         if config is None:  # only then do the shapes decide the side
             features = vector.shape if adapter_ids is None else vector.shape[:-1]
-            kernel_shape = quant.kernel_shape(module.get_variable("params", "kernel"))
             fits_input = _trailing(jnp.shape(x), len(features)) == features
-            fits_output = _output_features(kernel_shape, jnp.shape(x), len(features)) == features
+            fits_output = features in _module_feature_shapes(module, x)["output"]
         feedforward = feedforward_side(key, config, fits_input, fits_output)
         if feedforward:
             out = call(scaled(key, vector, x, "input", module, x))
