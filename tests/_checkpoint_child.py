@@ -58,7 +58,8 @@ def save(directory: str, mode: str, seed: int) -> None:
 
 
 def instrument(kill_at: int | None) -> list[str]:
-    """Counts every filesystem step (mkdir, rename, unlink, rmdir, opening for writing, os.write).
+    """Counts every filesystem step (mkdir, rename, unlink, rmdir, opening for writing, os.write), each as
+    ``"<call> <path> [<second path>]"``. Shared by the checkpoint and the PEFT-file kill tests.
 
     At step number `kill_at` (from 1) the process SIGKILLs itself before the step runs.
     """
@@ -67,7 +68,7 @@ def instrument(kill_at: int | None) -> list[str]:
     def wrap(name: str, fn: Callable, counted: Callable[..., bool] = lambda *a, **k: True) -> Callable:
         def step(*args, **kwargs):
             if counted(*args, **kwargs):
-                steps.append(f"{name} {args[0]}")
+                steps.append(" ".join([name, *(str(a) for a in args[:2] if isinstance(a, str | os.PathLike))]))
                 if len(steps) == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
             return fn(*args, **kwargs)

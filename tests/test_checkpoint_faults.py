@@ -47,7 +47,7 @@ def test_killed_at_every_step_leaves_last_complete_checkpoint(tmp_path):
         assert len(facts) == len(steps) > 40
         # The step that puts the new checkpoint in place: renaming the verified staging directory.
         commit = next(
-            i for i, s in enumerate(steps, 1) if re.fullmatch(r"rename .*\.ia3-staging-[0-9a-f]{8}-[0-9a-f]{8}", s)
+            i for i, s in enumerate(steps, 1) if re.fullmatch(r"rename \S*\.ia3-staging-[0-9a-f]{8}-[0-9a-f]{8} \S+", s)
         )
         kinds = {s.split()[0] for s in steps}
         assert {"os.open", "write", "mkdir", "open", "rename", "unlink", "rmdir"} <= kinds, kinds
@@ -67,7 +67,7 @@ def test_killed_at_every_step_leaves_last_complete_checkpoint(tmp_path):
         assert steps[0].startswith("os.open") and steps[0].endswith(".ia3-lock")  # the lock comes first
         assert steps[-1].startswith("unlink") and steps[-1].endswith(".ia3-lock")  # and goes last
         if mode == "single":  # killed between the two renames: the old copy is put back by the next save
-            aside = next(i for i, s in enumerate(steps, 1) if re.fullmatch(r"rename .*/ckpt", s))
+            aside = next(i for i, s in enumerate(steps, 1) if re.fullmatch(r"rename \S*/ckpt \S+", s))
             assert facts[aside]["loaded"] == 1 and commit == aside + 1, (steps[aside - 1 : aside + 1], facts[aside])
 
 

@@ -255,35 +255,20 @@ def test_staging_folders_of_killed_saves_are_swept(saved):
 
 
 # The child imports ia3_jax and numpy only, then forks one grandchild per filesystem step: each
-# patches the filesystem calls with a counter, runs save_peft, and SIGKILLs itself at its step.
+# counts the filesystem calls (tests/_checkpoint_child.instrument), runs save_peft, and SIGKILLs
+# itself at its step.
 KILL_CHILD = BUILD + textwrap.dedent(
     """
-    import builtins, json, os, shutil, signal, sys
+    import json, os, shutil, signal, sys
+    from tests._checkpoint_child import instrument
 
     root = sys.argv[1]
     new, config, base = build(1)
-    log = []
-
-    def patch(kill_at):
-        def counted(name, real, is_write=lambda *a, **k: True):
-            def call(*args, **kwargs):
-                if is_write(*args, **kwargs):
-                    log.append(f"{name} {' '.join(os.path.basename(str(a)) for a in args[:2])}")
-                    if len(log) == kill_at:
-                        os.kill(os.getpid(), signal.SIGKILL)
-                return real(*args, **kwargs)
-            return call
-        writes = lambda file, mode="r", *a, **k: any(c in mode for c in "wax+")
-        os_writes = lambda path, flags, *a, **k: bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
-        builtins.open = counted("open", builtins.open, writes)
-        os.open = counted("os.open", os.open, os_writes)
-        for name in ("replace", "rename", "mkdir", "makedirs", "unlink", "remove", "rmdir"):
-            setattr(os, name, counted(name, getattr(os, name)))
 
     def run(kill_at, directory):
         pid = os.fork()
         if pid == 0:
-            patch(kill_at)
+            log = instrument(kill_at)
             ia3_jax.save_peft(directory, new, config, params=base)
             with open(os.path.join(root, "steps.json"), "w") as f:  # after the save: counted, harmless
                 json.dump(log, f)
@@ -316,8 +301,10 @@ def test_sigkill_at_every_filesystem_step_leaves_old_or_new_pair(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     steps = json.loads(result.stdout.strip().splitlines()[-1])
     ops = [s.split()[0] for s in steps]
-    # lock, staging folder, the two files, the commit, the two moves, the empty folder, the lock's unlink
-    assert ops == ["os.open", "mkdir", "open", "open", "rename", "replace", "replace", "rmdir", "unlink"], steps
+    # lock (opened, its owner written), staging folder, the two files, the commit, the two moves, the empty
+    # folder, the lock's unlink
+    expected = ["os.open", "write", "mkdir", "open", "open", "rename", "replace", "replace", "rmdir", "unlink"]
+    assert ops == expected, steps
     commit = next(i for i, s in enumerate(steps, start=1) if s.startswith("rename") and s.endswith(PENDING))
     assert_identical(load_peft(tmp_path / "count", base)[0], new)
     for k in range(1, len(steps) + 1):
