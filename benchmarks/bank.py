@@ -20,7 +20,12 @@ its prefill. The issue's targets: mixed decode >= 0.95x single decode, and >= 10
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
 import functools
+import glob
+import re
+import tempfile
 import json
 import sys
 import time
@@ -59,35 +64,63 @@ def random_adapter(base: dict[str, Any], key: jax.Array) -> dict[str, Any]:
     return treedef.unflatten([v + 0.1 * jax.random.normal(k, v.shape, v.dtype) for v, k in zip(leaves, keys)])
 
 
-def run(
-    config: llama.LlamaConfig, batch: int, prompt_len: int, new_tokens: int, repeats: int, min_time_s: float
-) -> dict[str, Any]:
+@dataclasses.dataclass
+class Serving:
+    """One benchmark setup: the base, B adapters, their bank, and the three ways to call the model."""
+
+    config: llama.LlamaConfig
+    prompt: jax.Array  # (batch, prompt_len) token ids
+    new_tokens: int
+    mixed_apply: Callable  # the bank, adapter i for sequence i
+    single_apply: Callable  # one adapter for all, unmerged
+    plain_apply: Callable  # the model alone (merged adapters)
+    mixed_params: Any
+    single_params: Any
+    separate: Callable  # jitted forward -> a no-argument call serving the B adapters one after another
+
+
+def serving(config: llama.LlamaConfig, batch: int, prompt_len: int, new_tokens: int) -> Serving:
     model = llama.Llama(config)
     base = llama.init_params(model, jax.random.key(0))
     adapters = [random_adapter(base, jax.random.key(1 + i)) for i in range(batch)]
     bank = ia3_jax.stack_adapters(adapters, IA3)
     ids = jnp.arange(batch, dtype=jnp.int32)
     prompt = jax.random.randint(jax.random.key(99), (batch, prompt_len), 0, config.vocab_size, jnp.int32)
-
     banked = ia3_jax.bank_apply_fn(model.apply, IA3)
-    mixed_apply = lambda v, x, **kw: banked(v, x, adapter_ids=ids, **kw)  # noqa: E731
-    single_apply = ia3_jax.apply_fn(model.apply, IA3)
-
-    def prefill(apply):
-        return jax.jit(lambda p, x: apply({"params": p}, x))
-
-    def decode(apply):
-        return jax.jit(lambda p, x: llama.generate(apply, p, x, new_tokens, config))
-
     merge = jax.jit(lambda adapter: ia3_jax.merge(ia3_jax.join(base, adapter), IA3))
-    mixed_params, single_params = ia3_jax.join(base, bank), ia3_jax.join(base, adapters[0])
 
     def separate(call):  # one adapter after another: merge it, run its sequence alone
         return lambda: [call(merge(adapters[i]), prompt[i : i + 1]) for i in range(batch)]
 
+    return Serving(
+        config=config,
+        prompt=prompt,
+        new_tokens=new_tokens,
+        mixed_apply=lambda v, x, **kw: banked(v, x, adapter_ids=ids, **kw),
+        single_apply=ia3_jax.apply_fn(model.apply, IA3),
+        plain_apply=model.apply,
+        mixed_params=ia3_jax.join(base, bank),
+        single_params=ia3_jax.join(base, adapters[0]),
+        separate=separate,
+    )
+
+
+def prefill(apply: Callable) -> Callable:
+    return jax.jit(lambda p, x: apply({"params": p}, x))
+
+
+def decoder(s: Serving) -> Callable[[Callable], Callable]:
+    return lambda apply: jax.jit(lambda p, x: llama.generate(apply, p, x, s.new_tokens, s.config))
+
+
+def run(
+    config: llama.LlamaConfig, batch: int, prompt_len: int, new_tokens: int, repeats: int, min_time_s: float
+) -> dict[str, Any]:
+    s = serving(config, batch, prompt_len, new_tokens)
+    mixed_params, single_params, prompt, separate = s.mixed_params, s.single_params, s.prompt, s.separate
     timings = {}
-    for phase, jitted in (("prefill", prefill), ("generate", decode)):
-        mixed, single, plain = jitted(mixed_apply), jitted(single_apply), jitted(model.apply)  # compiled once each
+    for phase, jitted in (("prefill", prefill), ("generate", decoder(s))):
+        mixed, single, plain = jitted(s.mixed_apply), jitted(s.single_apply), jitted(s.plain_apply)  # compiled once each
         timings[phase] = {
             "mixed": timed(functools.partial(mixed, mixed_params, prompt), repeats, min_time_s),
             "single": timed(functools.partial(single, single_params, prompt), repeats, min_time_s),
@@ -116,6 +149,58 @@ def run(
     }
 
 
+def kernel_times(fn: Callable[[], Any], calls: int) -> dict[str, Any]:
+    """GPU time per kernel over `calls` calls of `fn` (after one warm-up), from a `jax.profiler` trace.
+
+    ``{line: {"total_us", "kernels": {name: [count, total_us]}}}`` for each line of each GPU plane
+    (XLA's op line and the streams' kernel lines), the 60 costliest kernels of each.
+    """
+    jax.block_until_ready(fn())
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            for _ in range(calls):
+                jax.block_until_ready(fn())
+        (path,) = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
+        data = jax.profiler.ProfileData.from_file(path)
+    out: dict[str, Any] = {}
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            kernels: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+            for event in line.events:
+                kernels[event.name][0] += 1
+                kernels[event.name][1] += event.duration_ns / 1e3
+            costliest = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:60]
+            out[f"{plane.name} {line.name}"] = {
+                "total_us": sum(t for _, t in kernels.values()),
+                "kernels": dict(costliest),
+            }
+    return out
+
+
+def profile(s: Serving, out_dir: Path, calls: int) -> dict[str, Any]:
+    """Where mixed decoding spends the time that single-adapter decoding does not.
+
+    For the mixed and single `generate`: the optimised HLO (``OUT_DIR/<variant>.hlo.txt``), the op
+    counts of its decode loop's body (top level: each fusion or custom call is a kernel), and the GPU
+    time per kernel over `calls` generate calls.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jitted = decoder(s)
+    result: dict[str, Any] = {}
+    for name, apply, params in (("mixed", s.mixed_apply, s.mixed_params), ("single", s.single_apply, s.single_params)):
+        fn = jitted(apply)
+        text = fn.lower(params, s.prompt).compile().as_text()
+        (out_dir / f"{name}.hlo.txt").write_text(text)
+        body = jax_bench.loop_body(text)
+        result[name] = {
+            "loop_body_ops": dict(collections.Counter(re.findall(r"= \S+ ([\w-]+)\(", body)).most_common()),
+            "kernel_times": kernel_times(functools.partial(fn, params, s.prompt), calls),
+        }
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cpu-tiny", action="store_true", help="tiny float32 model, 8 adapters: seconds on a CPU")
@@ -125,8 +210,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="at least this many timed calls per variant")
     parser.add_argument("--min-time-s", type=float, default=10.0, help="and at least this many timed seconds")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--profile", type=Path, help="instead of timing: HLO and GPU kernel times of decoding, here")
     args = parser.parse_args()
-    if args.cpu_tiny:
+    if args.profile:
+        config = llama.TINY_F32 if args.cpu_tiny else llama.LlamaConfig()
+        batch = 8 if args.cpu_tiny else args.batch
+        s = serving(config, batch, args.prompt_len, args.new_tokens)
+        result = profile(s, args.profile, args.repeats)
+    elif args.cpu_tiny:
         result = run(llama.TINY_F32, batch=8, prompt_len=16, new_tokens=64, repeats=3, min_time_s=0.0)
     else:
         result = run(llama.LlamaConfig(), args.batch, args.prompt_len, args.new_tokens, args.repeats, args.min_time_s)

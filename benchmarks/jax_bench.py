@@ -237,6 +237,34 @@ def hlo_stats(compiled: Any) -> dict[str, Any]:
     return stats
 
 
+def hlo_computations(compiled_text: str) -> dict[str, str]:
+    """The computations of an optimised HLO module's text by name (``"%name"``): their text blocks."""
+    blocks = {}
+    for block in compiled_text.split("\n\n"):
+        head = block.strip().split("(", 1)[0].split()
+        if head:
+            blocks[head[-1]] = block
+    return blocks
+
+
+def loop_body(compiled_text: str, with_callees: bool = False) -> str:
+    """The text of the body of a compiled program's one while loop (a scan): top-level instructions only
+    (on a GPU each fusion or custom call there is one kernel per iteration), or with every computation
+    it calls (fused computations, nested loops) when `with_callees`."""
+    blocks = hlo_computations(compiled_text)
+    (body,) = re.findall(r"\bwhile\(.*?body=(%[\w.\-]+)", compiled_text)
+    seen: list[str] = []
+
+    def reach(name: str) -> None:
+        if name not in seen and name in blocks:
+            seen.append(name)
+            for callee in re.findall(r"(?:calls|to_apply|body|condition)=(%[\w.\-]+)", blocks[name]):
+                reach(callee)
+
+    reach(body) if with_callees else seen.append(body)
+    return "\n\n".join(blocks[name] for name in seen)
+
+
 def peak_bytes() -> int | None:
     """The device's ``peak_bytes_in_use`` (None where the backend keeps no statistics, as the CPU)."""
     stats = jax.local_devices()[0].memory_stats()

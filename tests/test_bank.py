@@ -420,31 +420,11 @@ def test_a_single_adapter_whose_last_axes_look_like_a_bank_is_refused():
     assert out.shape == (4, S, 4)
 
 
-def _gathers_in_loop_body(compiled_text: str) -> int:
-    """Gather ops that a compiled program's (one) while loop runs each iteration, in its body or callees."""
-    computations = {}
-    for block in compiled_text.split("\n\n"):
-        head = block.strip().split("(", 1)[0].split()
-        if head:
-            computations[head[-1]] = block
-    (body,) = re.findall(r"\bwhile\(.*?body=(%[\w.\-]+)", compiled_text)
-    seen: set[str] = set()
-
-    def reach(name: str) -> None:
-        if name not in seen and name in computations:
-            seen.add(name)
-            for callee in re.findall(r"(?:calls|to_apply|body|condition)=(%[\w.\-]+)", computations[name]):
-                reach(callee)
-
-    reach(body)
-    return sum(len(re.findall(r"= \S+ gather\(", computations[name])) for name in seen)
-
-
 def test_per_example_gather_is_hoisted_out_of_the_decode_loop():
     """KV-cached decoding with a bank: the ids are fixed for a sequence, so each vector's per-example gather
     is loop-invariant and XLA computes it once, before the loop; inside it only the token embedding
     lookup gathers (compiled HLO on the CPU; the benchmarks' lean Llama, 2 layers, 3 targets each)."""
-    from benchmarks import llama
+    from benchmarks import jax_bench, llama
 
     config = llama.TINY_F32
     model = llama.Llama(config)
@@ -462,6 +442,7 @@ def test_per_example_gather_is_hoisted_out_of_the_decode_loop():
 
     with_bank = decode(banked, ia3_jax.join(base, bank), jnp.arange(3, dtype=jnp.int32)).compile().as_text()
     one_adapter = decode(single, ia3_jax.join(base, adapter)).compile().as_text()
-    assert _gathers_in_loop_body(one_adapter) == 1  # the embedding lookup
-    assert _gathers_in_loop_body(with_bank) == 1
+    gathers_in_loop = lambda text: len(re.findall(r"= \S+ gather\(", jax_bench.loop_body(text, with_callees=True)))
+    assert gathers_in_loop(one_adapter) == 1  # the embedding lookup
+    assert gathers_in_loop(with_bank) == 1
     assert with_bank.count(" gather(") > one_adapter.count(" gather(")  # the bank's gathers exist, outside
