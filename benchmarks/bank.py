@@ -24,10 +24,10 @@ import collections
 import dataclasses
 import functools
 import glob
-import re
-import tempfile
 import json
+import re
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -120,7 +120,8 @@ def run(
     mixed_params, single_params, prompt, separate = s.mixed_params, s.single_params, s.prompt, s.separate
     timings = {}
     for phase, jitted in (("prefill", prefill), ("generate", decoder(s))):
-        mixed, single, plain = jitted(s.mixed_apply), jitted(s.single_apply), jitted(s.plain_apply)  # compiled once each
+        # compiled once each
+        mixed, single, plain = jitted(s.mixed_apply), jitted(s.single_apply), jitted(s.plain_apply)
         timings[phase] = {
             "mixed": timed(functools.partial(mixed, mixed_params, prompt), repeats, min_time_s),
             "single": timed(functools.partial(single, single_params, prompt), repeats, min_time_s),
