@@ -26,7 +26,7 @@ from flax import nnx
 
 from ia3_jax._src import bank as _bank
 from ia3_jax._src import nnx as _nnx
-from ia3_jax._src import peft_io
+from ia3_jax._src import nnx_vectors, peft_io
 from ia3_jax._src import tree as _tree
 from ia3_jax._src.config import IA3Config
 from ia3_jax._src.errors import AdapterMismatchError, LayoutError, UnknownModelTypeError
@@ -79,7 +79,7 @@ def family(model: nnx.Module) -> str:
         match = re.fullmatch(r"tunix\.models\.(\w+)\.model", cls.__module__)
         if match is not None and match.group(1) in FAMILIES:
             return match.group(1)
-    module = _nnx.base_type(type(model)).__module__
+    module = nnx_vectors.base_type(type(model)).__module__
     raise UnknownModelTypeError(
         f"{type(model).__name__} (module {module}) is not a Tunix model family with a torch key mapping "
         f"that ia3_jax knows: {sorted(FAMILIES)}."
@@ -121,7 +121,7 @@ def _staged_sites(model: nnx.Module, mapping: dict[str, tuple[str, Any]]) -> dic
     make_preprocess = getattr(_params(model), "_make_preprocess_fn", None)
     if make_preprocess is None:
         raise LayoutError(f"Tunix {family(model)} stages weights {staged[0][1]!r} but has no preprocessing step.")
-    modules = dict(_nnx.named_modules(model))
+    modules = dict(nnx_vectors.named_modules(model))
     model_config: Any = model.config  # type: ignore[attr-defined]
     out = {}
     for layer in range(model_config.num_layers):
@@ -135,7 +135,7 @@ def _staged_sites(model: nnx.Module, mapping: dict[str, tuple[str, Any]]) -> dic
         for key, fused in make_preprocess(model_config)(tensors).items():
             path = tuple(key.split("."))
             module = modules.get(path[:-1])
-            if module is None or _nnx.weight_name(module) != path[-1]:
+            if module is None or nnx_vectors.weight_name(module) != path[-1]:
                 continue
             fused = np.asarray(fused)
             present = [(k, o, n) for k, o, n in parts if ((fused >= o) & (fused < o + n)).any()]
@@ -160,8 +160,8 @@ def sites(model: nnx.Module) -> dict[_tree.Path, Site]:
         if not nnx_key.startswith(_STAGED)
     ]
     out = {}
-    for path, module in _nnx.named_modules(model):
-        weight = _nnx.weight_name(module)
+    for path, module in nnx_vectors.named_modules(model):
+        weight = nnx_vectors.weight_name(module)
         if weight is None:
             continue
         flat = _tree.dotted(path + (weight,))
@@ -244,21 +244,21 @@ def ia3_init(model: M, config: IA3Config, *inputs: Any, **kwargs: Any) -> M:
       >>> model = ia3_jax.tunix.ia3_init(llama, ia3_jax.tunix.default_config(llama))
     """
     adapted = _nnx.ia3_init(model, tunix_config(config, model), *(inputs or example_inputs()), **kwargs)
-    modules = dict(_nnx.named_modules(adapted))
-    variables = _nnx.vector_variables(adapted)
+    modules = dict(nnx_vectors.named_modules(adapted))
+    variables = nnx_vectors.vector_variables(adapted)
     for path, (site, target, vector) in _vectors(adapted).items():
         slices = _fused_slices(site, target, config)
         if slices is None:
             continue
         axis, kept = slices
         module, narrowed_target = modules[path], dataclasses.replace(target, slices=slices)
-        kernel = getattr(module, variables[path].get_metadata(_nnx.WEIGHT_META))
+        kernel = getattr(module, variables[path].get_metadata(nnx_vectors.WEIGHT_META))
         placement, sharding = _nnx.vector_sharding(kernel, narrowed_target)
-        metadata = {**variables[path].get_metadata(), **placement, _nnx.TARGET_META: narrowed_target}
+        metadata = {**variables[path].get_metadata(), **placement, nnx_vectors.TARGET_META: narrowed_target}
         narrowed = jnp.take(vector, jnp.asarray(kept), axis=target.vector_axes.index(axis))
         if sharding is not None:  # placed like the kernel axes it follows, as `ia3_jax.nnx.ia3_init` places it
             narrowed = jax.device_put(narrowed, sharding)
-        setattr(module, _nnx.VECTOR, _nnx.IA3Vector(narrowed, **metadata))
+        setattr(module, nnx_vectors.VECTOR, nnx_vectors.IA3Vector(narrowed, **metadata))
     return adapted
 
 
@@ -322,12 +322,12 @@ def _torch_index(target: Target, site: Site) -> np.ndarray:
 def _vectors(model: nnx.Module) -> dict[_tree.Path, tuple[Site, Target, Any]]:
     known = sites(model)
     out = {}
-    for path, variable in _nnx.vector_variables(model).items():
+    for path, variable in nnx_vectors.vector_variables(model).items():
         if path not in known:
             raise AdapterMismatchError(
                 f"IA3 vector at {_tree.dotted(path)!r} is on a module with no Hugging Face twin."
             )
-        out[path] = (known[path], variable.get_metadata(_nnx.TARGET_META), variable.get_value())
+        out[path] = (known[path], variable.get_metadata(nnx_vectors.TARGET_META), variable.get_value())
     return out
 
 
