@@ -27,6 +27,9 @@ Two kinds of base need no extra step:
 `IA3Vector` subclasses ``nnx.LoRAParam``: ``nnx.Optimizer(model, tx, wrt=IA3Vector)``,
 ``nnx.DiffState(0, IA3Vector)``, ``nnx.split(model, IA3Vector, ...)`` select the vectors, and
 Tunix's unmodified ``PeftTrainer`` (which trains and checkpoints ``nnx.LoRAParam``) trains them.
+
+This module holds the verbs; below it, one way: `nnx_vectors` (the variable types and reading a
+model), `nnx_trace` (layouts from the shape-only trace) and `nnx_bank` (`set_bank`, `bank_call`).
 """
 
 from __future__ import annotations
@@ -374,6 +377,10 @@ def set_adapter(model: nnx.Module, adapter_tree: Mapping[str, Any] | nnx.State) 
 
     `adapter_tree` is a nested dict (`adapter`, `load_adapter`, PEFT files) or an ``nnx.State`` of
     vectors. The vectors keep the model's dtype and placement (sharding) of its current vectors.
+
+    Example:
+      >>> ia3_jax.nnx.set_adapter(model, ia3_jax.nnx.adapter(tuned))   # tuned: adapted with the same config
+      >>> ia3_jax.nnx.set_adapter(model, ia3_jax.bank_select(bank, 2))
     """
     vectors = vector_variables(model)
     new = (
@@ -599,12 +606,20 @@ def add_weighted_adapter(adapters: Sequence[ModelOrState | Mapping[str, Any]], w
 
     Returns an ``nnx.State`` of vectors with the first adapter's metadata: ``nnx.update(model, it)``
     makes `model` carry it. (Nested dicts in, a nested dict out.)
+
+    Example:
+      >>> mixed = ia3_jax.nnx.add_weighted_adapter([model_a, model_b], [0.7, 0.3])
+      >>> nnx.update(model_a, mixed)            # model_a now applies 0.7 l_a + 0.3 l_b
     """
     return _vector_state(adapters[0], _merge.add_weighted_adapter(_as_adapters(adapters), weights))
 
 
 def combine(adapters: Sequence[ModelOrState | Mapping[str, Any]]) -> Any:
-    """Several adapters at once: the elementwise product of their vectors, as an ``nnx.State`` of vectors."""
+    """Several adapters at once: the elementwise product of their vectors, as an ``nnx.State`` of vectors.
+
+    Example:
+      >>> nnx.update(model, ia3_jax.nnx.combine([task_model, style_model]))   # applies l_task * l_style
+    """
     return _vector_state(adapters[0], _merge.combine(_as_adapters(adapters)))
 
 
@@ -627,6 +642,10 @@ def load_adapter(path: Any, model: nnx.Module, *, step: int | None = None) -> IA
     model built sharded (or with ``nnx.eval_shape`` and then materialised) gets sharded vectors.
     A checkpoint of a bank (`save_adapter` of a model that `set_bank` gave one) is written with
     `set_bank`, into a model holding a bank or one adapter alike; `bank_call` runs it.
+
+    Example:
+      >>> model = ia3_jax.nnx.ia3_init(base_model, config, *inputs)     # the config the checkpoint was trained with
+      >>> config = ia3_jax.nnx.load_adapter("ckpt/run", model)          # latest step, written into model
     """
     vectors = vector_variables(model)
     shardings = _tree.updated(

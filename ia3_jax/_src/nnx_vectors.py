@@ -123,7 +123,13 @@ def named_modules(model: nnx.Module) -> Iterator[tuple[_tree.Path, nnx.Module]]:
 
 
 def base_type(cls: type) -> type:
-    """The class a module had before ia3_jax (or a recording trace) gave it a subclass."""
+    """The class a module had before ia3_jax (or a recording trace) gave it a subclass.
+
+    Example:
+      >>> adapted = ia3_jax.nnx.ia3_init(model, config, x)
+      >>> ia3_jax.nnx.base_type(type(adapted.k_proj)) is type(model.k_proj)
+      True
+    """
     return getattr(cls, "_ia3_base_type", cls)
 
 
@@ -185,7 +191,11 @@ def vector_variables(tree: ModelOrState) -> dict[_tree.Path, nnx.Variable]:
 
 
 def saved_variables(tree: ModelOrState) -> dict[_tree.Path, nnx.Variable]:
-    """Every `IA3SavedParam` (``modules_to_save`` copy) of a model or a state, by its full path."""
+    """Every `IA3SavedParam` (``modules_to_save`` copy) of a model or a state, by its full path.
+
+    Example:
+      >>> copies = ia3_jax.nnx.saved_variables(model)     # {("head", "kernel"): IA3SavedParam, ("head", "bias"): ...}
+    """
     state = nnx.state(tree, IA3SavedParam) if isinstance(tree, nnx.Module) else tree
     return {
         string_path(parts): variable
@@ -200,6 +210,10 @@ def adapter(tree: ModelOrState) -> dict[str, Any]:
     Keys are strings (``{"layers": {"0": {"attn": {"k_proj": {"ia3_l": array}}}}}``), the form of
     Linen's adapter tree: `ia3_jax.save_adapter`, `ia3_jax.save_peft` and optax take it as it is. A
     ``modules_to_save`` module's params sit at its path as in Linen's (``{"head": {"kernel", "bias"}}``).
+
+    Example:
+      >>> tree = ia3_jax.nnx.adapter(model)     # {"layers": {"0": {"attn": {"k_proj": {"ia3_l": array}}}}}
+      >>> ia3_jax.save_adapter("ckpt/run", tree, config)
     """
     vectors = vector_variables(tree)
     if not vectors:
