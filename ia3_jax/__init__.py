@@ -54,7 +54,7 @@ from ia3_jax._src.init import ia3_init
 from ia3_jax._src.interceptor import NO_ADAPTER, apply_fn, intercept, scale, scale_per_example
 from ia3_jax._src.layout import KernelLayout, default_layout, infer_layouts
 from ia3_jax._src.merge import add_weighted_adapter, combine, merge, unmerge
-from ia3_jax._src.nnx import IA3Vector
+from ia3_jax._src.nnx_vectors import IA3Vector
 from ia3_jax._src.partition import Split, join, split
 from ia3_jax._src.peft_io import load_peft, read_peft_config, save_peft
 from ia3_jax._src.remat import ACTIVATION_NAME, remat_policy

@@ -113,7 +113,12 @@ TORCH_BUFFERS: frozenset[str] = frozenset({"final_logits_bias"})
 
 
 def model_type_of(model_or_config: Any) -> str:
-    """The ``model_type`` of a Hugging Face Flax model, its ``PretrainedConfig``, or the string itself."""
+    """The ``model_type`` of a Hugging Face Flax model, its ``PretrainedConfig``, or the string itself.
+
+    Example:
+      >>> model_type_of(model)            # a FlaxGPT2LMHeadModel (or its config, or "gpt2")
+      'gpt2'
+    """
     if isinstance(model_or_config, str):
         return model_or_config
     hf_config = getattr(model_or_config, "config", model_or_config)
@@ -220,7 +225,12 @@ def default_config(model_or_config: Any, **overrides: Any) -> IA3Config:
 
 
 class ParameterCount(NamedTuple):
-    """PEFT's ``get_nb_trainable_parameters`` plus the percentage ``print_trainable_parameters`` shows."""
+    """PEFT's ``get_nb_trainable_parameters`` plus the percentage ``print_trainable_parameters`` shows.
+
+    Example:
+      >>> count = trainable_parameters(params, config=config)
+      >>> count.trainable, count.total, count.percent
+    """
 
     trainable: int
     total: int
@@ -285,7 +295,12 @@ def print_trainable_parameters(
     *,
     config: IA3Config | None = None,
 ) -> None:
-    """Prints PEFT's line, ``trainable params: X || all params: Y || trainable%: Z`` (`trainable_parameters`)."""
+    """Prints PEFT's line, ``trainable params: X || all params: Y || trainable%: Z`` (`trainable_parameters`).
+
+    Example:
+      >>> print_trainable_parameters(ia3_jax.ia3_init(model.params, config))   # GPT-2 small
+      trainable params: 64,512 || all params: 124,504,320 || trainable%: 0.0518
+    """
     print(trainable_parameters(params_or_adapter, base, config=config))
 
 
@@ -327,7 +342,11 @@ def _flax_t5_attention_classes() -> list[Any]:
 
 
 def needs_flax_t5_patch() -> bool:
-    """Whether the running JAX lacks ``jnp.clip(a_max=...)``, which transformers' FlaxT5 calls."""
+    """Whether the running JAX lacks ``jnp.clip(a_max=...)``, which transformers' FlaxT5 calls.
+
+    Example:
+      >>> needs_flax_t5_patch()           # True where jnp.clip has no a_max= (JAX >= 0.10)
+    """
     return "a_max" not in inspect.signature(jnp.clip).parameters
 
 
@@ -337,6 +356,10 @@ def patch_flax_t5() -> list[str]:
     Returns the names of the classes patched by this call (empty when JAX still has ``a_max`` or the
     fix is already in place). Runs on ``import ia3_jax.hf``; each call that changes transformers says
     so once on the ``ia3_jax.hf`` logger (level INFO), naming the classes.
+
+    Example:
+      >>> patch_flax_t5()                 # already done by `import ia3_jax.hf`: nothing left to patch
+      []
     """
     if not needs_flax_t5_patch():
         return []

@@ -20,22 +20,17 @@ Adapter banks (many adapters, each example of a batch with its own): `set_bank` 
 """
 
 from ia3_jax._src.nnx import (
-    IA3SavedParam,
-    IA3Vector,
-    adapter,
     add_weighted_adapter,
-    bank_call,
-    base_type,
     combine,
     ia3_init,
     load_adapter,
     merge,
     save_adapter,
-    saved_variables,
     set_adapter,
-    set_bank,
     unmerge,
 )
+from ia3_jax._src.nnx_bank import bank_call, set_bank
+from ia3_jax._src.nnx_vectors import IA3SavedParam, IA3Vector, adapter, base_type, saved_variables
 
 __all__ = [
     "IA3SavedParam",

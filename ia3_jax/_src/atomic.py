@@ -190,6 +190,11 @@ def replaced_directory(path: str, check: Callable[[str], object]) -> Iterator[st
     Holds the lock throughout; first recovers and sweeps `path`'s leftovers and calls ``check(path)``;
     when the body returns, commits the staging directory over `path` (``check`` runs again right
     before the renames). However the body or the commit ends, no staging directory is left.
+
+    Example:
+      >>> with ia3_jax.replaced_directory("out/report", check=lambda path: None) as staging:
+      ...     os.makedirs(staging)
+      ...     write_report(staging)      # "out/report" is replaced by `staging` only when the block returns
     """
     with locked(path):
         sweep(path)

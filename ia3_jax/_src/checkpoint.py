@@ -246,6 +246,9 @@ def checkpoint_problem(directory: str) -> str | None:
     Exactly: a complete checkpoint whose entries are the ones its manifest lists, nothing added (a
     user's ``NOTES.md`` or ``eval/scores.json``) and nothing missing. Only such a directory is ever
     replaced or deleted.
+
+    Example:
+      >>> ia3_jax.checkpoint_problem("ckpt/adapter")       # None: exactly what save_adapter wrote
     """
     try:
         listed = set(_contents(directory).manifest["entries"])
@@ -402,6 +405,9 @@ def checkpoint_directory(path: epath.PathLike, step: int | None = None) -> epath
     After an overwrite of `path` killed between its two renames (`path` missing), this is the
     previous checkpoint under its temporary name, with a warning. Raises `CheckpointError` for a
     missing, empty, temporary (interrupted), incomplete or damaged directory, naming the file.
+
+    Example:
+      >>> directory = ia3_jax.checkpoint_directory("ckpt/run", step=3)   # an epath.Path; raises if incomplete
     """
     return epath.Path(_locate(path, step)[0])
 

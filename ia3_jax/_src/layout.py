@@ -97,7 +97,12 @@ class KernelLayout:
 
 
 def default_layout(kernel_shape: Sequence[int], fan_in_fan_out: bool) -> KernelLayout:
-    """The layout a kernel's shape implies: Dense (in, out), FlaxConv1D (out, in), Conv (..., in, out)."""
+    """The layout a kernel's shape implies: Dense (in, out), FlaxConv1D (out, in), Conv (..., in, out).
+
+    Example:
+      >>> ia3_jax.default_layout((2304, 768), fan_in_fan_out=True)   # GPT-2's c_attn, a FlaxConv1D (out, in)
+      KernelLayout(in_axes=(1,), out_axes=(0,), stack_axes=(), in_features=None)
+    """
     ndim = len(kernel_shape)
     if ndim < 2:
         raise LayoutError(f"a kernel of shape {tuple(kernel_shape)} has no (in, out) axes.")

@@ -27,26 +27,26 @@ Two kinds of base need no extra step:
 `IA3Vector` subclasses ``nnx.LoRAParam``: ``nnx.Optimizer(model, tx, wrt=IA3Vector)``,
 ``nnx.DiffState(0, IA3Vector)``, ``nnx.split(model, IA3Vector, ...)`` select the vectors, and
 Tunix's unmodified ``PeftTrainer`` (which trains and checkpoints ``nnx.LoRAParam``) trains them.
+
+This module holds the verbs; below it, one way: `nnx_vectors` (the variable types and reading a
+model), `nnx_trace` (layouts from the shape-only trace) and `nnx_bank` (`set_bank`, `bank_call`).
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from flax.errors import TraceContextError
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ia3_jax._src import bank as _bank
 from ia3_jax._src import checkpoint as _checkpoint
-from ia3_jax._src import interceptor as _interceptor
 from ia3_jax._src import merge as _merge
 from ia3_jax._src import quant
 from ia3_jax._src import tree as _tree
@@ -55,7 +55,6 @@ from ia3_jax._src.dtypes import check_vector_dtype
 from ia3_jax._src.errors import (
     AdapterExistsError,
     IA3ConfigError,
-    LayoutError,
     NonFiniteMergeError,
     NotAppliedError,
     StructureError,
@@ -63,100 +62,32 @@ from ia3_jax._src.errors import (
     VectorShapeError,
 )
 from ia3_jax._src.interceptor import check_activation_fits, module_input, scale
-from ia3_jax._src.layout import KernelLayout, stacked_layout
+from ia3_jax._src.nnx_bank import bank_ids, bank_scale, set_bank
+from ia3_jax._src.nnx_trace import check_stacking, stored_layout, trace_calls
+from ia3_jax._src.nnx_vectors import (
+    QUANT_META,
+    TARGET_META,
+    VECTOR,
+    WEIGHT_META,
+    IA3SavedParam,
+    IA3Vector,
+    M,
+    ModelOrState,
+    adapter,
+    base_type,
+    call_subclass,
+    einsum_output_positions,
+    named_modules,
+    placed_like,
+    quantized_structure,
+    saved_variables,
+    string_path,
+    vector_variables,
+    weight_name,
+    weight_value,
+)
 from ia3_jax._src.sharding import vector_spec
 from ia3_jax._src.targets import Target, resolve_targets
-
-VECTOR = _tree.VECTOR  # the attribute name of a module's vector, as PEFT's and the Linen tree's leaf name
-TARGET_META = "ia3_target"  # vector metadata: the module's `Target`
-WEIGHT_META = "ia3_weight"  # vector metadata: the name of the weight attribute it scales
-# vector metadata, for a qwix-quantized weight only: (the state paths of its arrays below the weight, its treedef),
-# so that `merge` of an ``nnx.State`` (where the WithAux/QArray nodes are flattened away) can rebuild it
-QUANT_META = "ia3_quantized"
-
-M = TypeVar("M", bound=nnx.Module)
-ModelOrState = nnx.Module | nnx.State
-
-
-class IA3Vector(nnx.LoRAParam):
-    """An IA3 scaling vector: trainable, and selected by ``nnx.LoRAParam`` filters too (Tunix).
-
-    Its metadata ``ia3_target`` (a `Target`) and ``ia3_weight`` (the weight's attribute name) tell
-    every operation which kernel axes it scales, also when only an ``nnx.State`` is at hand.
-
-    Example:
-      >>> optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=ia3_jax.IA3Vector)
-      >>> adapter_state = nnx.state(model, ia3_jax.IA3Vector)
-    """
-
-
-class IA3SavedParam(nnx.LoRAParam):
-    """A param of a ``modules_to_save`` module: the trainable copy that PEFT keeps beside the original.
-
-    `ia3_init` re-types the listed modules' ``nnx.Param``s of its clone as this ``nnx.LoRAParam``
-    subclass, so Tunix's ``PeftTrainer`` (which trains ``nnx.LoRAParam``s) and its LoRA-only checkpoints
-    take them with the vectors, and ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`` trains both; the
-    original stays in the un-adapted model. `merge` gives them back their ``nnx.Param`` type.
-
-    Example:
-      >>> optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.LoRAParam)  # vectors + copies
-    """
-
-
-def _path(parts: Sequence[Any]) -> _tree.Path:
-    """An NNX path (list indices are ints) as the string path IA3Config matches: ``layers.0.attn``."""
-    return tuple(str(p) for p in parts)
-
-
-def weight_name(module: nnx.Module) -> str | None:
-    """The attribute holding the module's weight: ``kernel``, else its only parameter of 2+ axes.
-
-    A qwix-quantized weight (PTQ puts a ``WithAux(QArray(qvalue=nnx.Param, scale=nnx.Param))`` in the
-    module's attribute, not an ``nnx.Param``) counts as a weight of its logical shape.
-    """
-    names = [
-        name
-        for name, value in vars(module).items()
-        if quant.is_quantized(value)
-        or (
-            isinstance(value, nnx.Param)
-            and not isinstance(value, IA3Vector)
-            and len(quant.kernel_shape(value.get_value())) >= 2
-        )
-    ]
-    if "kernel" in names:
-        return "kernel"
-    return names[0] if len(names) == 1 else None
-
-
-def _is_variable(x: Any) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
-def weight_value(weight: Any) -> Any:
-    """A weight attribute's value: an ``nnx.Param``'s array, or a quantized kernel with arrays for its Params."""
-    if isinstance(weight, nnx.Variable):
-        return weight.get_value()
-    return jax.tree.map(lambda v: v.get_value(), weight, is_leaf=_is_variable)
-
-
-def _key_name(key: Any) -> str:
-    for field in ("name", "key", "idx"):
-        if hasattr(key, field):
-            return str(getattr(key, field))
-    return str(key)
-
-
-def _quantized_structure(weight: Any) -> tuple[tuple[tuple[str, ...], ...], Any]:
-    """(paths of a quantized weight's ``nnx.Variable``s below it, as its state names them; its treedef)."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(weight, is_leaf=_is_variable)
-    return tuple(tuple(_key_name(k) for k in path) for path, _ in leaves), treedef
-
-
-def named_modules(model: nnx.Module) -> Iterator[tuple[_tree.Path, nnx.Module]]:
-    for parts, module in model.iter_modules():
-        if parts:
-            yield _path(parts), module
 
 
 def _view(model: nnx.Module) -> dict[str, Any]:
@@ -181,53 +112,23 @@ def _ia3_call(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
     target: Target = variable.get_metadata(TARGET_META)
     vector = target.full_vector(variable.get_value())  # Target.slices: parts it leaves out scale by one
     call = type(self)._ia3_base_type.__call__  # type: ignore[attr-defined]
-    ids = _bank_ids(self, target, vector)  # per-example adapter ids inside `bank_call`, else None
+    ids = bank_ids(self, target, vector)  # per-example adapter ids inside `bank_call`, else None
     if target.feedforward:
         x, rebuild = module_input(base_type(type(self)).__call__, args, kwargs)
         if ids is not None:
-            new_args, new_kwargs = rebuild(_bank_scale(self, target, vector, x, ids))
+            new_args, new_kwargs = rebuild(bank_scale(self, target, vector, x, ids))
             return call(self, *new_args, **new_kwargs)
         check_activation_fits(target.key, vector, x, "input", _NNX_MISFIT)
         new_args, new_kwargs = rebuild(scale(x, vector))
         return call(self, *new_args, **new_kwargs)
     y = call(self, *args, **kwargs)
     if ids is not None:
-        return _bank_scale(self, target, vector, y, ids)
-    positions = _einsum_output_positions(self)
+        return bank_scale(self, target, vector, y, ids)
+    positions = einsum_output_positions(self)
     if positions is not None:  # e.g. Tunix's kv_einsum 'BSD,CKDH->CBSKH': features (C, K, H) not all trailing
         return scale(y, _expand(target.key, vector, jnp.shape(y), positions))
     check_activation_fits(target.key, vector, y, "output", _NNX_MISFIT)
     return scale(y, vector)
-
-
-def _einsum_operands(module: nnx.Module) -> tuple[str, str, str] | None:
-    """(input, weight, output) subscripts of the module's ``einsum_str`` ``'x,w->y'``; None without one (or
-    with ``...``)."""
-    spec = getattr(module, "einsum_str", None)
-    if not isinstance(spec, str) or "->" not in spec or "..." in spec or spec.count(",") != 1:
-        return None
-    operands, out = spec.replace(" ", "").split("->")
-    x, w = operands.split(",")
-    return x, w, out
-
-
-def _einsum_output_positions(module: nnx.Module) -> tuple[int, ...] | None:
-    """Where the weight's output features sit in the output of the module's ``einsum_str``, when they are not
-    its trailing axes (``'BSD,CKDH->CBSKH'``: C, K, H at 0, 3, 4); None when they are (or there is no einsum)."""
-    parsed = _einsum_operands(module)
-    if parsed is None:
-        return None
-    _, w, out = parsed
-    positions = tuple(i for i, c in enumerate(out) if c in w)
-    return None if positions == tuple(range(len(out) - len(positions), len(out))) else positions
-
-
-def _einsum_batch_position(module: nnx.Module) -> int | None:
-    """Where the input's first (batch) axis goes in the output of the module's ``einsum_str`` (None: nowhere)."""
-    parsed = _einsum_operands(module)
-    if parsed is None or not parsed[0] or parsed[0][0] not in parsed[2]:
-        return None
-    return parsed[2].index(parsed[0][0])
 
 
 def _expand(key: str, vector: jax.Array, shape: tuple[int, ...], positions: tuple[int, ...]) -> jax.Array:
@@ -239,21 +140,7 @@ def _expand(key: str, vector: jax.Array, shape: tuple[int, ...], positions: tupl
     return vector.reshape(tuple(shape[i] if i in positions else 1 for i in range(len(shape))))
 
 
-def _record_call(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
-    # The weight as the call sees it: inside nnx.scan / nnx.vmap over stacked layers, one layer's slice.
-    name = weight_name(self)
-    seen = quant.kernel_shape(weight_value(getattr(self, name))) if name is not None else None
-    y = type(self)._ia3_base_type.__call__(self, *args, **kwargs)  # type: ignore[attr-defined]
-    x, _ = module_input(base_type(type(self)).__call__, args, kwargs)
-    path = self._ia3_record_path  # type: ignore[attr-defined]
-    _RECORDED.setdefault(path, []).append((np.shape(x), np.shape(y)))
-    _RECORDED_WEIGHTS.setdefault(path, set()).add(seen)
-    return y
-
-
 _NNX_MISFIT = "The module was called with activations of another feature shape than at ia3_init."
-_RECORDED: dict[_tree.Path, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
-_RECORDED_WEIGHTS: dict[_tree.Path, set[tuple[int, ...] | None]] = {}
 _NNX_QUANT_FIX = (
     "Keep this vector unmerged (the adapted model applies it in its __call__), or fold the adapter into the "
     "float model and quantize that: float_adapted = ia3_jax.nnx.ia3_init(float_model, config, *inputs, rng=key) "
@@ -263,195 +150,8 @@ _NNX_QUANT_FIX = (
 )
 
 
-def base_type(cls: type) -> type:
-    """The class a module had before ia3_jax (or a recording trace) gave it a subclass."""
-    return getattr(cls, "_ia3_base_type", cls)
-
-
-@functools.cache
-def _subclass(base: type, call: Callable[..., Any]) -> type:
-    namespace = {
-        "__call__": call,
-        "_ia3_base_type": base,
-        "__module__": base.__module__,
-        "__qualname__": base.__qualname__,
-    }
-    return type(base.__name__, (base,), namespace)
-
-
 def _ia3_class(cls: type) -> type:
-    return _subclass(base_type(cls), _ia3_call)
-
-
-# --- layouts from a shape-only trace ---
-
-
-def _einsum_layout(spec: str) -> KernelLayout | None:
-    """The layout an ``einsum_str`` ``"x,w->y"`` declares for its weight ``w`` (None if not of that form)."""
-    spec = spec.replace(" ", "")
-    if "->" not in spec or spec.count(",") != 1:
-        return None
-    operands, out = spec.split("->")
-    x, w = (s.replace("...", "") for s in operands.split(","))
-    out = out.replace("...", "")
-    if "." in w or len(set(w)) != len(w):
-        return None
-    in_axes = tuple(w.index(c) for c in x if c in w and c not in out)
-    out_axes = tuple(w.index(c) for c in out if c in w)
-    if sorted(in_axes + out_axes) != list(range(len(w))):
-        return None
-    return KernelLayout(in_axes, out_axes)
-
-
-def _declared_layout(module: nnx.Module, weight_shape: tuple[int, ...]) -> KernelLayout | None:
-    """The layout a known module declares, to decide between layouts that the shapes alone allow."""
-    einsum_str = getattr(module, "einsum_str", None)
-    if isinstance(einsum_str, str):
-        return _einsum_layout(einsum_str)
-    if isinstance(module, nnx.Linear):
-        return KernelLayout((0,), (1,))
-    if isinstance(module, nnx.LinearGeneral) and not module.batch_axis:
-        n_in = len(module.in_features)
-        return KernelLayout(tuple(range(n_in)), tuple(range(n_in, len(weight_shape))))
-    return None
-
-
-def _fitting_layouts(
-    weight: tuple[int, ...], calls: list[tuple[tuple[int, ...], tuple[int, ...]]]
-) -> list[KernelLayout]:
-    """Every split of the weight's axes into input axes (the input's trailing axes, in order) and output
-    axes (the output's trailing axes) that fits all recorded calls."""
-    n = len(weight)
-    fits = []
-    for n_in in range(1, n):
-        for in_axes in itertools.permutations(range(n), n_in):
-            rest = [a for a in range(n) if a not in in_axes]
-            for out_axes in itertools.permutations(rest):
-                layout = KernelLayout(in_axes, out_axes)
-                if all(
-                    layout.feature_shape(weight, True) == tuple(x[len(x) - n_in :])
-                    and layout.feature_shape(weight, False) == tuple(y[len(y) - len(out_axes) :])
-                    for x, y in calls
-                ):
-                    fits.append(layout)
-    return fits
-
-
-def _layout(module: nnx.Module, key: str, weight: tuple[int, ...], calls) -> KernelLayout:
-    """The weight's layout, read off the shapes its module's calls saw; a known module type decides ties."""
-    if isinstance(module, nnx.Conv):
-        groups = module.feature_group_count
-        return KernelLayout((len(weight) - 2,), (len(weight) - 1,), in_features=calls[0][0][-1] if groups > 1 else None)
-    fits = _fitting_layouts(weight, calls)
-    declared = _declared_layout(module, weight)
-    if declared is not None and declared in fits:
-        return declared
-    positions = _einsum_output_positions(module)
-    if (
-        declared is not None
-        and positions is not None
-        and all(
-            declared.feature_shape(weight, True) == tuple(x[len(x) - len(declared.in_axes) :])
-            and len(y) > positions[-1]
-            and declared.feature_shape(weight, False) == tuple(y[i] for i in positions)
-            for x, y in calls
-        )
-    ):
-        return declared  # its output features are where its einsum_str puts them, not trailing
-    if len(fits) == 1 and declared is None:
-        return fits[0]
-    raise LayoutError(
-        f"module {key!r} ({type(module).__name__}): its weight {weight} and the input/output shapes of its calls "
-        f"{calls[:2]} "
-        + (
-            "fit no split into input and output feature axes (trailing axes of the input and the output)"
-            if not fits
-            else f"fit several layouts {fits}, and its type declares none of them"
-        )
-        + "; IA3 cannot tell which features to scale there."
-    )
-
-
-def _stored_layout(
-    module: nnx.Module,
-    key: str,
-    stored: tuple[int, ...],
-    calls: list[tuple[tuple[int, ...], tuple[int, ...]]],
-    seen: set[tuple[int, ...] | None],
-    given: tuple[int, ...] | None = None,
-) -> KernelLayout:
-    """The layout of the weight as stored: `_layout` of the weight one call sees, with the stacked-layer axes
-    (``nnx.vmap``-created layers run by ``nnx.scan``) that the stored weight has and the call does not;
-    `given`: those axes as the user named them (``ia3_init(..., stack_axes=...)``), checked against the shapes."""
-    if seen == {None} or not seen:
-        raise LayoutError(
-            f"module {key!r}: no weight was seen during its calls (the module held no weight when called), so its "
-            "layout cannot be read off the shapes; IA3 supports modules that hold their weight and use it in __call__."
-        )
-    if len(seen) != 1 or None in seen:
-        raise LayoutError(
-            f"module {key!r}: its calls saw its weight with several shapes "
-            f"{sorted(map(str, seen - {None}))}" + (" (and some calls did not read it)" if None in seen else "") + "."
-        )
-    (per_layer,) = seen
-    assert per_layer is not None
-    layout = _layout(module, key, per_layer, calls)
-    if per_layer == stored:
-        if given:
-            raise LayoutError(
-                f"stack_axes={{{key!r}: {list(given)}}}: its weight {stored} is not stacked (each call sees all of it)."
-            )
-        return layout
-    example = f"stack_axes={{{key!r}: 0}}"
-    fix = (
-        f"Name the layer axis of its stored weight: ia3_jax.nnx.ia3_init(model, config, *inputs, {example}) "
-        "(0 for nnx.vmap's default out_axes=0; the key is the module's '.'-joined path)."
-    )
-    return stacked_layout(layout, stored, per_layer, key, given=given, fix=fix)
-
-
-def _check_stacking(target: Target) -> None:
-    """Raises `LayoutError` unless each stacked-layer axis sits at the same position in the vector as in the
-    weight, since nnx.scan / nnx.vmap slice every variable of a module at one axis: a kernel (L, in, out) gives
-    the vector (L, out), fine; a kernel (in, out, L) would give (out, L), refused."""
-    axes = target.vector_axes
-    moved = [s for s in target.layout.stack_axes if axes.index(s) != s]
-    if moved:
-        raise LayoutError(
-            f"module {target.key!r}: its weight {target.kernel_shape} stacks layers at axis {moved[0]}, but its IA3 "
-            f"vector {target.vector_shape} has only {len(axes)} axes, so the layer axis sits at {axes.index(moved[0])} "
-            "there; nnx.scan / nnx.vmap slice every variable of a module at the same axis. Stack the layers at a "
-            "lower axis (nnx.vmap's default, 0)."
-        )
-
-
-def _trace(
-    model: nnx.Module, modules: Mapping[_tree.Path, nnx.Module], args: tuple, kwargs: dict
-) -> tuple[dict, dict]:
-    """The (input shape, output shape) of every call of `modules` in ``model(*args, **kwargs)``, and the
-    shapes their weight had inside those calls (one layer's, under ``nnx.scan``), shapes only."""
-    if not args and not kwargs:
-        raise IA3ConfigError(
-            "ia3_jax.nnx needs example inputs of the model (as qwix does): ia3_init(model, config, *inputs, "
-            "**input_kwargs). They are traced with shapes only (jax.eval_shape) to read each target's layout and "
-            "to check that its __call__ runs."
-        )
-    classes = {path: type(m) for path, m in modules.items()}
-    try:
-        for path, module in modules.items():
-            module._ia3_record_path = path  # type: ignore[attr-defined]
-            module.__class__ = _subclass(base_type(type(module)), _record_call)
-        graphdef, state = nnx.split(model)
-        _RECORDED.clear()
-        _RECORDED_WEIGHTS.clear()
-        jax.eval_shape(lambda s: nnx.merge(graphdef, s)(*args, **kwargs), state)
-        return dict(_RECORDED), dict(_RECORDED_WEIGHTS)
-    finally:
-        _RECORDED.clear()
-        _RECORDED_WEIGHTS.clear()
-        for path, module in modules.items():
-            module.__class__ = classes[path]
-            del module._ia3_record_path  # type: ignore[attr-defined]
+    return call_subclass(base_type(cls), _ia3_call)
 
 
 # --- insertion ---
@@ -567,7 +267,7 @@ def ia3_init(
     chosen = resolve_targets(_view(model), config)
     by_path = dict(named_modules(model))
     given = _given_stack_axes(stack_axes, chosen)
-    traced, seen_weights = _trace(model, {p: by_path[p] for p in chosen}, inputs, input_kwargs)
+    traced, seen_weights = trace_calls(model, {p: by_path[p] for p in chosen}, inputs, input_kwargs)
     idle = sorted(_tree.dotted(p) for p in chosen if p not in traced)
     if idle:
         raise NotAppliedError(
@@ -587,12 +287,12 @@ def ia3_init(
         kernel = getattr(module, name)
         shape = quant.kernel_shape(weight_value(kernel))
         key = _tree.dotted(path)
-        layout = _stored_layout(module, key, shape, traced[path], seen_weights[path], given.get(key))
+        layout = stored_layout(module, key, shape, traced[path], seen_weights[path], given.get(key))
         target = Target(path, layout, shape, feedforward)
-        _check_stacking(target)
+        check_stacking(target)
         metadata, sharding = vector_sharding(kernel, target)
         if quant.is_quantized(kernel):
-            metadata[QUANT_META] = _quantized_structure(kernel)
+            metadata[QUANT_META] = quantized_structure(kernel)
         if keys is None:
             vector = jnp.ones(target.vector_shape, dtype)
         else:
@@ -641,38 +341,6 @@ def _retype_saved(model: nnx.Module, config: IA3Config) -> None:
 # --- the adapter as a plain nested dict (Linen's adapter form: '.'-joinable string keys) ---
 
 
-def vector_variables(tree: ModelOrState) -> dict[_tree.Path, nnx.Variable]:
-    """Every `IA3Vector` of a model or a state, by module path."""
-    state = nnx.state(tree, IA3Vector) if isinstance(tree, nnx.Module) else tree
-    return {
-        _path(parts[:-1]): variable
-        for parts, variable in nnx.to_flat_state(state)
-        if isinstance(variable, IA3Vector) and parts[-1] == VECTOR
-    }
-
-
-def saved_variables(tree: ModelOrState) -> dict[_tree.Path, nnx.Variable]:
-    """Every `IA3SavedParam` (``modules_to_save`` copy) of a model or a state, by its full path."""
-    state = nnx.state(tree, IA3SavedParam) if isinstance(tree, nnx.Module) else tree
-    return {
-        _path(parts): variable for parts, variable in nnx.to_flat_state(state) if isinstance(variable, IA3SavedParam)
-    }
-
-
-def adapter(tree: ModelOrState) -> dict[str, Any]:
-    """The vectors (and ``modules_to_save`` copies) of an adapted model or its ``nnx.State``, as a nested dict.
-
-    Keys are strings (``{"layers": {"0": {"attn": {"k_proj": {"ia3_l": array}}}}}``), the form of
-    Linen's adapter tree: `ia3_jax.save_adapter`, `ia3_jax.save_peft` and optax take it as it is. A
-    ``modules_to_save`` module's params sit at its path as in Linen's (``{"head": {"kernel", "bias"}}``).
-    """
-    vectors = vector_variables(tree)
-    if not vectors:
-        raise StructureError("no IA3 vectors in this model or state: adapt it with ia3_jax.nnx.ia3_init first.")
-    saved = {path: v.get_value() for path, v in saved_variables(tree).items()}
-    return _tree.updated({}, {**saved, **{path + (VECTOR,): v.get_value() for path, v in vectors.items()}})
-
-
 def _saved_writes(model: nnx.Module, adapter_tree: Mapping[str, Any] | nnx.State) -> list[tuple[nnx.Variable, Any]]:
     """``(copy variable, new value)`` for every ``modules_to_save`` copy, all checked; nothing written."""
     variables = saved_variables(model)
@@ -694,14 +362,6 @@ def _saved_writes(model: nnx.Module, adapter_tree: Mapping[str, Any] | nnx.State
     return [(variable, new[path]) for path, variable in variables.items()]
 
 
-def _placed_like(variable: nnx.Variable, value: Any) -> jax.Array:
-    """`value` in the variable's dtype, on its current placement (sharding)."""
-    old = variable.get_value()
-    sharding = getattr(old, "sharding", None)
-    value = jnp.asarray(value, old.dtype)
-    return jax.device_put(value, sharding) if sharding is not None else value
-
-
 def _flat_leaves(tree: Mapping[str, Any], prefix: _tree.Path = ()) -> dict[_tree.Path, Any]:
     out: dict[_tree.Path, Any] = {}
     for name, child in tree.items():
@@ -717,6 +377,10 @@ def set_adapter(model: nnx.Module, adapter_tree: Mapping[str, Any] | nnx.State) 
 
     `adapter_tree` is a nested dict (`adapter`, `load_adapter`, PEFT files) or an ``nnx.State`` of
     vectors. The vectors keep the model's dtype and placement (sharding) of its current vectors.
+
+    Example:
+      >>> ia3_jax.nnx.set_adapter(model, ia3_jax.nnx.adapter(tuned))   # tuned: adapted with the same config
+      >>> ia3_jax.nnx.set_adapter(model, ia3_jax.bank_select(bank, 2))
     """
     vectors = vector_variables(model)
     new = (
@@ -735,7 +399,7 @@ def set_adapter(model: nnx.Module, adapter_tree: Mapping[str, Any] | nnx.State) 
         variable.get_metadata(TARGET_META).check_vector(np.shape(new[path]))
     writes = [(variable, new[path]) for path, variable in vectors.items()] + _saved_writes(model, adapter_tree)
     for variable, value in writes:  # only once everything is checked: a refused adapter changes nothing
-        variable.set_value(_placed_like(variable, value))
+        variable.set_value(placed_like(variable, value))
 
 
 # --- folding vectors into weights: the Linen fold arithmetic (`merge.rescale_module`) on NNX variables ---
@@ -754,7 +418,7 @@ def _stored_weight(
     # nodes; a state lost them, and the structure recorded at ia3_init rebuilds them.
     attribute = getattr(module, weight, None) if module is not None else None
     if quant.is_quantized(attribute):
-        structure = _quantized_structure(attribute)
+        structure = quantized_structure(attribute)
     else:
         structure = vector.get_metadata(QUANT_META, None)
     below = sorted(p[len(path) + 1 :] for p in flat if p[: len(path) + 1] == path + (weight,))
@@ -782,7 +446,7 @@ def _folds(
     """
     state = nnx.state(tree) if isinstance(tree, nnx.Module) else tree
     modules = dict(named_modules(tree)) if isinstance(tree, nnx.Module) else {}
-    flat = {_path(parts): v for parts, v in nnx.to_flat_state(state)}
+    flat = {string_path(parts): v for parts, v in nnx.to_flat_state(state)}
     written = {}
     for path, variable in vectors.items():
         target: Target = variable.get_metadata(TARGET_META)
@@ -825,8 +489,8 @@ def _write_folds(
         flat = [
             (
                 parts,
-                variable.copy(new[_path(parts)])
-                if _path(parts) in new
+                variable.copy(new[string_path(parts)])
+                if string_path(parts) in new
                 else _plain(variable) if drop_vectors else variable,
             )
             for parts, variable in nnx.to_flat_state(tree)
@@ -930,7 +594,7 @@ def _vector_state(like: ModelOrState | Mapping[str, Any], combined: Mapping[str,
     state = nnx.state(like, IA3Vector) if isinstance(like, nnx.Module) else like
     return nnx.from_flat_state(
         [
-            (parts, variable.copy(vectors[_path(parts[:-1])]))
+            (parts, variable.copy(vectors[string_path(parts[:-1])]))
             for parts, variable in nnx.to_flat_state(state)
             if isinstance(variable, IA3Vector) and parts[-1] == VECTOR
         ]
@@ -942,12 +606,20 @@ def add_weighted_adapter(adapters: Sequence[ModelOrState | Mapping[str, Any]], w
 
     Returns an ``nnx.State`` of vectors with the first adapter's metadata: ``nnx.update(model, it)``
     makes `model` carry it. (Nested dicts in, a nested dict out.)
+
+    Example:
+      >>> mixed = ia3_jax.nnx.add_weighted_adapter([model_a, model_b], [0.7, 0.3])
+      >>> nnx.update(model_a, mixed)            # model_a now applies 0.7 l_a + 0.3 l_b
     """
     return _vector_state(adapters[0], _merge.add_weighted_adapter(_as_adapters(adapters), weights))
 
 
 def combine(adapters: Sequence[ModelOrState | Mapping[str, Any]]) -> Any:
-    """Several adapters at once: the elementwise product of their vectors, as an ``nnx.State`` of vectors."""
+    """Several adapters at once: the elementwise product of their vectors, as an ``nnx.State`` of vectors.
+
+    Example:
+      >>> nnx.update(model, ia3_jax.nnx.combine([task_model, style_model]))   # applies l_task * l_style
+    """
     return _vector_state(adapters[0], _merge.combine(_as_adapters(adapters)))
 
 
@@ -970,6 +642,10 @@ def load_adapter(path: Any, model: nnx.Module, *, step: int | None = None) -> IA
     model built sharded (or with ``nnx.eval_shape`` and then materialised) gets sharded vectors.
     A checkpoint of a bank (`save_adapter` of a model that `set_bank` gave one) is written with
     `set_bank`, into a model holding a bank or one adapter alike; `bank_call` runs it.
+
+    Example:
+      >>> model = ia3_jax.nnx.ia3_init(base_model, config, *inputs)     # the config the checkpoint was trained with
+      >>> config = ia3_jax.nnx.load_adapter("ckpt/run", model)          # latest step, written into model
     """
     vectors = vector_variables(model)
     shardings = _tree.updated(
@@ -995,233 +671,3 @@ def load_adapter(path: Any, model: nnx.Module, *, step: int | None = None) -> IA
     else:
         set_adapter(model, restored)
     return config
-
-
-# --- adapter banks: N adapters in each vector's last axis, each example of a batch scaled by its own ---
-
-
-class _AdapterIds(nnx.Variable):
-    """The per-example adapter ids of a `bank_call`, set on each module holding a bank for the call's duration.
-
-    Module state (not a trace-time global), so ``nnx.jit``-ed methods, ``nnx.scan`` (which slices it along
-    the layers' stacked axes like the vectors) and ``jax.jit`` over ``nnx.split`` states all see the ids of
-    the call at hand. Not an ``nnx.Param``: no ``Param`` / ``LoRAParam`` filter, `adapter` or save sees it."""
-
-
-IDS = "ia3_adapter_ids"  # the attribute of a module's `_AdapterIds` inside `bank_call`
-
-
-def _features(target: Target) -> tuple[int, ...]:
-    """The feature shape a target's call scales (per layer: without stacked-layer axes)."""
-    return target.layout.feature_shape(target.kernel_shape, target.feedforward)
-
-
-def _bank_ids(module: nnx.Module, target: Target, vector: jax.Array) -> jax.Array | None:
-    """The module's ids of the `bank_call` in progress (None outside one); a bank vector called without
-    ids is refused. (`bank_call` checked that all vectors are banks before setting the ids.)"""
-    ids = getattr(module, IDS, None)
-    if ids is not None:
-        return ids.get_value()
-    if _bank.bank_width(_features(target), vector.shape) is not None:  # per layer: nnx.scan slices stacked axes
-        raise VectorShapeError(
-            f"IA3 vector at {target.key!r} holds a bank of {vector.shape[-1]} adapters (shape {vector.shape}, the "
-            "adapter axis last) but the model was called without adapter ids: run it with "
-            "ia3_jax.nnx.bank_call(model, adapter_ids, *inputs), or write one adapter with "
-            "ia3_jax.nnx.set_adapter(model, ia3_jax.bank_select(bank, i))."
-        )
-    return None
-
-
-def _bank_scale(module: nnx.Module, target: Target, vector: jax.Array, activation: Any, ids: jax.Array) -> Any:
-    """`activation` with each example scaled by its adapter's column of `vector`, checked (`check_bank_fits`)."""
-    side = "input" if target.feedforward else "output"
-    positions = None if target.feedforward else _einsum_output_positions(module)
-    if positions is None:
-        _interceptor.check_bank_fits(target.key, vector, activation, side, ids, {_features(target)})
-        return _interceptor.scale_per_example(activation, vector, ids)
-    # Features not trailing (Tunix's kv_einsum 'BSD,CKDH->CBSKH'): move the batch axis (where the input's
-    # first axis goes) first and the features last, scale, and move them back.
-    spec = module.einsum_str  # type: ignore[attr-defined]
-    ndim = jnp.ndim(activation)
-    batch = _einsum_batch_position(module)
-    if batch is None or batch in positions or max(positions) >= ndim:
-        raise VectorShapeError(
-            f"bank_call: the output of {target.key!r} ({spec!r}, shape {jnp.shape(activation)}) has no batch axis "
-            "apart from its features, so its examples cannot take their own adapters: serve this module's adapters "
-            "one at a time (ia3_jax.nnx.set_adapter(model, ia3_jax.bank_select(bank, i))), or merge them "
-            "(ia3_jax.nnx.merge)."
-        )
-    order = [batch] + [i for i in range(ndim) if i != batch and i not in positions] + list(positions)
-    moved = jnp.transpose(activation, order)
-    _interceptor.check_bank_fits(target.key, vector, moved, side, ids, {_features(target)})
-    return jnp.transpose(_interceptor.scale_per_example(moved, vector, ids), [order.index(i) for i in range(ndim)])
-
-
-def _check_bank_model(model: nnx.Module, caller: str) -> dict[_tree.Path, nnx.Variable]:
-    """The model's vectors, refused (`StructureError`) when there are none or it holds modules_to_save copies."""
-    vectors = vector_variables(model)
-    if not vectors:
-        raise StructureError(f"{caller}: no IA3 vectors in this model: adapt it with ia3_jax.nnx.ia3_init first.")
-    if saved_variables(model):
-        raise StructureError(
-            f"{caller}: the model holds modules_to_save copies, which one bank call would share among all "
-            "adapters: per-example copies of whole modules are not an IA3 scaling. Serve such adapters on their own."
-        )
-    return vectors
-
-
-def _require_bank(caller: str, target: Target, shape: tuple[int, ...]) -> int:
-    """The number of adapters of a bank vector of `shape` at `target`; `VectorShapeError` naming the fix when
-    it is a single adapter's vector or one for another model."""
-    n = _bank.bank_width(target.vector_shape, shape)
-    if n is not None:
-        return n
-    if shape == target.vector_shape:
-        fix = (
-            "stack adapters with ia3_jax.stack_adapters([...]), or write one adapter with ia3_jax.nnx.set_adapter."
-            if caller == "set_bank"
-            else "write a bank first with ia3_jax.nnx.set_bank(model, ia3_jax.stack_adapters([...]))."
-        )
-        raise VectorShapeError(
-            f"{caller}: the IA3 vector at {target.key!r} has shape {shape}, a single adapter's, not a bank of "
-            f"{target.vector_shape} vectors ({target.vector_shape} + (n_adapters,), the adapter axis last): {fix}"
-        )
-    raise VectorShapeError(
-        f"{caller}: the bank vector at {target.key!r} has shape {shape}, i.e. vectors {shape[:-1]} and "
-        f"{shape[-1:]} adapters (the adapter axis last), but the model's vector there has shape "
-        f"{target.vector_shape}: a bank for another model or config; stack adapters of this model "
-        "(ia3_jax.stack_adapters([ia3_jax.nnx.adapter(m) for m in tuned]))."
-    )
-
-
-def set_bank(model: nnx.Module, bank: Mapping[str, Any] | nnx.State) -> None:
-    """Writes an adapter bank into the adapted `model`, in place: each `IA3Vector` becomes ``(*shape, N)``.
-
-    Args:
-      model: adapted by `ia3_init` (vectors at the bank's paths; no ``modules_to_save``).
-      bank: `ia3_jax.stack_adapters` of adapters of this model (`adapter` trees, `load_adapter` /
-        `load_peft` pairs), i.e. a nested dict whose every ``ia3_l`` is ``(*vector_shape, N)``, the
-        adapter axis last; or the vector ``nnx.State`` of a model holding a bank.
-
-    Everything is checked before anything is written (a refused bank changes nothing):
-    `StructureError` when the paths differ from the model's or the vectors do not share one adapter
-    axis, `VectorShapeError` when a vector's features are not its module's (a single adapter, or
-    one for another model). The vectors keep the model's dtype and placement, the adapter axis
-    replicated. Run the model with `bank_call`; `adapter` gives the bank back, and
-    ``set_adapter(model, ia3_jax.bank_select(bank, i))`` makes it a single-adapter model again.
-
-    Example:
-      >>> bank = ia3_jax.stack_adapters([ia3_jax.nnx.adapter(m) for m in tuned])   # k_proj: (2, 8, 5)
-      >>> ia3_jax.nnx.set_bank(model, bank)
-      >>> logits, _ = ia3_jax.nnx.bank_call(model, jnp.array([4, -1, 0]), tokens, positions, None, mask)
-    """
-    vectors = _check_bank_model(model, "set_bank")
-    tree = adapter(bank) if isinstance(bank, nnx.State) else _tree.to_dict(bank)
-    new = _tree.vectors(tree)
-    if set(new) != set(vectors):
-        missing, extra = sorted(set(vectors) - set(new)), sorted(set(new) - set(vectors))
-        raise StructureError(
-            f"set_bank: the bank does not fit the model: the model's vectors {[_tree.dotted(p) for p in missing[:8]]} "
-            f"are missing from it and its vectors {[_tree.dotted(p) for p in extra[:8]]} have no target in the model."
-        )
-    for path, variable in vectors.items():
-        _require_bank("set_bank", variable.get_metadata(TARGET_META), tuple(np.shape(new[path])))
-    _bank.bank_size(tree)  # vectors only (no modules_to_save copies), one adapter axis, float dtypes
-    for path, variable in vectors.items():
-        variable.set_value(_placed_like(variable, new[path]))
-
-
-def bank_call(model: nnx.Module, adapter_ids: Any, *args: Any, **kwargs: Any) -> Any:
-    """``model(*args, **kwargs)`` with each example scaled by its own adapter of the bank `set_bank` wrote.
-
-    Args:
-      model: holds a bank (`set_bank`): every vector ``(*features, N)``.
-      adapter_ids: ``(batch,)`` integers, one per example along the leading (batch) axis of every
-        targeted module's activations: ``i`` for adapter ``i``, `ia3_jax.NO_ADAPTER` (-1) for the base.
-      *args, **kwargs: the model's inputs.
-
-    Returns the model's output; each example's equals the model run on it alone with its adapter
-    (``set_adapter(model, ia3_jax.bank_select(bank, i))``, or merged), feedforward targets scaling
-    their input and the others their output as in the model's own call.
-
-    A plain function of the model: ``nnx.jit(bank_call)(model, ids, x)``, ``jax.jit`` over
-    ``nnx.merge(graphdef, state)``, ``nnx.grad`` / ``jax.grad`` (each example's gradient reaches only
-    its adapter's column), ``jax.vmap`` and ``nnx.scan``-ed layers compose with it, and so does a model
-    whose ``__call__`` (or a submodule's) is ``nnx.jit``-ed: the ids travel as module state, an
-    ``nnx.Variable`` (not a ``Param``) set on each module holding a bank for the call's duration and
-    removed when it returns or raises.
-
-    Raises:
-      AdapterIdsError: the ids are not a 1-D integer array, concrete ids out of range (checked before
-        running; under jit an out-of-range id gives its example NaN: check serving inputs with
-        `ia3_jax.check_adapter_ids`), or not one id per example of a module's batch axis.
-      VectorShapeError: the model holds single-adapter vectors (or a bank vector is called without
-        ids, outside `bank_call`), or a bank's features do not fit the activations.
-
-    Example:
-      >>> ia3_jax.nnx.set_bank(model, ia3_jax.stack_adapters(adapters))          # 5 adapters
-      >>> y = nnx.jit(ia3_jax.nnx.bank_call)(model, jnp.array([3, -1, 0, 4]), x)  # x: (4, ..., features)
-    """
-    ids = adapter_ids if isinstance(adapter_ids, jax.Array) else jnp.asarray(adapter_ids)
-    _interceptor.check_ids(ids)
-    vectors = _check_bank_model(model, "bank_call")
-    sizes = {}
-    for variable in vectors.values():
-        target: Target = variable.get_metadata(TARGET_META)
-        sizes[target.key] = _require_bank("bank_call", target, tuple(np.shape(variable.get_value())))
-    if len(set(sizes.values())) != 1:
-        shown = dict(list(sizes.items())[:8])
-        raise StructureError(
-            f"bank_call: the model's vectors hold banks of different sizes {shown}: write one bank of N adapters "
-            "for every vector with ia3_jax.nnx.set_bank(model, ia3_jax.stack_adapters(adapters))."
-        )
-    _interceptor.check_ids(ids, next(iter(sizes.values())))  # values, where they are concrete
-    modules = dict(named_modules(model))
-    try:
-        _set_ids(modules, vectors, ids)
-    except TraceContextError:
-        # The model lives outside the trace at hand (a jax.jit / jax.vmap closing over it): run a copy made
-        # here, and write back what the call changed (which raises as model(...) itself would).
-        work = nnx.merge(*nnx.split(model))
-        before = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
-        modules = dict(named_modules(work))
-        try:
-            _set_ids(modules, vectors, ids)
-            out = work(*args, **kwargs)
-        finally:
-            _drop_ids(modules)
-        after = nnx.state(work)
-        if any(v.get_value() is not before.get(p) for p, v in nnx.to_flat_state(after)):
-            nnx.update(model, after)
-        return out
-    try:
-        return model(*args, **kwargs)
-    finally:
-        _drop_ids(modules)
-
-
-def _set_ids(modules: Mapping[_tree.Path, nnx.Module], vectors: Mapping[_tree.Path, nnx.Variable], ids: Any) -> None:
-    """Gives each module holding a bank vector its `_AdapterIds`: ``(batch,)``, broadcast over the stacked-layer
-    axes of ``nnx.vmap``-ed layers at the vector's positions, so that ``nnx.scan`` slices both alike. (All or none.)"""
-    try:
-        for path, variable in vectors.items():
-            target: Target = variable.get_metadata(TARGET_META)
-            shape = np.shape(variable.get_value())
-            dims, batch = [int(np.shape(ids)[0])], 0
-            for pos, axis in enumerate(target.vector_axes):
-                if axis in target.layout.stack_axes:
-                    at = min(pos, len(dims))
-                    dims.insert(at, shape[pos])
-                    batch += at <= batch
-            rest = tuple(i for i in range(len(dims)) if i != batch)
-            value = jnp.broadcast_to(jnp.expand_dims(ids, rest), dims) if rest else ids
-            setattr(modules[path], IDS, _AdapterIds(value))
-    except BaseException:
-        _drop_ids(modules)
-        raise
-
-
-def _drop_ids(modules: Mapping[_tree.Path, nnx.Module]) -> None:
-    for module in modules.values():
-        if isinstance(vars(module).get(IDS), _AdapterIds):
-            delattr(module, IDS)

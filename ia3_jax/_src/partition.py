@@ -15,7 +15,12 @@ from ia3_jax._src.targets import modules_to_save_roots
 
 
 class Split(NamedTuple):
-    """`split`'s result: the trainable adapter tree and the frozen base tree."""
+    """`split`'s result: the trainable adapter tree and the frozen base tree.
+
+    Example:
+      >>> adapter, base = ia3_jax.split(params, config)       # a Split, unpacked
+      >>> vectors = ia3_jax.split(params, config).adapter  # or by name
+    """
 
     adapter: dict[str, Any]
     base: dict[str, Any]
@@ -65,6 +70,10 @@ def join(base: Mapping[str, Any], adapter: Mapping[str, Any]) -> dict[str, Any]:
     """Lays `adapter` over `base`: vectors are added, ``modules_to_save`` copies replace the originals.
 
     Raises `StructureError` if the adapter names a module that the base does not have.
+
+    Example:
+      >>> adapter, base = ia3_jax.split(params, config)
+      >>> logits = model.apply({"params": ia3_jax.join(base, adapter)}, x)
     """
 
     def lay(base_node: Mapping[str, Any], adapter_node: Mapping[str, Any], path: _tree.Path) -> dict[str, Any]:

@@ -503,6 +503,10 @@ def read_peft_config(path: str | os.PathLike) -> IA3Config:
 
     Raises `PeftFormatError` for a missing directory or file, invalid JSON, a ``peft_type`` other
     than ``"IA3"``, or fields IA3 does not have set to a value that matters.
+
+    Example:
+      >>> config = ia3_jax.read_peft_config("peft_dir")      # peft_dir/adapter_config.json, no weights read
+      >>> config.target_modules, config.feedforward_modules
     """
     directory = Path(path).expanduser()
     _warn_if_pending(directory)

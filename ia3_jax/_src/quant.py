@@ -45,7 +45,12 @@ def _qwix_types() -> tuple[Any, Any] | None:
 
 
 def is_quantized(leaf: Any) -> bool:
-    """True for a qwix quantized kernel: a ``WithAux`` (any subclass) or a bare ``QArray``."""
+    """True for a qwix quantized kernel: a ``WithAux`` (any subclass) or a bare ``QArray``.
+
+    Example:
+      >>> ia3_jax.quant.is_quantized(jnp.ones((4, 8)))
+      False
+    """
     types = _qwix_types()
     return types is not None and isinstance(leaf, types)
 
@@ -81,6 +86,10 @@ def kernel_shape(kernel: Any) -> tuple[int, ...]:
     `kernel` may be boxed (``nn.Partitioned``). Raises `UnsupportedKernelError` naming the type for a
     kernel that is a container of arrays ia3_jax does not know (another quantization scheme), since
     its shape and its meaning cannot be told apart safely.
+
+    Example:
+      >>> ia3_jax.quant.kernel_shape(jnp.ones((4, 8)))      # a qwix QArray: its qvalue's shape
+      (4, 8)
     """
     kernel = _tree.unbox(kernel)
     if is_quantized(kernel):

@@ -136,8 +136,8 @@ def adapter_shardings(
       ShardingError: a mesh axis does not divide the vector axis it shards.
       VectorShapeError: a vector (e.g. a stacked one with another layer count) does not fit its kernel.
 
-    Example (Megatron MLP: ``up`` split by output, ``down`` by input features over 'model')::
-
+    Example:
+      >>> # Megatron MLP: ``up`` split by output, ``down`` by input features over 'model'
       >>> specs = adapter_shardings(adapter, base, {"up": {"kernel": P(None, "model"), "bias": P("model")},
       ...                                          "down": {"kernel": P("model", None), "bias": P()}}, config)
       >>> specs  # {'up': {'ia3_l': P('model')}, 'down': {'ia3_l': P('model')}} with down feedforward

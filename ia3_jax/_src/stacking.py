@@ -49,6 +49,10 @@ def unstack(tree: Mapping[str, Any], root: str, *, axis: int = 0) -> dict[str, A
       A new tree; leaves under `root` are bare arrays (Flax boxes are unboxed), the rest untouched.
       A scanned ``(L, out)`` vector at ``layers.mlp.up.ia3_l`` becomes L vectors ``(out,)`` at
       ``layers.<i>.mlp.up.ia3_l``.
+
+    Example:
+      >>> per_layer = ia3_jax.unstack(adapter, "layers")     # layers.mlp.up.ia3_l (L, out) -> layers.<i>.mlp.up.ia3_l
+      >>> ia3_jax.save_peft("out/ia3", per_layer, config)
     """
     path, node = _node(tree, root)
     leaves = [(p, _tree.unbox(leaf)) for p, leaf in _tree.leaves_with_paths(node)]
@@ -70,6 +74,10 @@ def stack(tree: Mapping[str, Any], root: str, *, axis: int = 0) -> dict[str, Any
 
     Raises `StructureError` when the children of `root` are not the layers ``0 .. L-1`` or the
     layers differ in structure or shapes.
+
+    Example:
+      >>> adapter, config = ia3_jax.load_peft("peft_dir", ia3_jax.unstack(params, "layers"))
+      >>> adapter = ia3_jax.stack(adapter, "layers")          # the nn.scan layout again: (L, out) vectors
     """
     path, node = _node(tree, root)
     names = [str(i) for i in range(len(node))]

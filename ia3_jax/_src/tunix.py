@@ -26,7 +26,7 @@ from flax import nnx
 
 from ia3_jax._src import bank as _bank
 from ia3_jax._src import nnx as _nnx
-from ia3_jax._src import peft_io
+from ia3_jax._src import nnx_vectors, peft_io
 from ia3_jax._src import tree as _tree
 from ia3_jax._src.config import IA3Config
 from ia3_jax._src.errors import AdapterMismatchError, LayoutError, UnknownModelTypeError
@@ -59,6 +59,11 @@ class Site(NamedTuple):
         preprocessing run on torch output-feature indices: the weight's shape, each entry the index of
         its output feature in PEFT's vectors of ``hf_keys`` concatenated.
       sizes: the output features of each of ``hf_keys`` (with ``feature_index``).
+
+    Example:
+      >>> site = ia3_jax.tunix.sites(gemma)[("layers", "0", "attn", "kv_einsum")]
+      >>> site.hf_keys
+      ('model.layers.0.self_attn.k_proj', 'model.layers.0.self_attn.v_proj')
     """
 
     path: _tree.Path
@@ -74,12 +79,17 @@ class Site(NamedTuple):
 
 def family(model: nnx.Module) -> str:
     """The Tunix family of `model` (``"llama3"``, ``"gemma3"``, ...), read from the module of its class or of
-    the first base class from ``tunix.models.<family>.model`` (qwix's and ia3_jax's subclasses are skipped)."""
+    the first base class from ``tunix.models.<family>.model`` (qwix's and ia3_jax's subclasses are skipped).
+
+    Example:
+      >>> ia3_jax.tunix.family(llama)
+      'llama3'
+    """
     for cls in type(model).__mro__:
         match = re.fullmatch(r"tunix\.models\.(\w+)\.model", cls.__module__)
         if match is not None and match.group(1) in FAMILIES:
             return match.group(1)
-    module = _nnx.base_type(type(model)).__module__
+    module = nnx_vectors.base_type(type(model)).__module__
     raise UnknownModelTypeError(
         f"{type(model).__name__} (module {module}) is not a Tunix model family with a torch key mapping "
         f"that ia3_jax knows: {sorted(FAMILIES)}."
@@ -91,7 +101,11 @@ def _params(model: nnx.Module) -> Any:
 
 
 def key_mapping(model: nnx.Module) -> dict[str, tuple[str, Any]]:
-    """Tunix's own ``{torch key regex: (nnx key, (permute, reshape))}`` for `model`'s family and config."""
+    """Tunix's own ``{torch key regex: (nnx key, (permute, reshape))}`` for `model`'s family and config.
+
+    Example:
+      >>> mapping = ia3_jax.tunix.key_mapping(llama)    # {torch key regex: (nnx key, (permute, reshape))}
+    """
     return _params(model)._get_key_and_transform_mapping(model.config)  # type: ignore[attr-defined]
 
 
@@ -121,7 +135,7 @@ def _staged_sites(model: nnx.Module, mapping: dict[str, tuple[str, Any]]) -> dic
     make_preprocess = getattr(_params(model), "_make_preprocess_fn", None)
     if make_preprocess is None:
         raise LayoutError(f"Tunix {family(model)} stages weights {staged[0][1]!r} but has no preprocessing step.")
-    modules = dict(_nnx.named_modules(model))
+    modules = dict(nnx_vectors.named_modules(model))
     model_config: Any = model.config  # type: ignore[attr-defined]
     out = {}
     for layer in range(model_config.num_layers):
@@ -135,7 +149,7 @@ def _staged_sites(model: nnx.Module, mapping: dict[str, tuple[str, Any]]) -> dic
         for key, fused in make_preprocess(model_config)(tensors).items():
             path = tuple(key.split("."))
             module = modules.get(path[:-1])
-            if module is None or _nnx.weight_name(module) != path[-1]:
+            if module is None or nnx_vectors.weight_name(module) != path[-1]:
                 continue
             fused = np.asarray(fused)
             present = [(k, o, n) for k, o, n in parts if ((fused >= o) & (fused < o + n)).any()]
@@ -152,7 +166,12 @@ def _staged_sites(model: nnx.Module, mapping: dict[str, tuple[str, Any]]) -> dic
 
 
 def sites(model: nnx.Module) -> dict[_tree.Path, Site]:
-    """Every module of the Tunix `model` whose weight is made of Hugging Face ``*.weight``s, by Tunix path."""
+    """Every module of the Tunix `model` whose weight is made of Hugging Face ``*.weight``s, by Tunix path.
+
+    Example:
+      >>> ia3_jax.tunix.sites(llama)[("layers", "0", "attn", "k_proj")].hf_keys
+      ('model.layers.0.self_attn.k_proj',)
+    """
     mapping = key_mapping(model)
     patterns = [
         (re.compile(_LAYER_GROUP.join(re.escape(p) for p in nnx_key.split("\\1"))), torch_pattern, transform)
@@ -160,8 +179,8 @@ def sites(model: nnx.Module) -> dict[_tree.Path, Site]:
         if not nnx_key.startswith(_STAGED)
     ]
     out = {}
-    for path, module in _nnx.named_modules(model):
-        weight = _nnx.weight_name(module)
+    for path, module in nnx_vectors.named_modules(model):
+        weight = nnx_vectors.weight_name(module)
         if weight is None:
             continue
         flat = _tree.dotted(path + (weight,))
@@ -177,7 +196,12 @@ def sites(model: nnx.Module) -> dict[_tree.Path, Site]:
 
 
 def default_config(model: nnx.Module, **overrides: Any) -> IA3Config:
-    """PEFT's default IA3 config for the Hugging Face twin of the Tunix `model` (module names as PEFT's)."""
+    """PEFT's default IA3 config for the Hugging Face twin of the Tunix `model` (module names as PEFT's).
+
+    Example:
+      >>> config = ia3_jax.tunix.default_config(llama)      # PEFT's llama defaults: k_proj, v_proj, down_proj
+      >>> config = ia3_jax.tunix.default_config(llama, init_ia3_weights=False)
+    """
     from ia3_jax import hf
 
     model_type = FAMILIES[family(model)][1]
@@ -223,7 +247,12 @@ def tunix_config(config: IA3Config, model: nnx.Module) -> IA3Config:
 
 
 def example_inputs(length: int = 4) -> tuple[Any, ...]:
-    """``(tokens, positions, cache, attention_mask)`` of one short sequence: a Tunix LM's call arguments."""
+    """``(tokens, positions, cache, attention_mask)`` of one short sequence: a Tunix LM's call arguments.
+
+    Example:
+      >>> tokens, positions, cache, mask = ia3_jax.tunix.example_inputs()     # tokens: (1, 4)
+      >>> logits, _ = llama(tokens, positions, cache, mask)
+    """
     tokens = jnp.zeros((1, length), jnp.int32)
     return tokens, jnp.arange(length)[None], None, jnp.tril(jnp.ones((1, length, length), bool))
 
@@ -244,21 +273,21 @@ def ia3_init(model: M, config: IA3Config, *inputs: Any, **kwargs: Any) -> M:
       >>> model = ia3_jax.tunix.ia3_init(llama, ia3_jax.tunix.default_config(llama))
     """
     adapted = _nnx.ia3_init(model, tunix_config(config, model), *(inputs or example_inputs()), **kwargs)
-    modules = dict(_nnx.named_modules(adapted))
-    variables = _nnx.vector_variables(adapted)
+    modules = dict(nnx_vectors.named_modules(adapted))
+    variables = nnx_vectors.vector_variables(adapted)
     for path, (site, target, vector) in _vectors(adapted).items():
         slices = _fused_slices(site, target, config)
         if slices is None:
             continue
         axis, kept = slices
         module, narrowed_target = modules[path], dataclasses.replace(target, slices=slices)
-        kernel = getattr(module, variables[path].get_metadata(_nnx.WEIGHT_META))
+        kernel = getattr(module, variables[path].get_metadata(nnx_vectors.WEIGHT_META))
         placement, sharding = _nnx.vector_sharding(kernel, narrowed_target)
-        metadata = {**variables[path].get_metadata(), **placement, _nnx.TARGET_META: narrowed_target}
+        metadata = {**variables[path].get_metadata(), **placement, nnx_vectors.TARGET_META: narrowed_target}
         narrowed = jnp.take(vector, jnp.asarray(kept), axis=target.vector_axes.index(axis))
         if sharding is not None:  # placed like the kernel axes it follows, as `ia3_jax.nnx.ia3_init` places it
             narrowed = jax.device_put(narrowed, sharding)
-        setattr(module, _nnx.VECTOR, _nnx.IA3Vector(narrowed, **metadata))
+        setattr(module, nnx_vectors.VECTOR, nnx_vectors.IA3Vector(narrowed, **metadata))
     return adapted
 
 
@@ -322,12 +351,12 @@ def _torch_index(target: Target, site: Site) -> np.ndarray:
 def _vectors(model: nnx.Module) -> dict[_tree.Path, tuple[Site, Target, Any]]:
     known = sites(model)
     out = {}
-    for path, variable in _nnx.vector_variables(model).items():
+    for path, variable in nnx_vectors.vector_variables(model).items():
         if path not in known:
             raise AdapterMismatchError(
                 f"IA3 vector at {_tree.dotted(path)!r} is on a module with no Hugging Face twin."
             )
-        out[path] = (known[path], variable.get_metadata(_nnx.TARGET_META), variable.get_value())
+        out[path] = (known[path], variable.get_metadata(nnx_vectors.TARGET_META), variable.get_value())
     return out
 
 
@@ -378,6 +407,9 @@ def hf_adapter(model: nnx.Module, config: IA3Config | None = None) -> dict[str, 
     With `config`, parts of fused weights that it does not target are left out where they are ones (a
     model adapted by `ia3_jax.nnx.ia3_init` has vectors over whole fused weights), and raise
     `AdapterMismatchError` where they are not: PEFT would have no module to put them on.
+
+    Example:
+      >>> tree = ia3_jax.tunix.hf_adapter(model, config)    # model.layers.0.self_attn.k_proj.ia3_l: (out,), ...
     """
     parts = _parts(model)
     if config is not None:
@@ -396,6 +428,10 @@ def save_peft(path: str | Path, model: nnx.Module, config: IA3Config) -> Path:
 
     `config` is PEFT's (Hugging Face names), as given to `ia3_init`. ``PeftModel.from_pretrained(
     LlamaForCausalLM(...), path)`` then gives the Tunix model's logits.
+
+    Example:
+      >>> ia3_jax.tunix.save_peft("peft_out", model, config)    # config: PEFT's, as given to ia3_init
+      >>> # PyTorch: PeftModel.from_pretrained(LlamaForCausalLM(...), "peft_out")
     """
     return peft_io.save_peft(path, hf_adapter(model, config), config)
 
