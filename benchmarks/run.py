@@ -37,7 +37,8 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `ia3_jax
 # lean-scan (nn.scan), lean-scan-remat (scan + nn.remat, nothing saved), lean-hidden / lean-scan-hidden
 # (nn.remat that recomputes only the MLP hidden activation), hf (transformers' FlaxLlamaForCausalLM).
 # jax:M:MODE is one training mode in its own process (peak memory); pair:M times ia3 and floor in
-# alternating rounds in one process (their ratio); infer:M is inference and merge.
+# alternating rounds in one process (their ratio); infer:M is inference and merge; decode:M is greedy
+# decoding with a KV cache (M: lean or hf, FlaxLlamaForCausalLM.generate).
 VARIANTS = {
     "jax": [
         "jax:lean:ia3",
@@ -67,7 +68,7 @@ VARIANTS = {
         "torch:compile-liger:ia3",
         "torch:compile-ckpt:ia3",
     ],
-    "decode": ["decode:lean", "infer:lean-scan"],
+    "decode": ["decode:lean", "decode:hf", "infer:lean-scan"],
     # issue 12: IA3 on Tunix's Llama-3.2-1B (NNX) against its floor and PEFT on the same configuration
     "tunix": [
         "tunix:llama32-1b:ia3",
@@ -121,6 +122,7 @@ TINY_VARIANTS = [
     "torch:compile:ia3",
     "torch:compile-ckpt:ia3",
     "decode:lean",
+    "decode:hf",
 ]
 
 
@@ -180,9 +182,9 @@ def run_variant(
 
             result["env"] = jax_bench.environment()
             if cpu_tiny:
-                result.update(jax_bench.bench_decode(w, batches=(1, 2), prompt_len=8, new_tokens=4))
-            else:
-                result.update(jax_bench.bench_decode(w, with_prefill=False))  # fewer compilations
+                result.update(jax_bench.bench_decode(model, w, batches=(1, 2), prompt_len=8, new_tokens=4))
+            else:  # the lean model's prefill is not timed apart (fewer compilations)
+                result.update(jax_bench.bench_decode(model, w, with_prefill=model == "hf"))
         else:
             from benchmarks import jax_bench
 
