@@ -126,6 +126,12 @@ TINY_VARIANTS = [
 ]
 
 
+def suite_variants(suites: list[str]) -> list[str]:
+    """The variants of `suites`: those in `PRIORITY` first, in its order, then the others in suite order."""
+    chosen = list(dict.fromkeys(n for s in suites for n in VARIANTS[s]))
+    return [n for n in PRIORITY if n in chosen] + [n for n in chosen if n not in PRIORITY]
+
+
 def workload(cpu_tiny: bool, steps: int | None, min_time_s: float | None = None, model: str = ""):
     from benchmarks import jax_bench, llama
 
@@ -327,7 +333,7 @@ def _save(out: Path, results: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", default="all", help="all, or a comma list of: jax, inference, torch")
+    parser.add_argument("--suite", default="all", help=f"all, or a comma list of: {', '.join(VARIANTS)}")
     parser.add_argument("--only", default="", help="comma list of variant names (overrides --suite)")
     parser.add_argument("--out", type=Path, help="output folder")
     parser.add_argument("--cpu-tiny", action="store_true", help="tiny sizes on the CPU, in this process")
@@ -370,9 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cpu_tiny:
         names = TINY_VARIANTS
     else:
-        suites = list(VARIANTS) if args.suite == "all" else args.suite.split(",")
-        chosen = {n for s in suites for n in VARIANTS[s]}
-        names = [n for n in PRIORITY if n in chosen]
+        names = suite_variants(list(VARIANTS) if args.suite == "all" else args.suite.split(","))
     if args.cpu_tiny:
         results = []
         for name in names:

@@ -174,6 +174,12 @@ def test_hf_decode_tokens_match_hand_merged_model_and_bench_reports_per_variant(
     assert "| decode:hf | 1 |" in table and "(generate - prefill) / 3 |" in table
 
 
+def test_suite_runs_its_variants_not_only_the_prioritised_ones():
+    assert run.suite_variants(["decode"]) == ["decode:lean", "decode:hf", "infer:lean-scan"]
+    prioritised_first = ["infer:lean", "infer:hf", "decode:lean", "decode:hf", "infer:lean-scan"]
+    assert run.suite_variants(["decode", "inference"]) == prioritised_first
+
+
 def _train(name: str, step_s: float, peak: float | None = None, tokens: int = 8192) -> dict:
     return {"name": name, "status": "ok", "step_s": step_s, "tokens_per_s": tokens / step_s, "peak_bytes": peak}
 
