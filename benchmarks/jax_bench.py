@@ -451,20 +451,22 @@ def _decode_row(
     prompt: jax.Array,
     new_tokens: int,
     prefill_tokens: int | None,
+    steps: int,
     min_time_s: float,
     rounds: int = 5,
 ) -> dict[str, Any]:
     """One batch size: each variant's generate (and prefill, unless `prefill_tokens` is None) timed.
 
     Interleaved rounds (drift hits every variant alike), at least `min_time_s` of generate calls per
-    variant. Raises if a variant does not return exactly `new_tokens` tokens per prompt.
+    variant; the time per token is ``(generate - prefill) / steps`` (no prefill: ``generate / steps``).
+    Raises if a variant does not return exactly `new_tokens` tokens per prompt.
     """
     tokens = {name: np.asarray(fn(params, prompt, new_tokens)) for name, (fn, params) in variants.items()}
     for name, t in tokens.items():
         if t.shape != (prompt.shape[0], new_tokens):
             raise ValueError(f"{name} generated {t.shape} tokens, expected {(prompt.shape[0], new_tokens)}.")
     calls = {"generate": new_tokens} | ({"prefill": prefill_tokens} if prefill_tokens is not None else {})
-    for fn, params in variants.values():  # compile the prefill outside the timed rounds
+    for fn, params in variants.values():  # every call compiled and warm before the timed rounds
         for n in calls.values():
             jax.block_until_ready(fn(params, prompt, n))
     times: dict[str, dict[str, list[float]]] = {name: {call: [] for call in calls} for name in variants}
@@ -476,11 +478,7 @@ def _decode_row(
     row: dict[str, Any] = {}
     for name, t in times.items():
         generate, prefill = summary(t["generate"]), summary(t["prefill"]) if "prefill" in t else None
-        per_token = (
-            (generate["median_s"] - prefill["median_s"]) / (new_tokens - prefill_tokens)
-            if prefill
-            else generate["median_s"] / new_tokens
-        )
+        per_token = (generate["median_s"] - (prefill["median_s"] if prefill else 0.0)) / steps
         row[name] = {
             "generate": generate,
             "prefill": prefill,
@@ -513,16 +511,17 @@ def bench_decode(
     decoder = DECODERS[model_name](workload, prompt_len + new_tokens)
     variants = decode_variants(decoder)
     prefill_tokens = decoder.prefill_tokens if with_prefill else None
+    steps = new_tokens - decoder.prefill_tokens if with_prefill else new_tokens
     out: dict[str, Any] = {
         **decoder.info,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
-        "decode_steps": new_tokens - decoder.prefill_tokens if with_prefill else new_tokens,
+        "decode_steps": steps,
         "prefill_included": not with_prefill,
     }
     for b in batches:
         prompt = jax.random.randint(jax.random.key(5), (b, prompt_len), 0, decoder.vocab_size)
-        out[f"batch{b}"] = _decode_row(variants, prompt, new_tokens, prefill_tokens, workload.min_time_s)
+        out[f"batch{b}"] = _decode_row(variants, prompt, new_tokens, prefill_tokens, steps, workload.min_time_s)
     out["peak_bytes"] = peak_bytes()
     return out
 
