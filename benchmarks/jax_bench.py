@@ -138,19 +138,27 @@ def build_lean(workload: Workload, *, attention: str | None, scan: bool, remat: 
     )
 
 
-def build_hf(workload: Workload) -> Model:
-    """Hugging Face's FlaxLlamaForCausalLM (transformers 4.57.x), random weights cast to bf16."""
-    import transformers
+def hf_causal_lm(workload: Workload) -> tuple[Any, dict[str, Any]]:
+    """Hugging Face's FlaxLlamaForCausalLM (transformers 4.57.x) and random weights cast to ``param_dtype``."""
     from transformers import FlaxLlamaForCausalLM, LlamaConfig
 
     c = workload.config
-    hf_config = LlamaConfig(**workload.hf_llama_kwargs())
-    model = FlaxLlamaForCausalLM(hf_config, dtype=c.dtype, _do_init=False)
-    init = lambda key: jax.tree.map(lambda x: x.astype(c.param_dtype), model.init_weights(key, (1, 8)))
-    params = jax.jit(init)(jax.random.key(0))
+    model = FlaxLlamaForCausalLM(LlamaConfig(**workload.hf_llama_kwargs()), dtype=c.dtype, _do_init=False)
+
+    def init(key):
+        return jax.tree.map(lambda x: x.astype(c.param_dtype), model.init_weights(key, (1, 8)))
+
+    return model, flax.core.unfreeze(jax.jit(init)(jax.random.key(0)))
+
+
+def build_hf(workload: Workload) -> Model:
+    """`hf_causal_lm` reduced to a `Model`."""
+    import transformers
+
+    model, params = hf_causal_lm(workload)
     return Model(
         apply=lambda p, x: model(x, params=p).logits,
-        params=flax.core.unfreeze(params),
+        params=params,
         layouts=None,
         floor_path=("model", "layers", "0", "input_layernorm", "weight"),
         floor_stacked=False,
@@ -398,72 +406,150 @@ def bench_pair(
 # ------------------------------------------------------------------------------------------- decoding
 
 
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+    """One model's greedy decoding with a KV cache, reduced to what `bench_decode` times.
+
+    ``generate(params, prompt, new_tokens)`` returns the ``(batch, new_tokens)`` new token ids; it is
+    not jitted, so that the unmerged variant can wrap it whole in `ia3_jax.apply_fn`. A call with
+    ``prefill_tokens`` new tokens runs the prefill alone (the lean model's scan takes 0 steps; Hugging
+    Face's generate emits the prefill's token, so 1): ``new_tokens - prefill_tokens`` decode steps
+    separate the two calls.
+    """
+
+    generate: Callable[[Any, jax.Array, int], jax.Array]
+    params: dict[str, Any]  # the base model's weights, no vectors
+    vocab_size: int
+    prefill_tokens: int
+    info: dict[str, Any]
+
+
+def lean_decoder(workload: Workload, max_len: int) -> Decoder:
+    """`llama.generate` on the lean model, layers unrolled (the cache holds `max_len` positions by itself)."""
+    del max_len
+    config = dataclasses.replace(workload.config, scan=False, remat=False)
+    model = llama.Llama(config)
+
+    def generate(params, prompt, new_tokens):
+        return llama.generate(model.apply, params, prompt, new_tokens, config)
+
+    params = llama.init_params(model, jax.random.key(0))
+    return Decoder(generate, params, config.vocab_size, 0, {"attention": "xla (masked, cache)"})
+
+
+def hf_decoder(workload: Workload, max_len: int) -> Decoder:
+    """FlaxLlamaForCausalLM's own greedy ``generate`` (``max_position_embeddings`` >= `max_len`).
+
+    The end-of-sequence id is set outside the vocabulary, so that greedy decoding on random weights
+    never stops early (transformers' Flax generate falls back to the config's eos for ``None``).
+    """
+    import transformers
+
+    model, params = hf_causal_lm(dataclasses.replace(workload, seq=max(workload.seq, max_len)))
+    vocab_size = workload.config.vocab_size
+
+    def generate(params, prompt, new_tokens):
+        out = model.generate(
+            prompt, params=params, max_new_tokens=new_tokens, do_sample=False, eos_token_id=vocab_size, pad_token_id=0
+        )
+        return out.sequences[:, prompt.shape[1] :]
+
+    info = {"attention": "hf-unfused", "transformers": transformers.__version__}
+    return Decoder(generate, params, vocab_size, 1, info)
+
+
+DECODERS = {"lean": lean_decoder, "hf": hf_decoder}
+
+
+def decode_variants(decoder: Decoder) -> dict[str, tuple[Callable, Any]]:
+    """Base, unmerged IA3 and merged IA3 as ``name -> (generate, params)``, each generate jitted whole.
+
+    ``generate(params, prompt, new_tokens)`` (`new_tokens` static); base and merged share one
+    compiled function, the unmerged variant runs it under `ia3_jax.apply_fn`.
+    """
+    adapter, base = ia3_jax.split(ia3_jax.ia3_init(decoder.params, IA3_CONFIG))
+    joined = ia3_jax.join(base, _random_adapter(adapter, jax.random.key(3)))
+    plain = jax.jit(decoder.generate, static_argnums=2)
+    unmerged = jax.jit(ia3_jax.apply_fn(decoder.generate, IA3_CONFIG), static_argnums=2)
+    return {"base": (plain, base), "unmerged": (unmerged, joined), "merged": (plain, ia3_jax.merge(joined, IA3_CONFIG))}
+
+
+def _decode_row(
+    variants: dict[str, tuple[Callable, Any]],
+    prompt: jax.Array,
+    new_tokens: int,
+    prefill_tokens: int | None,
+    steps: int,
+    min_time_s: float,
+    rounds: int = 5,
+) -> dict[str, Any]:
+    """One batch size: each variant's generate (and prefill, unless `prefill_tokens` is None) timed.
+
+    Interleaved rounds (drift hits every variant alike), at least `min_time_s` of generate calls per
+    variant; the time per token is ``(generate - prefill) / steps`` (no prefill: ``generate / steps``).
+    Raises if a variant does not return exactly `new_tokens` tokens per prompt.
+    """
+    tokens = {name: np.asarray(fn(params, prompt, new_tokens)) for name, (fn, params) in variants.items()}
+    for name, t in tokens.items():
+        if t.shape != (prompt.shape[0], new_tokens):
+            raise ValueError(f"{name} generated {t.shape} tokens, expected {(prompt.shape[0], new_tokens)}.")
+    calls = {"generate": new_tokens} | ({"prefill": prefill_tokens} if prefill_tokens is not None else {})
+    for fn, params in variants.values():  # every call compiled and warm before the timed rounds
+        for n in calls.values():
+            jax.block_until_ready(fn(params, prompt, n))
+    times: dict[str, dict[str, list[float]]] = {name: {call: [] for call in calls} for name in variants}
+    for _ in range(rounds):
+        for name, (fn, params) in variants.items():
+            times[name]["generate"] += _timed(functools.partial(fn, params, prompt, new_tokens), 1, min_time_s / rounds)
+            if prefill_tokens is not None:
+                times[name]["prefill"] += _timed(functools.partial(fn, params, prompt, prefill_tokens), 3)
+    row: dict[str, Any] = {}
+    for name, t in times.items():
+        generate, prefill = summary(t["generate"]), summary(t["prefill"]) if "prefill" in t else None
+        per_token = (generate["median_s"] - (prefill["median_s"] if prefill else 0.0)) / steps
+        row[name] = {
+            "generate": generate,
+            "prefill": prefill,
+            "decode_s_per_token": per_token,
+            "decode_tokens_per_s": prompt.shape[0] / per_token,
+        }
+    row["merged_vs_unmerged_same_tokens"] = float(np.mean(tokens["merged"] == tokens["unmerged"]))
+    return row
+
+
 def bench_decode(
+    model_name: str,
     workload: Workload,
     batches: tuple[int, ...] = (1, 16),
     prompt_len: int = 128,
     new_tokens: int = 256,
     with_prefill: bool = True,
 ) -> dict[str, Any]:
-    """Greedy decoding with a KV cache on the lean model (unrolled): base, unmerged IA3, merged IA3.
+    """Greedy decoding with a KV cache: base, unmerged IA3, merged IA3 (`decode_variants`).
 
-    Per batch size, each variant's whole `llama.generate` (prefill + `new_tokens` steps) is jitted and
-    timed in interleaved rounds (at least ``workload.min_time_s`` of generate calls per variant);
-    base and merged share one compiled function. With `with_prefill`, the prefill alone is timed too
-    and the time per token is ``(generate - prefill) / new_tokens``; without it (fewer compilations),
-    ``generate / new_tokens``, prefill included (``prefill_included: true``).
+    `model_name`: ``lean`` (`llama.generate`, unrolled) or ``hf`` (FlaxLlamaForCausalLM.generate).
+    Per batch size, each variant's whole generate (prefill + decode steps) is jitted and timed in
+    interleaved rounds. With `with_prefill`, the prefill alone is timed too and the time per token is
+    ``(generate - prefill) / decode_steps`` (``decode_steps = new_tokens - prefill_tokens`` of the
+    `Decoder`); without it (fewer compilations), ``generate / new_tokens``, prefill included
+    (``prefill_included: true``).
     """
-    config = dataclasses.replace(workload.config, scan=False, remat=False)
-    model = llama.Llama(config)
-    params = llama.init_params(model, jax.random.key(0))
-    adapter, base = ia3_jax.split(ia3_jax.ia3_init(params, IA3_CONFIG))
-    adapter = _random_adapter(adapter, jax.random.key(3))
-    joined = ia3_jax.join(base, adapter)
-    merged = ia3_jax.merge(joined, IA3_CONFIG)
-    applies = {"base": model.apply, "unmerged": ia3_jax.apply_fn(model.apply, IA3_CONFIG), "merged": model.apply}
-    trees = {"base": base, "unmerged": joined, "merged": merged}
+    if model_name not in DECODERS:
+        raise ValueError(f"unknown decode model {model_name!r}: use one of {sorted(DECODERS)}.")
+    decoder = DECODERS[model_name](workload, prompt_len + new_tokens)
+    variants = decode_variants(decoder)
+    prefill_tokens = decoder.prefill_tokens if with_prefill else None
+    steps = new_tokens - decoder.prefill_tokens if with_prefill else new_tokens
     out: dict[str, Any] = {
+        **decoder.info,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
-        "attention": "xla (masked, cache)",
+        "decode_steps": steps,
         "prefill_included": not with_prefill,
     }
     for b in batches:
-        prompt = jax.random.randint(jax.random.key(5), (b, prompt_len), 0, config.vocab_size)
-        fns = {}
-        jitted: dict[int, tuple[Any, Any]] = {}  # base and merged share one compiled function
-        for name, apply in applies.items():
-            if id(apply) not in jitted:
-                jitted[id(apply)] = (
-                    jax.jit(functools.partial(llama.generate, apply, new_tokens=new_tokens, config=config)),
-                    jax.jit(functools.partial(llama.generate, apply, new_tokens=0, config=config)),
-                )
-            gen, pre = jitted[id(apply)]
-            tokens = jax.block_until_ready(gen(trees[name], prompt))
-            if with_prefill:
-                jax.block_until_ready(pre(trees[name], prompt))
-            fns[name] = (gen, pre, np.asarray(tokens))
-        rounds = 5
-        gen_t: dict[str, list[float]] = {n: [] for n in fns}
-        pre_t: dict[str, list[float]] = {n: [] for n in fns}
-        for _ in range(rounds):  # interleaved: drift hits every variant alike
-            for name, (gen, pre, _) in fns.items():
-                gen_t[name] += _timed(lambda: gen(trees[name], prompt), 1, workload.min_time_s / rounds)
-                if with_prefill:
-                    pre_t[name] += _timed(lambda: pre(trees[name], prompt), 3)
-        row: dict[str, Any] = {}
-        for name in fns:
-            g = summary(gen_t[name])
-            p = summary(pre_t[name]) if with_prefill else None
-            per_token = (g["median_s"] - (p["median_s"] if p else 0.0)) / new_tokens
-            row[name] = {
-                "generate": g,
-                "prefill": p,
-                "decode_s_per_token": per_token,
-                "decode_tokens_per_s": b / per_token,
-            }
-        row["merged_vs_unmerged_same_tokens"] = float(np.mean(fns["merged"][2] == fns["unmerged"][2]))
-        out[f"batch{b}"] = row
+        prompt = jax.random.randint(jax.random.key(5), (b, prompt_len), 0, decoder.vocab_size)
+        out[f"batch{b}"] = _decode_row(variants, prompt, new_tokens, prefill_tokens, steps, workload.min_time_s)
     out["peak_bytes"] = peak_bytes()
     return out
 

@@ -37,7 +37,8 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `ia3_jax
 # lean-scan (nn.scan), lean-scan-remat (scan + nn.remat, nothing saved), lean-hidden / lean-scan-hidden
 # (nn.remat that recomputes only the MLP hidden activation), hf (transformers' FlaxLlamaForCausalLM).
 # jax:M:MODE is one training mode in its own process (peak memory); pair:M times ia3 and floor in
-# alternating rounds in one process (their ratio); infer:M is inference and merge.
+# alternating rounds in one process (their ratio); infer:M is inference and merge; decode:M is greedy
+# decoding with a KV cache (M: lean or hf, FlaxLlamaForCausalLM.generate).
 VARIANTS = {
     "jax": [
         "jax:lean:ia3",
@@ -67,7 +68,7 @@ VARIANTS = {
         "torch:compile-liger:ia3",
         "torch:compile-ckpt:ia3",
     ],
-    "decode": ["decode:lean", "infer:lean-scan"],
+    "decode": ["decode:lean", "decode:hf", "infer:lean-scan"],
     # issue 12: IA3 on Tunix's Llama-3.2-1B (NNX) against its floor and PEFT on the same configuration
     "tunix": [
         "tunix:llama32-1b:ia3",
@@ -121,7 +122,14 @@ TINY_VARIANTS = [
     "torch:compile:ia3",
     "torch:compile-ckpt:ia3",
     "decode:lean",
+    "decode:hf",
 ]
+
+
+def suite_variants(suites: list[str]) -> list[str]:
+    """The variants of `suites`: those in `PRIORITY` first, in its order, then the others in suite order."""
+    chosen = list(dict.fromkeys(n for s in suites for n in VARIANTS[s]))
+    return [n for n in PRIORITY if n in chosen] + [n for n in chosen if n not in PRIORITY]
 
 
 def workload(cpu_tiny: bool, steps: int | None, min_time_s: float | None = None, model: str = ""):
@@ -180,9 +188,9 @@ def run_variant(
 
             result["env"] = jax_bench.environment()
             if cpu_tiny:
-                result.update(jax_bench.bench_decode(w, batches=(1, 2), prompt_len=8, new_tokens=4))
-            else:
-                result.update(jax_bench.bench_decode(w, with_prefill=False))  # fewer compilations
+                result.update(jax_bench.bench_decode(model, w, batches=(1, 2), prompt_len=8, new_tokens=4))
+            else:  # the lean model's prefill is not timed apart (fewer compilations)
+                result.update(jax_bench.bench_decode(model, w, with_prefill=model == "hf"))
         else:
             from benchmarks import jax_bench
 
@@ -325,7 +333,7 @@ def _save(out: Path, results: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", default="all", help="all, or a comma list of: jax, inference, torch")
+    parser.add_argument("--suite", default="all", help=f"all, or a comma list of: {', '.join(VARIANTS)}")
     parser.add_argument("--only", default="", help="comma list of variant names (overrides --suite)")
     parser.add_argument("--out", type=Path, help="output folder")
     parser.add_argument("--cpu-tiny", action="store_true", help="tiny sizes on the CPU, in this process")
@@ -368,9 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cpu_tiny:
         names = TINY_VARIANTS
     else:
-        suites = list(VARIANTS) if args.suite == "all" else args.suite.split(",")
-        chosen = {n for s in suites for n in VARIANTS[s]}
-        names = [n for n in PRIORITY if n in chosen]
+        names = suite_variants(list(VARIANTS) if args.suite == "all" else args.suite.split(","))
     if args.cpu_tiny:
         results = []
         for name in names:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 
 import ia3_jax
 from benchmarks import jax_bench, llama, report, run
@@ -129,6 +130,54 @@ def test_tunix_bench_trains_only_the_vectors_or_the_floor_weight():
     kv = config.num_kv_heads * config.head_dim  # PEFT's llama targets: k_proj, v_proj outputs, down_proj input
     assert ia3["trainable_params"] == config.num_layers * (2 * kv + config.hidden_dim)
     assert floor["trainable_params"] == config.embed_dim
+
+
+def _hand_merged_llama(joined: dict) -> dict:
+    """`jax_bench.IA3_CONFIG`'s merge written out for Llama's (in, out) kernels: the k_proj and v_proj
+    vectors scale their kernel's output axis, down_proj's (feedforward) its input axis; vectors dropped."""
+    flat = traverse_util.flatten_dict(joined)
+    merged = {}
+    for path, leaf in flat.items():
+        vector = flat.get((*path[:-1], "ia3_l"))
+        if path[-1] == "kernel" and vector is not None:
+            leaf = leaf * (vector[:, None] if path[-2] == "down_proj" else vector[None, :])
+        if path[-1] != "ia3_l":
+            merged[path] = leaf
+    return traverse_util.unflatten_dict(merged)
+
+
+@pytest.mark.slow  # transformers' FlaxLlamaForCausalLM.generate at tiny size: 16 s
+@pytest.mark.interop
+def test_hf_decode_tokens_match_hand_merged_model_and_bench_reports_per_variant():
+    workload = jax_bench.Workload(config=llama.TINY_F32, seq=32, min_time_s=0.0)
+    decoder = jax_bench.hf_decoder(workload, max_len=24)
+    variants = jax_bench.decode_variants(decoder)
+    prompt = jax.random.randint(jax.random.key(5), (4, 8), 0, decoder.vocab_size)
+    tokens = {name: np.asarray(generate(params, prompt, 16)) for name, (generate, params) in variants.items()}
+    base_generate, _ = variants["base"]
+    expected = np.asarray(base_generate(_hand_merged_llama(variants["unmerged"][1]), prompt, 16))
+    assert expected.shape == (4, 16)  # exactly the new tokens, no prompt
+    # The vectors (1 + 0.1 N(0, 1)) change the greedy tokens here (by the 9th of 16 at the latest):
+    # an unmerged variant that skipped IA3 would fail.
+    assert not np.array_equal(expected, tokens["base"])
+    np.testing.assert_array_equal(tokens["unmerged"], expected)  # float32: the same argmax
+    np.testing.assert_array_equal(tokens["merged"], expected)
+
+    result = jax_bench.bench_decode("hf", workload, batches=(1,), prompt_len=8, new_tokens=4)
+    assert result["decode_steps"] == 3 and not result["prefill_included"]  # the prefill emits the first token
+    row = result["batch1"]
+    for name in ("base", "unmerged", "merged"):
+        assert row[name]["prefill"]["median_s"] < row[name]["generate"]["median_s"]
+        assert row[name]["decode_tokens_per_s"] == pytest.approx(1 / row[name]["decode_s_per_token"])
+    assert row["merged_vs_unmerged_same_tokens"] == 1.0
+    table = report.decode_table({"decode:hf": {**result, "status": "ok"}})
+    assert "| decode:hf | 1 |" in table and "(generate - prefill) / 3 |" in table
+
+
+def test_suite_runs_its_variants_not_only_the_prioritised_ones():
+    assert run.suite_variants(["decode"]) == ["decode:lean", "decode:hf", "infer:lean-scan"]
+    prioritised_first = ["infer:lean", "infer:hf", "decode:lean", "decode:hf", "infer:lean-scan"]
+    assert run.suite_variants(["decode", "inference"]) == prioritised_first
 
 
 def _train(name: str, step_s: float, peak: float | None = None, tokens: int = 8192) -> dict:
