@@ -222,3 +222,38 @@ def test_unmerge_names_vectors_near_zero_and_safe_unmerge_raises():
         safe = ia3_jax.unmerge(merged, healthy, config, safe_unmerge=True)
     with pytest.warns(UserWarning):
         chex.assert_trees_all_equal(safe, ia3_jax.unmerge(merged, healthy, config))
+
+
+def test_eager_merge_replays_no_stale_plan_for_a_tree_of_the_same_structure():
+    """Eager merge caches a plan per tree structure; new values, shapes or dtypes under it are not served stale.
+
+    Without a config the vector's shape picks the side: (4,) scales kernel (3, 4)'s outputs and the
+    bias, (3,) scales kernel (3, 5)'s inputs and leaves the bias alone (the very same array).
+    """
+    def tree(kernel, bias, vector):
+        return {"block": {"fc": {"kernel": kernel, "bias": bias, "ia3_l": vector}}}
+
+    def merged_fc(params):
+        return ia3_jax.merge(params)["block"]["fc"]
+
+    rng = np.random.default_rng(0)
+    w, b, l = rng.normal(size=(3, 4)), rng.normal(size=4), rng.normal(size=4)
+    for _ in range(3):  # the first call makes the plan, later ones replay it with other values
+        w, b, l = w + 1.0, b - 1.0, l * 2.0
+        fc = merged_fc(tree(jnp.asarray(w, jnp.float32), jnp.asarray(b, jnp.float32), jnp.asarray(l, jnp.float32)))
+        np.testing.assert_allclose(fc["kernel"], w * l, rtol=1e-6)
+        np.testing.assert_allclose(fc["bias"], b * l, rtol=1e-6)
+    # Same structure, other shapes: the input side now, and the bias is not touched.
+    w, b, l = rng.normal(size=(3, 5)), jnp.asarray(rng.normal(size=5), jnp.float32), rng.normal(size=3)
+    fc = merged_fc(tree(jnp.asarray(w, jnp.float32), b, jnp.asarray(l, jnp.float32)))
+    np.testing.assert_allclose(fc["kernel"], w * l[:, None], rtol=1e-6)
+    assert fc["bias"] is b
+    # Same structure and shapes, other dtypes: float16 kernel (cast back), then the typed errors.
+    w16 = jnp.asarray(w, jnp.float16)
+    fc = merged_fc(tree(w16, b, jnp.asarray(l, jnp.float32)))
+    assert fc["kernel"].dtype == jnp.float16
+    np.testing.assert_array_equal(fc["kernel"], (w16.astype(jnp.float32) * l[:, None]).astype(jnp.float16))
+    with pytest.raises(ia3_jax.UnsupportedKernelError, match="'block.fc' has dtype int32"):
+        merged_fc(tree(jnp.ones((3, 5), jnp.int32), b, jnp.asarray(l, jnp.float32)))
+    with pytest.raises(ia3_jax.AdapterDtypeError, match="'block.fc'"):
+        merged_fc(tree(jnp.ones((3, 5)), b, jnp.ones(3, jnp.int32)))

@@ -32,16 +32,19 @@ Written = dict[_tree.Path, dict[str, Any]]  # module path -> {array name: the ar
 
 
 def _resolve(
-    tree: Mapping[str, Any],
-    vectors: Mapping[_tree.Path, Any],
+    paths: Sequence[_tree.Path],
+    nodes: Sequence[Mapping[str, Any]],
+    vectors: Sequence[Any],
     config: IA3Config | None,
     layouts: Mapping[str, KernelLayout] | None,
-) -> dict[_tree.Path, Target]:
-    """The `Target` of every vector, with its dtype, its kernel and its bias checked, before any fold runs."""
-    resolved = {}
-    for path, boxed in vectors.items():
-        node = _tree.get(tree, path)
-        vector = _tree.unbox(boxed)
+) -> tuple[Target, ...]:
+    """The `Target` of each vector (module ``paths[i]``, whose kernel and bias are ``nodes[i]``), checked.
+
+    Dtype, kernel and bias are checked before any fold runs. Shapes and dtypes are all it reads, so
+    it runs alike on arrays and on tracers.
+    """
+    resolved = []
+    for path, node, vector in zip(paths, nodes, vectors):
         check_vector_dtype(vector.dtype, f"IA3 vector at {_tree.dotted(path)!r}")
         target = vector_target(path, node, vector.shape, config, layouts)
         target.check_kernel(node["kernel"])
@@ -50,8 +53,8 @@ def _resolve(
                 f"module {target.key!r}: bias {jnp.shape(_tree.unbox(node['bias']))} does not match the output "
                 f"vector {vector.shape}."
             )
-        resolved[path] = target
-    return resolved
+        resolved.append(target)
+    return tuple(resolved)
 
 
 def rescale_module(
@@ -98,41 +101,40 @@ def _fold_all(
     """
     leaves, treedef = jax.tree_util.tree_flatten((tree, vectors))
     if any(isinstance(x, jax.core.Tracer) for x in leaves):
-        vectors = _tree.vectors(tree) if vectors is None else vectors
-        resolved = _resolve(tree, vectors, config, layouts)
-        nodes, arrays, targets = _targeted(tree, vectors, resolved)
-        return _assemble(tree, dict(zip(resolved, _fold_targets(nodes, arrays, targets, divide))))
-    key = _plan_key(treedef, leaves, config, layouts, divide)
+        paths, nodes, arrays = _targeted(tree, vectors)
+        targets = _resolve(paths, nodes, arrays, config, layouts)
+        return _assemble(tree, dict(zip(paths, _fold_targets(nodes, arrays, targets, divide))))
+    key = _plan_key(treedef, config, layouts, divide)
     plan = _PLANS.get(key) if key is not None else None
-    if plan is None:
-        vectors = _tree.vectors(tree) if vectors is None else vectors
-        resolved = _resolve(tree, vectors, config, layouts)
-        nodes, arrays, targets = _targeted(tree, vectors, resolved)
-        folded = _fold_targets_jit(nodes, arrays, targets, divide)
-        merged, written = _assemble(tree, dict(zip(resolved, folded)))
-        plan = _Plan.make(leaves, (nodes, arrays), folded, merged, tuple(resolved), targets)
-        if plan is not None:
-            fold = jax.jit(functools.partial(_fold_targets, targets=targets, divide=divide))
-            plan = dataclasses.replace(plan, fold=fold)
-        if key is not None and plan is not None:
-            _PLANS[key] = plan
-            while len(_PLANS) > _MAX_PLANS:
-                _PLANS.pop(next(iter(_PLANS)))
-        return merged, written
-    nodes, arrays = jax.tree_util.tree_unflatten(plan.in_def, [leaves[i] for i in plan.inputs])
-    assert plan.fold is not None
-    folded = [{k: d[k] for k in ("kernel", "bias") if k in d} for d in plan.fold(nodes, arrays)]
-    new = jax.tree_util.tree_leaves(folded)
-    out = [new[-1 - i] if i < 0 else leaves[i] for i in plan.out_from]
-    return jax.tree_util.tree_unflatten(plan.out_def, out), dict(zip(plan.paths, folded))
+    if plan is not None:
+        try:
+            return plan.replay(leaves)
+        except _StalePlan:  # same structure, other shapes: resolve again below
+            del _PLANS[key]
+    paths, nodes, arrays = _targeted(tree, vectors)
+    targets = _resolve(paths, nodes, arrays, config, layouts)
+    fold = _compiled_fold(paths, targets, config, _layouts_key(layouts), divide)
+    folded = _in_write_order(fold(nodes, arrays))
+    merged, written = _assemble(tree, dict(zip(paths, folded)))
+    plan = _Plan.make(leaves, (nodes, arrays), folded, merged, paths, fold)
+    if key is not None and plan is not None:
+        _PLANS[key] = plan
+        while len(_PLANS) > _MAX_PLANS:
+            _PLANS.pop(next(iter(_PLANS)))
+    return merged, written
 
 
 def _targeted(
-    tree: Mapping[str, Any], vectors: Mapping[_tree.Path, Any], resolved: Mapping[_tree.Path, Target]
-) -> tuple[list[dict[str, Any]], list[jax.Array], tuple[Target, ...]]:
-    """What the fold reads, in `resolved`'s order: each module's kernel (and bias), vector and `Target`."""
-    nodes = [{k: v for k, v in _tree.get(tree, p).items() if k in ("kernel", "bias")} for p in resolved]
-    return nodes, [_tree.unbox(vectors[p]) for p in resolved], tuple(resolved.values())
+    tree: Mapping[str, Any], vectors: Mapping[_tree.Path, Any] | None
+) -> tuple[tuple[_tree.Path, ...], list[dict[str, Any]], list[Any]]:
+    """What the fold reads, module by module: the paths, each module's kernel (and bias), each vector (unboxed).
+
+    `vectors`: module path -> vector; None: the ``ia3_l`` leaves of `tree`.
+    """
+    vectors = _tree.vectors(tree) if vectors is None else vectors
+    paths = tuple(vectors)
+    nodes = [{k: v for k, v in _tree.get(tree, p).items() if k in ("kernel", "bias")} for p in paths]
+    return paths, nodes, [_tree.unbox(vectors[p]) for p in paths]
 
 
 def _assemble(tree: Mapping[str, Any], written: Written) -> tuple[dict[str, Any], Written]:
@@ -141,24 +143,60 @@ def _assemble(tree: Mapping[str, Any], written: Written) -> tuple[dict[str, Any]
 
 
 def _fold_targets(
-    nodes: list[dict[str, Any]], vectors: list[jax.Array], targets: tuple[Target, ...], divide: bool
+    nodes: Sequence[Mapping[str, Any]], vectors: Sequence[jax.Array], targets: tuple[Target, ...], divide: bool
 ) -> list[dict[str, Any]]:
     """`rescale_module` of each targeted module (its kernel and bias only), in order."""
     return [rescale_module(node, vector, target, divide) for node, vector, target in zip(nodes, vectors, targets)]
 
 
-_fold_targets_compiled = jax.jit(_fold_targets, static_argnums=(2, 3))
-
-
-def _fold_targets_jit(
-    nodes: list[dict[str, Any]], vectors: list[jax.Array], targets: tuple[Target, ...], divide: bool
-) -> list[dict[str, Any]]:
-    """`_fold_targets` as one XLA program per tree structure: one dispatch, the targeted arrays only.
-
-    Each module's arrays come back in `rescale_module`'s order (kernel, then bias), not jit's sorted one.
-    """
-    folded = _fold_targets_compiled(nodes, vectors, targets, divide)
+def _in_write_order(folded: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Each module's arrays in `rescale_module`'s order (kernel, then bias), not jit's sorted one."""
     return [{k: d[k] for k in ("kernel", "bias") if k in d} for d in folded]
+
+
+class _StalePlan(Exception):
+    """A cached fold was retraced for arrays whose targets differ from the ones it was planned for."""
+
+
+def _checked_fold(
+    nodes: list[dict[str, Any]],
+    vectors: list[jax.Array],
+    *,
+    paths: tuple[_tree.Path, ...],
+    targets: tuple[Target, ...],
+    config: IA3Config | None,
+    layouts: tuple[tuple[str, KernelLayout], ...] | None,
+    divide: bool,
+) -> list[dict[str, Any]]:
+    """`_fold_targets` that resolves the targets again from the traced shapes and dtypes.
+
+    jit retraces exactly when an argument's shape or dtype changes, so a plan replayed on arrays
+    it was not made for still raises the typed errors of `_resolve`, or `_StalePlan` when the
+    targets differ, before anything runs.
+    """
+    if _resolve(paths, nodes, vectors, config, None if layouts is None else dict(layouts)) != targets:
+        raise _StalePlan
+    return _fold_targets(nodes, vectors, targets, divide)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_fold(
+    paths: tuple[_tree.Path, ...],
+    targets: tuple[Target, ...],
+    config: IA3Config | None,
+    layouts: tuple[tuple[str, KernelLayout], ...] | None,
+    divide: bool,
+) -> Callable[[list[dict[str, Any]], list[jax.Array]], list[dict[str, Any]]]:
+    """`_checked_fold` as one XLA program, its static arguments bound: one per set of targets.
+
+    Binding them (instead of jit's static arguments) saves hashing 66 `Target`s on every call; the
+    cache keeps one jitted function per set of targets, so a tree that cannot have a `_Plan` (one
+    array at several leaves) does not compile on every call.
+    """
+    bound = functools.partial(
+        _checked_fold, paths=paths, targets=targets, config=config, layouts=layouts, divide=divide
+    )
+    return jax.jit(bound)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,19 +204,19 @@ class _Plan:
     """An eager fold of one tree structure, replayed on flat leaves of ``(tree, vectors)``.
 
     Attributes:
-      paths, targets: the targeted modules, in fold order.
+      paths: the targeted modules, in fold order.
+      fold: the compiled fold (`_compiled_fold`) of their kernels, biases and vectors.
       inputs: indices of the leaves the compiled fold reads; ``in_def`` rebuilds its arguments.
       out_def: the result's structure; ``out_from`` says where each result leaf comes from: ``i >= 0``
         the input leaf ``i`` (shared), ``i < 0`` the folded leaf ``-1 - i``.
     """
 
     paths: tuple[_tree.Path, ...]
-    targets: tuple[Target, ...]
+    fold: Callable[[list[dict[str, Any]], list[jax.Array]], list[dict[str, Any]]]
     inputs: tuple[int, ...]
     in_def: Any
     out_def: Any
     out_from: tuple[int, ...]
-    fold: Callable[[list[dict[str, Any]], list[jax.Array]], Any] | None = None  # targets bound: no per-call hashing
 
     @staticmethod
     def make(
@@ -187,7 +225,7 @@ class _Plan:
         folded: Any,
         merged: Any,
         paths: tuple[_tree.Path, ...],
-        targets: tuple[Target, ...],
+        fold: Callable[[list[dict[str, Any]], list[jax.Array]], list[dict[str, Any]]],
     ) -> _Plan | None:
         """The plan of a fold just done, matched by object identity; None if a leaf cannot be traced back.
 
@@ -205,19 +243,34 @@ class _Plan:
             return None
         out_from = tuple(-1 - new[id(x)] if id(x) in new else position[id(x)] for x in out_leaves)
         inputs = tuple(position[id(x)] for x in arg_leaves)
-        return _Plan(paths, targets, inputs, in_def, out_def, out_from, fold=None)
+        return _Plan(paths, fold, inputs, in_def, out_def, out_from)
+
+    def replay(self, leaves: list[Any]) -> tuple[dict[str, Any], Written]:
+        """The fold of a tree whose flat leaves are `leaves`: one compiled call, then the result rebuilt."""
+        nodes, arrays = jax.tree_util.tree_unflatten(self.in_def, [leaves[i] for i in self.inputs])
+        folded = _in_write_order(self.fold(nodes, arrays))
+        new = jax.tree_util.tree_leaves(folded)
+        out = [new[-1 - i] if i < 0 else leaves[i] for i in self.out_from]
+        return jax.tree_util.tree_unflatten(self.out_def, out), dict(zip(self.paths, folded))
 
 
 _PLANS: dict[Any, _Plan] = {}
 _MAX_PLANS = 16
 
 
+def _layouts_key(layouts: Mapping[str, KernelLayout] | None) -> tuple[tuple[str, KernelLayout], ...] | None:
+    return None if layouts is None else tuple(sorted(layouts.items()))
+
+
 def _plan_key(
-    treedef: Any, leaves: list[Any], config: IA3Config | None, layouts: Mapping[str, KernelLayout] | None, divide: bool
+    treedef: Any, config: IA3Config | None, layouts: Mapping[str, KernelLayout] | None, divide: bool
 ) -> Any:
-    """What a `_Plan` depends on: structure, each leaf's type, shape and dtype, config, layouts; None if unhashable."""
-    avals = tuple((type(x), getattr(x, "shape", None), getattr(x, "dtype", None)) for x in leaves)
-    key = (treedef, avals, config, None if layouts is None else tuple(sorted(layouts.items())), divide)
+    """What a `_Plan` is looked up by: the structure of ``(tree, vectors)``, config, layouts; None if unhashable.
+
+    Shapes and dtypes are left out (hashing them costs more than the rest of a replay): the plan's
+    compiled fold checks them itself (`_checked_fold`).
+    """
+    key = (treedef, config, _layouts_key(layouts), divide)
     try:
         hash(key)
     except TypeError:
@@ -301,8 +354,13 @@ def smallest_magnitudes(vectors: Mapping[_tree.Path, Any]) -> dict[_tree.Path, f
     arrays = [_tree.unbox(v) for v in vectors.values()]
     if not arrays or any(isinstance(a, jax.core.Tracer) for a in arrays):
         return {}
-    smallest = jax.device_get(jnp.stack([jnp.min(jnp.abs(a)).astype(jnp.float32) for a in arrays]))
-    return dict(zip(vectors, map(float, smallest)))
+    return dict(zip(vectors, map(float, jax.device_get(_smallest_magnitudes_compiled(arrays)))))
+
+
+@jax.jit
+def _smallest_magnitudes_compiled(arrays: list[jax.Array]) -> jax.Array:
+    """``min |l|`` of each vector in float32, stacked: one dispatch (an eager op per vector cost 20 us each)."""
+    return jnp.stack([jnp.min(jnp.abs(a)).astype(jnp.float32) for a in arrays])
 
 
 def unmerge(
