@@ -70,8 +70,9 @@ class Serving:
 
     config: llama.LlamaConfig
     prompt: jax.Array  # (batch, prompt_len) token ids
+    ids: jax.Array  # (batch,) adapter ids: a jitted call's argument, as in serving (not a constant XLA can fold)
     new_tokens: int
-    mixed_apply: Callable  # the bank, adapter i for sequence i
+    mixed_apply: Callable  # the bank: takes adapter_ids=
     single_apply: Callable  # one adapter for all, unmerged
     plain_apply: Callable  # the model alone (merged adapters)
     mixed_params: Any
@@ -95,8 +96,9 @@ def serving(config: llama.LlamaConfig, batch: int, prompt_len: int, new_tokens: 
     return Serving(
         config=config,
         prompt=prompt,
+        ids=ids,
         new_tokens=new_tokens,
-        mixed_apply=lambda v, x, **kw: banked(v, x, adapter_ids=ids, **kw),
+        mixed_apply=banked,
         single_apply=ia3_jax.apply_fn(model.apply, IA3),
         plain_apply=model.apply,
         mixed_params=ia3_jax.join(base, bank),
@@ -105,12 +107,25 @@ def serving(config: llama.LlamaConfig, batch: int, prompt_len: int, new_tokens: 
     )
 
 
+def with_ids(apply: Callable, ids: tuple[jax.Array, ...]) -> Callable:
+    """`apply` with ``adapter_ids=ids[0]`` bound, or as it is for ``ids == ()``."""
+    return functools.partial(apply, adapter_ids=ids[0]) if ids else apply
+
+
 def prefill(apply: Callable) -> Callable:
-    return jax.jit(lambda p, x: apply({"params": p}, x))
+    """``jit((params, prompt[, ids]) -> logits)``."""
+    return jax.jit(lambda p, x, *ids: with_ids(apply, ids)({"params": p}, x))
 
 
 def decoder(s: Serving) -> Callable[[Callable], Callable]:
-    return lambda apply: jax.jit(lambda p, x: llama.generate(apply, p, x, s.new_tokens, s.config))
+    """``apply -> jit((params, prompt[, ids]) -> new tokens)``."""
+    return lambda apply: jax.jit(lambda p, x, *ids: llama.generate(with_ids(apply, ids), p, x, s.new_tokens, s.config))
+
+
+def gathers_in_decode_loop(generate: Callable, *args: Any) -> int:
+    """Gathers that the compiled decode loop runs each step, fused ones included (the token embedding's is one)."""
+    text = generate.lower(*args).compile().as_text()
+    return len(re.findall(r"= \S+ gather\(", jax_bench.loop_body(text, with_callees=True)))
 
 
 def run(
@@ -123,12 +138,17 @@ def run(
         # compiled once each
         mixed, single, plain = jitted(s.mixed_apply), jitted(s.single_apply), jitted(s.plain_apply)
         timings[phase] = {
-            "mixed": timed(functools.partial(mixed, mixed_params, prompt), repeats, min_time_s),
+            "mixed": timed(functools.partial(mixed, mixed_params, prompt, s.ids), repeats, min_time_s),
             "single": timed(functools.partial(single, single_params, prompt), repeats, min_time_s),
             "separate": timed(separate(plain), repeats, min_time_s),
         }
+    generate = decoder(s)
+    loop_gathers = {
+        "mixed": gathers_in_decode_loop(generate(s.mixed_apply), mixed_params, prompt, s.ids),
+        "single": gathers_in_decode_loop(generate(s.single_apply), single_params, prompt),
+    }
     seconds = {phase: {k: t["median_s"] for k, t in row.items()} for phase, row in timings.items()}
-    prefill_tps = {k: batch * prompt_len / s for k, s in seconds["prefill"].items()}
+    prefill_tps = {k: batch * prompt_len / t for k, t in seconds["prefill"].items()}
     decode_tps = {
         k: batch * new_tokens / max(seconds["generate"][k] - seconds["prefill"][k], 1e-9) for k in seconds["prefill"]
     }
@@ -141,6 +161,7 @@ def run(
         "device": jax.devices()[0].device_kind,
         "seconds": seconds,  # medians
         "timings": timings,  # median, interquartile range, number and total of the timed calls
+        "decode_loop_gathers": loop_gathers,  # per step, fused ones included; 1 = the token embedding's alone
         "prefill_tokens_per_s": prefill_tps,
         "decode_tokens_per_s": decode_tps,
         "decode_mixed_vs_single": decode_tps["mixed"] / decode_tps["single"],  # target >= 0.95
@@ -190,14 +211,18 @@ def profile(s: Serving, out_dir: Path, calls: int) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     jitted = decoder(s)
     result: dict[str, Any] = {}
-    for name, apply, params in (("mixed", s.mixed_apply, s.mixed_params), ("single", s.single_apply, s.single_params)):
+    variants = {
+        "mixed": (s.mixed_apply, (s.mixed_params, s.prompt, s.ids)),
+        "single": (s.single_apply, (s.single_params, s.prompt)),
+    }
+    for name, (apply, args) in variants.items():
         fn = jitted(apply)
-        text = fn.lower(params, s.prompt).compile().as_text()
+        text = fn.lower(*args).compile().as_text()
         (out_dir / f"{name}.hlo.txt").write_text(text)
         body = jax_bench.loop_body(text)
         result[name] = {
             "loop_body_ops": dict(collections.Counter(re.findall(r"= \S+ ([\w-]+)\(", body)).most_common()),
-            "kernel_times": kernel_times(functools.partial(fn, params, s.prompt), calls),
+            "kernel_times": kernel_times(functools.partial(fn, *args), calls),
         }
     return result
 
