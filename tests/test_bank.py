@@ -420,31 +420,6 @@ def test_a_single_adapter_whose_last_axes_look_like_a_bank_is_refused():
     assert out.shape == (4, S, 4)
 
 
-def test_per_example_vectors_are_gathered_batch_major():
-    """The gather yields ``(batch, *features)`` itself, with no transpose after it: in a decode loop XLA hoists
-    the gather but not a transpose, which then became a strided read in every step's multiply (measured on an
-    H200: that fusion took 2.1x as long, the whole of the bank's 5% decode cost). Fails on the old order."""
-    bank = jnp.ones((16, 6, 4))  # (*features, n_adapters)
-    jaxpr = jax.make_jaxpr(ia3_jax.scale_per_example)(jnp.ones((3, 5, 16, 6)), bank, jnp.array([2, -1, 0]))
-    eqns = _flat_eqns(jaxpr.jaxpr)
-    (gather,) = [i for i, e in enumerate(eqns) if e.primitive.name == "gather"]
-    assert eqns[gather].outvars[0].aval.shape == (3, 16, 6)
-    assert "transpose" not in [e.primitive.name for e in eqns[gather + 1 :]]
-
-
-def _flat_eqns(jaxpr) -> list:
-    """A jaxpr's equations in program order, those of nested jaxprs (jnp's own jitted functions) inlined."""
-    out = []
-    for eqn in jaxpr.eqns:
-        inner = [v for v in eqn.params.values() if hasattr(v, "jaxpr") or hasattr(v, "eqns")]
-        if inner:
-            for sub in inner:
-                out += _flat_eqns(getattr(sub, "jaxpr", sub))
-        else:
-            out.append(eqn)
-    return out
-
-
 def test_per_example_gather_is_hoisted_out_of_the_decode_loop():
     """KV-cached decoding with a bank: the ids are fixed for a sequence, so each vector's per-example gather
     is loop-invariant and XLA computes it once, before the loop; inside it only the token embedding
