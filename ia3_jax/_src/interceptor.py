@@ -185,9 +185,12 @@ def pick_per_example(bank_vector: jax.Array, adapter_ids: jax.Array) -> jax.Arra
     `NO_ADAPTER` (-1) gives ones (the base model); any other id outside ``[0, n_adapters)`` gives NaN.
     """
     n = bank_vector.shape[-1]
+    # The known cost (H200): XLA's GPU compiler does not hoist this gather out of a decode loop but fuses it
+    # into each step's multiply, where bank[feature, id] reads a strided column of the (*features, N) bank:
+    # 2.1x the time of that fusion with one adapter, the bank's whole 5% decode cost (benchmarks/RESULTS.md).
+    rows = jnp.moveaxis(bank_vector, -1, 0)  # (n_adapters, *features)
     # Every negative id is sent out of range: -2 must give NaN, not wrap around to adapter n - 2.
-    picked = jnp.take(bank_vector, jnp.where(adapter_ids < 0, n, adapter_ids), axis=-1, mode="fill", fill_value=jnp.nan)
-    picked = jnp.moveaxis(picked, -1, 0)  # (batch, *features)
+    picked = jnp.take(rows, jnp.where(adapter_ids < 0, n, adapter_ids), axis=0, mode="fill", fill_value=jnp.nan)
     base = (adapter_ids == NO_ADAPTER).reshape((-1,) + (1,) * (bank_vector.ndim - 1))
     return jnp.where(base, jnp.ones((), picked.dtype), picked)
 
