@@ -422,8 +422,10 @@ def test_a_single_adapter_whose_last_axes_look_like_a_bank_is_refused():
 
 def test_per_example_gather_is_hoisted_out_of_the_decode_loop():
     """KV-cached decoding with a bank: the ids are fixed for a sequence, so each vector's per-example gather
-    is loop-invariant and XLA computes it once, before the loop; inside it only the token embedding
-    lookup gathers (compiled HLO on the CPU; the benchmarks' lean Llama, 2 layers, 3 targets each)."""
+    is loop-invariant, and XLA's CPU compiler computes it once, before the loop; inside it only the token
+    embedding lookup gathers (compiled HLO; the benchmarks' lean Llama, 2 layers, 3 targets each). Fails if
+    the selection depends on the step. XLA's GPU compiler instead fuses the gathers into each step (an H200
+    run counts 67 per step: benchmarks/bank.py's ``decode_loop_gathers``)."""
     from benchmarks import jax_bench, llama
 
     config = llama.TINY_F32
