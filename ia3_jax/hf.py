@@ -38,6 +38,21 @@ from ia3_jax._src.config import IA3Config, suffix_regex
 from ia3_jax._src.errors import StructureError, UnknownModelTypeError
 from ia3_jax._src.partition import split
 
+__all__ = [
+    "FAN_IN_FAN_OUT_MODEL_TYPES",
+    "FEEDFORWARD_MODULES",
+    "TARGET_MODULES",
+    "TORCH_BUFFERS",
+    "ParameterCount",
+    "default_config",
+    "model_type_of",
+    "needs_flax_t5_patch",
+    "patch_flax_t5",
+    "print_trainable_parameters",
+    "resolve",
+    "trainable_parameters",
+]
+
 _log = logging.getLogger(__name__)
 
 # PEFT's TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING (peft 0.21), as data.

@@ -69,6 +69,15 @@ def test_config_translation_and_vector_shapes():
         ia3_tunix.family(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
 
 
+def test_a_tunix_without_its_key_mapping_gets_a_typed_error(monkeypatch):
+    """The PEFT bridge reads Tunix's private torch-key mapping; a Tunix that renamed it must say so."""
+    model = llama_lib.Llama3(LLAMA, rngs=nnx.Rngs(0))
+    assert "k_proj" in str(ia3_tunix.key_mapping(model))
+    monkeypatch.delattr(llama_params, "_get_key_and_transform_mapping")
+    with pytest.raises(ia3_jax.UnknownModelTypeError, match="google-tunix .* has no _get_key_and_transform_mapping"):
+        ia3_tunix.key_mapping(model)
+
+
 def test_gemma3_fused_kv_einsum_sites():
     """Gemma 3: Tunix's preprocessing fuses k_proj and v_proj into kv_einsum (2, K, D, H); its vector is (2, K, H)."""
     model = gemma_lib.Gemma3(GEMMA, rngs=nnx.Rngs(0))

@@ -189,7 +189,12 @@ def _bank_vectors(bank: Adapter) -> dict[_tree.Path, jax.Array]:
 
 
 def bank_size(bank: Adapter) -> int:
-    """The number of adapters in `bank` (the size of its vectors' last axis)."""
+    """The number of adapters in `bank` (the size of its vectors' last axis).
+
+    Example:
+      >>> bank_size(stack_adapters([adapter_a, adapter_b], config))
+      2
+    """
     return int(next(iter(_bank_vectors(bank).values())).shape[-1])
 
 

@@ -96,6 +96,9 @@ def scale(activation: jax.Array, vector: jax.Array) -> jax.Array:
     The activation is named `ia3_jax.ACTIVATION_NAME` (`jax.ad_checkpoint.checkpoint_name`): under
     ``nn.remat`` / `jax.checkpoint` with `ia3_jax.remat_policy`, the backward pass recomputes it
     instead of keeping it, which removes IA3's memory overhead.
+
+    Example:
+      >>> y = scale(jnp.ones((2, 7, 16), jnp.bfloat16), jnp.full((16,), 0.5))   # bf16 (2, 7, 16), all 0.5
     """
     return _scale(name_activation(activation), vector)
 

@@ -49,6 +49,10 @@ def resolve_targets(params: Mapping[str, Any], config: IA3Config) -> dict[_tree.
     Raises `TargetError` naming the problem: no `target_modules`, nothing matched (with the paths
     that exist), a match that is not a layer with a kernel, or a `modules_to_save` entry that
     matches nothing. Warns for list entries or patterns that match nothing while others do.
+
+    Example:
+      >>> resolve_targets(params, IA3Config(target_modules=["k", "v", "wo"], feedforward_modules=["wo"]))
+      {('layer_0', 'k'): False, ('layer_0', 'v'): False, ('layer_0', 'wo'): True}
     """
     if config.target_modules is None:
         raise TargetError(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.metadata
 import math
 import re
 from pathlib import Path
@@ -100,13 +101,30 @@ def _params(model: nnx.Module) -> Any:
     return importlib.import_module(FAMILIES[family(model)][0])
 
 
+def _tunix_version() -> str:
+    try:
+        return importlib.metadata.version("google-tunix")
+    except importlib.metadata.PackageNotFoundError:
+        return "of unknown version"
+
+
 def key_mapping(model: nnx.Module) -> dict[str, tuple[str, Any]]:
     """Tunix's own ``{torch key regex: (nnx key, (permute, reshape))}`` for `model`'s family and config.
 
     Example:
       >>> mapping = ia3_jax.tunix.key_mapping(llama)    # {torch key regex: (nnx key, (permute, reshape))}
     """
-    return _params(model)._get_key_and_transform_mapping(model.config)  # type: ignore[attr-defined]
+    params_module = _params(model)
+    # Tunix's private name: its loader's own torch -> NNX mapping, read rather than copied so that the two
+    # cannot drift apart; a Tunix that renames it gets a clear error instead of an AttributeError.
+    mapping = getattr(params_module, "_get_key_and_transform_mapping", None)
+    if mapping is None:
+        raise UnknownModelTypeError(
+            f"{params_module.__name__} (google-tunix {_tunix_version()}) has no _get_key_and_transform_mapping, "
+            "which ia3_jax reads for the PEFT key names of Tunix models (tested with google-tunix 0.1.7): install "
+            "that version, or save the adapter with ia3_jax.nnx.save_adapter instead of the PEFT format."
+        )
+    return mapping(model.config)  # type: ignore[attr-defined]
 
 
 def _torch_key(pattern: str, groups: tuple[str, ...]) -> str:
