@@ -4,6 +4,8 @@ References: numpy hand computations of ``(x @ W + b) * l`` and of the vector sum
 Training lives in test_training.py, bf16/f16 in test_mixed_precision.py. Tolerances: float32, 1e-5.
 """
 
+import threading
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -257,3 +259,42 @@ def test_eager_merge_replays_no_stale_plan_for_a_tree_of_the_same_structure():
         merged_fc(tree(jnp.ones((3, 5), jnp.int32), b, jnp.asarray(l, jnp.float32)))
     with pytest.raises(ia3_jax.AdapterDtypeError, match="'block.fc'"):
         merged_fc(tree(jnp.ones((3, 5)), b, jnp.ones(3, jnp.int32)))
+    # Leaves jit cannot take get the typed error of a first merge, not jit's TypeError.
+    merged_fc(tree(jnp.ones((3, 5)), b, jnp.ones(3)))
+    with pytest.raises(ia3_jax.UnsupportedKernelError, match="'block.fc' has dtype object"):
+        merged_fc(tree(np.ones((3, 5), dtype=object), b, jnp.ones(3)))
+
+
+def test_eager_merges_from_several_threads(monkeypatch):
+    """Two threads merge trees of one structure and other shapes while the plan cache holds a third shape's plan:
+    both find it stale at once (a barrier holds each lookup until the other has made its own) and drop it.
+    Each merge is right and neither fails on the shared cache (the second drop raised KeyError without its lock)."""
+    from ia3_jax._src import merge as merge_module
+
+    def tree(n):
+        return {"block": {"fc": {"kernel": jnp.ones((3, n)), "bias": jnp.ones(n), "ia3_l": jnp.full(n, 2.0)}}}
+
+    ia3_jax.merge(tree(4))  # the plan both threads will find stale
+    lookups = threading.Barrier(2, timeout=10)
+
+    class Rendezvous(dict):
+        def get(self, key, default=None):
+            found = super().get(key, default)
+            lookups.wait()
+            return found
+
+    monkeypatch.setattr(merge_module, "_PLANS", Rendezvous(merge_module._PLANS))
+    errors: list[BaseException] = []
+
+    def work(n):
+        try:
+            np.testing.assert_array_equal(ia3_jax.merge(tree(n))["block"]["fc"]["kernel"], np.full((3, n), 2.0))
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in (5, 6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
+import threading
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -109,8 +110,9 @@ def _fold_all(
     if plan is not None:
         try:
             return plan.replay(leaves)
-        except _StalePlan:  # same structure, other shapes: resolve again below
-            del _PLANS[key]
+        except _StalePlan:  # same structure, other shapes or leaves jit cannot take: resolve again below
+            with _PLANS_LOCK:
+                _PLANS.pop(key, None)
     paths, nodes, arrays = _targeted(tree, vectors)
     targets = _resolve(paths, nodes, arrays, config, layouts)
     fold = _compiled_fold(paths, targets, config, _layouts_key(layouts), divide)
@@ -118,9 +120,10 @@ def _fold_all(
     merged, written = _assemble(tree, dict(zip(paths, folded)))
     plan = _Plan.make(leaves, (nodes, arrays), folded, merged, paths, fold)
     if key is not None and plan is not None:
-        _PLANS[key] = plan
-        while len(_PLANS) > _MAX_PLANS:
-            _PLANS.pop(next(iter(_PLANS)))
+        with _PLANS_LOCK:
+            _PLANS[key] = plan
+            while len(_PLANS) > _MAX_PLANS:
+                _PLANS.pop(next(iter(_PLANS)))
     return merged, written
 
 
@@ -248,13 +251,17 @@ class _Plan:
     def replay(self, leaves: list[Any]) -> tuple[dict[str, Any], Written]:
         """The fold of a tree whose flat leaves are `leaves`: one compiled call, then the result rebuilt."""
         nodes, arrays = jax.tree_util.tree_unflatten(self.in_def, [leaves[i] for i in self.inputs])
-        folded = _in_write_order(self.fold(nodes, arrays))
+        try:
+            folded = _in_write_order(self.fold(nodes, arrays))
+        except TypeError as error:  # a leaf jit cannot take (an object array): the fresh path's checks name it
+            raise _StalePlan from error
         new = jax.tree_util.tree_leaves(folded)
         out = [new[-1 - i] if i < 0 else leaves[i] for i in self.out_from]
         return jax.tree_util.tree_unflatten(self.out_def, out), dict(zip(self.paths, folded))
 
 
 _PLANS: dict[Any, _Plan] = {}
+_PLANS_LOCK = threading.Lock()  # merges from several threads: lookups are atomic, updates and eviction are not
 _MAX_PLANS = 16
 
 
