@@ -18,7 +18,10 @@ logits up to ~0.2):
 
 from __future__ import annotations
 
+import gc
 import pathlib
+import threading
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -254,6 +257,117 @@ def test_ids_are_no_param_and_gone_after_the_call(plain):
     assert not any("ia3_adapter_ids" in p for key in ("param", "lora") for p in Peeking.seen[key])
     assert len(Peeking.seen["adapter"]) == 3
     assert not any("ia3_adapter_ids" in p for p, _ in nnx.to_flat_state(nnx.state(model)))
+
+
+class Gated(Plain):
+    """Plain whose call first runs `Gated.gate` (a class attribute, no module state): the tests' hook for
+    stopping a thread inside a bank_call, its ids set, before any module reads them."""
+
+    gate = None
+
+    def __call__(self, x):
+        if Gated.gate is not None:
+            Gated.gate()
+        return super().__call__(x)
+
+
+def _in_thread(name, run, results, timeout=20.0):
+    """run() in a daemon thread named `name` (a deadlock fails the test instead of hanging it); its result or
+    exception into results[name]."""
+
+    def target():
+        try:
+            results[name] = run()
+        except Exception as e:  # noqa: BLE001 - reported by the test
+            results[name] = e
+
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_concurrent_bank_calls_on_one_model_keep_their_own_ids(plain):
+    """Two threads' eager bank_calls on one model: B starts while A is inside its call (ids set, not read yet).
+    Unlocked, B overwrites A's ids (A's examples scaled by B's adapters, silently) and A's cleanup drops B's.
+    With the per-model lock, B waits: A's gate sees B not reach its call within a bounded wait, then goes on."""
+    _, bank, x = plain
+    model = ia3_nnx.ia3_init(Gated(nnx.Rngs(0)), CONFIG, x, rng=jax.random.key(0))
+    ia3_nnx.set_bank(model, bank)
+    ids = {"a": IDS, "b": IDS[::-1]}
+    want = {k: _by_hand(model, bank, x, v) for k, v in ids.items()}
+    assert np.abs(want["a"] - _by_hand(model, bank, x, ids["b"])).max() > 1e-2  # B's ids would show in A's rows
+    ia3_nnx.bank_call(model, ids["b"], x)  # warm: B's eager ops compiled, so unlocked B is quick to reach its call
+    a_inside, b_inside, a_done = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def gate():
+        name = threading.current_thread().name
+        if name == "a":
+            a_inside.set()
+            seen["b reached its call while A's ids were set"] = b_inside.wait(1.0)  # bounded: locked, B waits
+        elif name == "b":
+            b_inside.set()
+            a_done.wait(1.0)  # unlocked: hold B's ids in place while A reads them
+
+    def run_a():
+        try:
+            return ia3_nnx.bank_call(model, ids["a"], x)
+        finally:
+            a_done.set()
+
+    def run_b():
+        a_inside.wait(5.0)  # B starts once A is inside its call
+        return ia3_nnx.bank_call(model, ids["b"], x)
+
+    results = {}
+    Gated.gate = gate
+    try:
+        threads = [_in_thread("a", run_a, results), _in_thread("b", run_b, results)]
+        for thread in threads:
+            thread.join(20.0)
+    finally:
+        Gated.gate = None
+    assert not any(thread.is_alive() for thread in threads), "deadlock"
+    for name in ("a", "b"):
+        assert not isinstance(results[name], Exception), f"thread {name}: {results[name]!r}"
+        np.testing.assert_allclose(results[name], want[name], **HAND_TOL, err_msg=f"thread {name}")
+    assert seen == {"b reached its call while A's ids were set": False}
+    assert not any("ia3_adapter_ids" in p for p, _ in nnx.to_flat_state(nnx.state(model)))
+
+
+def test_nested_bank_call_in_the_same_thread_and_the_model_can_die(plain):
+    """A bank_call inside the model's call under bank_call (jax.jit closing over the model: the copy path), on
+    the same thread: the lock is re-entrant (no deadlock), each call gets its ids; and the lock keeps no model alive."""
+    _, bank, x = plain
+    model = ia3_nnx.ia3_init(Gated(nnx.Rngs(0)), CONFIG, x, rng=jax.random.key(0))
+    ia3_nnx.set_bank(model, bank)
+    inner_ids = IDS[::-1]
+    inner = {}
+
+    def gate():
+        if not inner:  # once: the inner call runs Gated's call (its copy's) too
+            inner["out"] = None
+            inner["out"] = jax.jit(lambda x: ia3_nnx.bank_call(model, inner_ids, x))(x)
+
+    results = {}
+    Gated.gate = gate
+    try:
+        thread = _in_thread("outer", lambda: ia3_nnx.bank_call(model, IDS, x), results)
+        thread.join(20.0)
+    finally:
+        Gated.gate = None
+    assert not thread.is_alive(), "deadlock"
+    assert not isinstance(results["outer"], Exception), repr(results["outer"])
+    np.testing.assert_allclose(results["outer"], _by_hand(model, bank, x, IDS), **HAND_TOL)
+    np.testing.assert_allclose(inner["out"], _by_hand(model, bank, x, inner_ids), **HAND_TOL)
+
+    one = ia3_nnx.ia3_init(Plain(nnx.Rngs(0)), CONFIG, x, rng=jax.random.key(0))  # the lock keeps it not alive
+    ia3_nnx.set_bank(one, bank)
+    ia3_nnx.bank_call(one, IDS, x)
+    dead = weakref.ref(one)
+    del one
+    gc.collect()
+    assert dead() is None
 
 
 def test_single_adapter_verbs_on_a_bank_name_the_fix(plain, tmp_path: pathlib.Path):

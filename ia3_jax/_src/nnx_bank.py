@@ -8,7 +8,10 @@ vectors' call wrapper reads with `bank_ids` and applies with `bank_scale`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import threading
+import weakref
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import jax
@@ -43,6 +46,27 @@ class _AdapterIds(nnx.Variable):
 
 
 IDS = "ia3_adapter_ids"  # the attribute of a module's `_AdapterIds` inside `bank_call`
+
+# Hazard: the ids live on the shared model object, so two threads' bank_calls on one model (a server sharing
+# it; eager calls, first-call tracing) would overwrite / drop each other's ids mid-call, scaling one thread's
+# examples by the other's adapters. Each model gets a re-entrant lock, held from setting the ids until they are
+# removed (the same thread may nest: a bank_call traced inside the model's call); weak keys, so models still die.
+_LOCKS: weakref.WeakKeyDictionary[nnx.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+_UNHASHABLE_LOCK = threading.RLock()  # models that cannot be weak dict keys (an __eq__ without __hash__) share one
+
+
+@contextmanager
+def _model_lock(model: nnx.Module) -> Iterator[None]:
+    try:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            with _LOCKS_GUARD:
+                lock = _LOCKS.setdefault(model, threading.RLock())
+    except TypeError:
+        lock = _UNHASHABLE_LOCK
+    with lock:
+        yield
 
 
 def _features(target: Target) -> tuple[int, ...]:
@@ -183,7 +207,8 @@ def bank_call(model: nnx.Module, adapter_ids: Any, *args: Any, **kwargs: Any) ->
     its adapter's column), ``jax.vmap`` and ``nnx.scan``-ed layers compose with it, and so does a model
     whose ``__call__`` (or a submodule's) is ``nnx.jit``-ed: the ids travel as module state, an
     ``nnx.Variable`` (not a ``Param``) set on each module holding a bank for the call's duration and
-    removed when it returns or raises.
+    removed when it returns or raises (an enclosing bank_call's ids put back). Threads sharing one model
+    take turns: a per-model re-entrant lock is held for the call, so no call sees another's ids.
 
     Raises:
       AdapterIdsError: the ids are not a 1-D integer array, concrete ids out of range (checked before
@@ -198,6 +223,12 @@ def bank_call(model: nnx.Module, adapter_ids: Any, *args: Any, **kwargs: Any) ->
     """
     ids = adapter_ids if isinstance(adapter_ids, jax.Array) else jnp.asarray(adapter_ids)
     _interceptor.check_ids(ids)
+    with _model_lock(model):  # see _LOCKS: the checks read the model too, and another call's ids must not show
+        return _bank_call(model, ids, args, kwargs)
+
+
+def _bank_call(model: nnx.Module, ids: jax.Array, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """`bank_call` under the model's lock."""
     vectors = _check_bank_model(model, "bank_call")
     sizes = {}
     for variable in vectors.values():
@@ -212,18 +243,20 @@ def bank_call(model: nnx.Module, adapter_ids: Any, *args: Any, **kwargs: Any) ->
     _interceptor.check_ids(ids, next(iter(sizes.values())))  # values, where they are concrete
     modules = dict(named_modules(model))
     try:
-        _set_ids(modules, vectors, ids)
+        previous = _set_ids(modules, vectors, ids)
     except TraceContextError:
         # The model lives outside the trace at hand (a jax.jit / jax.vmap closing over it): run a copy made
-        # here, and write back what the call changed (which raises as model(...) itself would).
+        # here, and write back what the call changed (which raises as model(...) itself would). Still under the
+        # lock: unlocked, the copy could take another thread's ids (or split mid-setattr) and the write-back
+        # could land in the middle of its call.
         work = nnx.merge(*nnx.split(model))
         before = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
         modules = dict(named_modules(work))
+        previous = _set_ids(modules, vectors, ids)
         try:
-            _set_ids(modules, vectors, ids)
             out = work(*args, **kwargs)
         finally:
-            _drop_ids(modules)
+            _restore_ids(modules, previous)
         after = nnx.state(work)
         if any(v.get_value() is not before.get(p) for p, v in nnx.to_flat_state(after)):
             nnx.update(model, after)
@@ -231,12 +264,18 @@ def bank_call(model: nnx.Module, adapter_ids: Any, *args: Any, **kwargs: Any) ->
     try:
         return model(*args, **kwargs)
     finally:
-        _drop_ids(modules)
+        _restore_ids(modules, previous)
 
 
-def _set_ids(modules: Mapping[_tree.Path, nnx.Module], vectors: Mapping[_tree.Path, nnx.Variable], ids: Any) -> None:
+def _set_ids(
+    modules: Mapping[_tree.Path, nnx.Module], vectors: Mapping[_tree.Path, nnx.Variable], ids: Any
+) -> dict[_tree.Path, _AdapterIds | None]:
     """Gives each module holding a bank vector its `_AdapterIds`: ``(batch,)``, broadcast over the stacked-layer
-    axes of ``nnx.vmap``-ed layers at the vector's positions, so that ``nnx.scan`` slices both alike. (All or none.)"""
+    axes of ``nnx.vmap``-ed layers at the vector's positions, so that ``nnx.scan`` slices both alike. (All or none.)
+
+    Returns each module's ids before (an enclosing bank_call's, on the same thread: the lock is re-entrant),
+    for `_restore_ids`: dropping them instead would leave the enclosing call without ids."""
+    previous: dict[_tree.Path, _AdapterIds | None] = {}
     try:
         for path, variable in vectors.items():
             target: Target = variable.get_metadata(TARGET_META)
@@ -249,13 +288,20 @@ def _set_ids(modules: Mapping[_tree.Path, nnx.Module], vectors: Mapping[_tree.Pa
                     batch += at <= batch
             rest = tuple(i for i in range(len(dims)) if i != batch)
             value = jnp.broadcast_to(jnp.expand_dims(ids, rest), dims) if rest else ids
-            setattr(modules[path], IDS, _AdapterIds(value))
+            module = modules[path]
+            before = vars(module).get(IDS)
+            setattr(module, IDS, _AdapterIds(value))
+            previous[path] = before if isinstance(before, _AdapterIds) else None
     except BaseException:
-        _drop_ids(modules)
+        _restore_ids(modules, previous)
         raise
+    return previous
 
 
-def _drop_ids(modules: Mapping[_tree.Path, nnx.Module]) -> None:
-    for module in modules.values():
-        if isinstance(vars(module).get(IDS), _AdapterIds):
+def _restore_ids(modules: Mapping[_tree.Path, nnx.Module], previous: Mapping[_tree.Path, _AdapterIds | None]) -> None:
+    for path, before in previous.items():
+        module = modules[path]
+        if before is not None:
+            setattr(module, IDS, before)
+        elif isinstance(vars(module).get(IDS), _AdapterIds):
             delattr(module, IDS)
