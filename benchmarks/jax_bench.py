@@ -255,21 +255,32 @@ def hlo_computations(compiled_text: str) -> dict[str, str]:
     return blocks
 
 
+# The computations an HLO instruction calls: calls=, to_apply=, body=, condition=, branch_computations={...}.
+_CALLEES = r"(?:calls|to_apply|body|condition|_computations)=(\{[^}]*\}|%[\w.\-]+)"
+
+
 def loop_body(compiled_text: str, with_callees: bool = False) -> str:
-    """The text of the body of a compiled program's one while loop (a scan): top-level instructions only
-    (on a GPU each fusion or custom call there is one kernel per iteration), or with every computation
-    it calls (fused computations, nested loops) when `with_callees`."""
+    """The text of the body of the one while loop (a scan) that a compiled program's entry computation runs:
+    top-level instructions only (on a GPU each fusion or custom call there is one kernel per iteration), or
+    with every computation it calls (fused computations, branches, nested loops) when `with_callees`.
+
+    Raises ValueError unless the entry computation runs exactly one while loop.
+    """
     blocks = hlo_computations(compiled_text)
-    (body,) = re.findall(r"\bwhile\(.*?body=(%[\w.\-]+)", compiled_text)
+    (entry,) = [block for block in blocks.values() if block.lstrip().startswith("ENTRY")]
+    bodies = re.findall(r"\bwhile\(.*?body=(%[\w.\-]+)", entry)
+    if len(bodies) != 1:
+        raise ValueError(f"loop_body: the entry computation runs {len(bodies)} while loops, not one: {bodies}")
     seen: list[str] = []
 
     def reach(name: str) -> None:
         if name not in seen and name in blocks:
             seen.append(name)
-            for callee in re.findall(r"(?:calls|to_apply|body|condition)=(%[\w.\-]+)", blocks[name]):
-                reach(callee)
+            for field in re.findall(_CALLEES, blocks[name]):
+                for callee in re.findall(r"%[\w.\-]+", field):
+                    reach(callee)
 
-    reach(body) if with_callees else seen.append(body)
+    reach(bodies[0]) if with_callees else seen.append(bodies[0])
     return "\n\n".join(blocks[name] for name in seen)
 
 

@@ -48,6 +48,7 @@ def is_quantized(leaf: Any) -> bool:
     """True for a qwix quantized kernel: a ``WithAux`` (any subclass) or a bare ``QArray``.
 
     Example:
+      >>> import ia3_jax.quant
       >>> ia3_jax.quant.is_quantized(jnp.ones((4, 8)))
       False
     """
@@ -88,6 +89,7 @@ def kernel_shape(kernel: Any) -> tuple[int, ...]:
     its shape and its meaning cannot be told apart safely.
 
     Example:
+      >>> import ia3_jax.quant
       >>> ia3_jax.quant.kernel_shape(jnp.ones((4, 8)))      # a qwix QArray: its qvalue's shape
       (4, 8)
     """
