@@ -175,7 +175,7 @@ def kernel_times(fn: Callable[[], Any], calls: int) -> dict[str, Any]:
     """GPU time per kernel over `calls` calls of `fn` (after one warm-up), from a `jax.profiler` trace.
 
     ``{line: {"total_us", "kernels": {name: [count, total_us]}}}`` for each line of each GPU plane
-    (XLA's op line and the streams' kernel lines), the 60 costliest kernels of each.
+    (XLA's op line and the streams' kernel lines), the 60 costliest kernels of each; ``{}`` on a CPU.
     """
     jax.block_until_ready(fn())
     with tempfile.TemporaryDirectory() as trace_dir:
