@@ -115,7 +115,7 @@ def _fold_all(
                 _PLANS.pop(key, None)
     paths, nodes, arrays = _targeted(tree, vectors)
     targets = _resolve(paths, nodes, arrays, config, layouts)
-    fold = _compiled_fold(paths, targets, config, _layouts_key(layouts), divide)
+    fold = _compiled_fold(targets, config, _layouts_key(layouts), divide)
     folded = _in_write_order(fold(nodes, arrays))
     merged, written = _assemble(tree, dict(zip(paths, folded)))
     plan = _Plan.make(leaves, (nodes, arrays), folded, merged, paths, fold)
@@ -165,7 +165,6 @@ def _checked_fold(
     nodes: list[dict[str, Any]],
     vectors: list[jax.Array],
     *,
-    paths: tuple[_tree.Path, ...],
     targets: tuple[Target, ...],
     config: IA3Config | None,
     layouts: tuple[tuple[str, KernelLayout], ...] | None,
@@ -177,6 +176,7 @@ def _checked_fold(
     it was not made for still raises the typed errors of `_resolve`, or `_StalePlan` when the
     targets differ, before anything runs.
     """
+    paths = tuple(target.path for target in targets)
     if _resolve(paths, nodes, vectors, config, None if layouts is None else dict(layouts)) != targets:
         raise _StalePlan
     return _fold_targets(nodes, vectors, targets, divide)
@@ -184,7 +184,6 @@ def _checked_fold(
 
 @functools.lru_cache(maxsize=16)
 def _compiled_fold(
-    paths: tuple[_tree.Path, ...],
     targets: tuple[Target, ...],
     config: IA3Config | None,
     layouts: tuple[tuple[str, KernelLayout], ...] | None,
@@ -196,9 +195,7 @@ def _compiled_fold(
     cache keeps one jitted function per set of targets, so a tree that cannot have a `_Plan` (one
     array at several leaves) does not compile on every call.
     """
-    bound = functools.partial(
-        _checked_fold, paths=paths, targets=targets, config=config, layouts=layouts, divide=divide
-    )
+    bound = functools.partial(_checked_fold, targets=targets, config=config, layouts=layouts, divide=divide)
     return jax.jit(bound)
 
 
