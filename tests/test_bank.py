@@ -339,6 +339,8 @@ def test_ids_out_of_range_or_malformed(served):
     with pytest.raises(ia3_jax.AdapterIdsError, match="positions"):
         ia3_jax.check_adapter_ids(bad, bank)
     ia3_jax.check_adapter_ids(IDS, bank)
+    with pytest.raises(ia3_jax.AdapterIdsError, match="wrapped by bank_apply_fn needs adapter_ids="):
+        forward(params, x)
     with pytest.raises(ia3_jax.AdapterIdsError, match="1-D integer array"):
         forward(params, x, adapter_ids=IDS.astype(jnp.float32))
     with pytest.raises(ia3_jax.AdapterIdsError, match="1-D integer array"):

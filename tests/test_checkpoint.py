@@ -330,8 +330,9 @@ def test_bad_save_input_writes_nothing(tmp_path):
     # Never replace a directory that is not an adapter checkpoint.
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("keep me")
-    with pytest.raises(CheckpointError, match="not exactly an adapter checkpoint written by save_adapter; refusing"):
-        ia3_jax.save_adapter(tmp_path / "precious", adapter, CONFIG, overwrite=True)
+    for overwrite in (False, True):  # without overwrite too, the advice is to move it away, not overwrite=True
+        with pytest.raises(CheckpointError, match="not exactly an adapter checkpoint written by save_adapter; refusing"):
+            ia3_jax.save_adapter(tmp_path / "precious", adapter, CONFIG, overwrite=overwrite)
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
     # Step checkpoints need their own root.
     ia3_jax.save_adapter(target, adapter, CONFIG)

@@ -182,6 +182,9 @@ def test_guards():
         ia3_nnx.ia3_init(model, ia3_jax.IA3Config(target_modules=["embed"], feedforward_modules=[]), tokens)
     with pytest.raises(ia3_jax.IA3ConfigError, match="example inputs"):
         ia3_nnx.ia3_init(model, ia3_jax.IA3Config(target_modules=["proj"], feedforward_modules=[]))
+    with pytest.raises(ia3_jax.LayoutError, match=r"failed on them .*\(1, 4\).*ValueError: Input type"):  # the model's own
+        ia3_nnx.ia3_init(model, ia3_jax.IA3Config(target_modules=["proj"], feedforward_modules=[]), tokens * 0.5)
+    assert not hasattr(model.proj, "ia3_l")  # refused before anything changed
     adapted = ia3_nnx.ia3_init(model, ia3_jax.IA3Config(target_modules=["proj"], feedforward_modules=[]), tokens)
     with pytest.raises(ia3_jax.AdapterExistsError):
         ia3_nnx.ia3_init(adapted, ia3_jax.IA3Config(target_modules=["proj"], feedforward_modules=[]), tokens)

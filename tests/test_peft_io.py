@@ -112,9 +112,29 @@ def test_save_replaces_the_pair_and_keeps_other_files(saved):
     directory, _, config, base = saved
     (directory / "README.md").write_text("notes")
     new, _, _ = build(1)
-    save_peft(directory, new, config, params=base)
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    with pytest.raises(ia3_jax.CheckpointError, match="already holds an adapter of peft_type 'IA3'.*overwrite=True"):
+        save_peft(directory, new, config, params=base)
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before  # refused before any write
+    save_peft(directory, new, config, params=base, overwrite=True)
     assert sorted(p.name for p in directory.iterdir()) == ["README.md", CONFIG_NAME, WEIGHTS_NAME]
     assert_identical(load_peft(directory, base)[0], new)
+
+
+def test_save_refuses_a_directory_holding_another_adapter(tmp_path):
+    """A LoRA (or any) adapter's files are not replaced unless asked: PEFT's save_pretrained would have."""
+    adapter, config, base = build(0)
+    directory = tmp_path / "lora"
+    directory.mkdir()
+    (directory / CONFIG_NAME).write_text('{"peft_type": "LORA", "r": 8}')
+    with pytest.raises(ia3_jax.CheckpointError, match="peft_type 'LORA'"):
+        save_peft(directory, adapter, config, params=base)
+    assert (directory / CONFIG_NAME).read_text() == '{"peft_type": "LORA", "r": 8}'
+    assert sorted(p.name for p in directory.iterdir()) == [CONFIG_NAME]  # no staging folder left either
+    (directory / CONFIG_NAME).unlink()
+    (directory / WEIGHTS_NAME).write_bytes(b"not safetensors")  # a weights file alone counts too
+    with pytest.raises(ia3_jax.CheckpointError, match=r"already holds an adapter \(adapter_model.safetensors\)"):
+        save_peft(directory, adapter, config, params=base)
 
 
 # --- item 13: the reader refuses what it would otherwise cast or accept silently --------------
@@ -221,7 +241,7 @@ def test_interrupted_after_commit_loads_the_new_pair_and_the_next_save_finishes(
     with pytest.warns(UserWarning, match="interrupted after it had written the new adapter completely"):
         assert_identical(load_peft(directory, base)[0], new)
     newer = build(2)[0]
-    save_peft(directory, newer, config, params=base)
+    save_peft(directory, newer, config, params=base, overwrite=True)
     assert sorted(p.name for p in directory.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
     assert_identical(load_peft(directory, base)[0], newer)
 
@@ -237,7 +257,7 @@ def test_a_failing_save_leaves_the_old_pair_and_no_leftovers(saved, monkeypatch)
 
     monkeypatch.setattr(os, "rename", failing_rename)
     with pytest.raises(OSError, match="No space left"):
-        save_peft(directory, build(1)[0], config, params=base)
+        save_peft(directory, build(1)[0], config, params=base, overwrite=True)
     monkeypatch.undo()
     assert sorted(p.name for p in directory.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
     assert_identical(load_peft(directory, base)[0], adapter)
@@ -250,7 +270,7 @@ def test_staging_folders_of_killed_saves_are_swept(saved):
         (directory / name).mkdir()
         (directory / name / WEIGHTS_NAME).write_bytes(b"partial")
     (directory / ".ia3-peft-partials-mine").mkdir()
-    save_peft(directory, build(1)[0], config, params=base)
+    save_peft(directory, build(1)[0], config, params=base, overwrite=True)
     assert sorted(p.name for p in directory.iterdir()) == [".ia3-peft-partials-mine", CONFIG_NAME, WEIGHTS_NAME]
 
 
@@ -269,7 +289,7 @@ KILL_CHILD = BUILD + textwrap.dedent(
         pid = os.fork()
         if pid == 0:
             log = instrument(kill_at)
-            ia3_jax.save_peft(directory, new, config, params=base)
+            ia3_jax.save_peft(directory, new, config, params=base, overwrite=True)
             with open(os.path.join(root, "steps.json"), "w") as f:  # after the save: counted, harmless
                 json.dump(log, f)
             os._exit(0)
@@ -314,7 +334,7 @@ def test_sigkill_at_every_filesystem_step_leaves_old_or_new_pair(tmp_path):
             loaded, loaded_config = load_peft(directory, base)
         assert_identical(loaded, old if k <= commit else new)
         assert loaded_config == config.replace(inference_mode=True)
-        save_peft(directory, new, config, params=base)  # the next save finishes or sweeps what the kill left
+        save_peft(directory, new, config, params=base, overwrite=True)  # the next save finishes or sweeps what the kill left
         assert sorted(p.name for p in directory.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME], k
         assert_identical(load_peft(directory, base)[0], new)
 
@@ -339,7 +359,7 @@ def test_second_writer_at_every_step_of_the_first_is_refused(saved, monkeypatch)
                 if state["count"] == state["at"]:
                     state["nested"] = True
                     try:
-                        save_peft(directory, second, config, params=base)
+                        save_peft(directory, second, config, params=base, overwrite=True)
                         state["outcome"] = "ok"
                     except CheckpointError as err:
                         state["outcome"] = str(err)
@@ -353,14 +373,14 @@ def test_second_writer_at_every_step_of_the_first_is_refused(saved, monkeypatch)
         monkeypatch.setattr(os, name, counted(getattr(os, name)))
     monkeypatch.setattr(os, "open", counted(os.open, lambda path, flags, *a, **k: bool(flags & os.O_CREAT)))
     monkeypatch.setattr(builtins, "open", counted(builtins.open, lambda f, mode="r", *a, **k: "x" in mode))
-    save_peft(directory, first, config, params=base)
+    save_peft(directory, first, config, params=base, overwrite=True)
     steps = state["count"]
     assert steps == 9
     for at in range(1, steps + 1):
         shutil.rmtree(directory)
         shutil.copytree(template, directory)
         state.update(count=0, at=at, outcome=None)
-        save_peft(directory, first, config, params=base)  # writer 1 always succeeds: it reports last
+        save_peft(directory, first, config, params=base, overwrite=True)  # writer 1 always succeeds: it reports last
         if at == 1:  # before writer 1 opened the lock: writer 2 ran to the end first
             assert state["outcome"] == "ok"
         else:

@@ -298,7 +298,13 @@ def bank_apply_fn(fn: F, config: IA3Config | None = None, *, strict: bool = True
     _interceptor.check_not_staged(fn, "bank_apply_fn")
 
     @functools.wraps(fn)
-    def wrapped(*args: Any, adapter_ids: Any, **kwargs: Any) -> Any:
+    def wrapped(*args: Any, adapter_ids: Any = None, **kwargs: Any) -> Any:
+        if adapter_ids is None:  # Python's own message would name the wrapped function, not this wrapper
+            raise AdapterIdsError(
+                f"{getattr(fn, '__qualname__', 'the function')} wrapped by bank_apply_fn needs adapter_ids=: one "
+                f"id per example, {_interceptor.NO_ADAPTER} for the base model (one adapter for all: its id on every "
+                "row)."
+            )
         ids = adapter_ids if isinstance(adapter_ids, jax.Array) else jnp.asarray(adapter_ids)
         _interceptor.check_ids(ids)
         n = _argument_bank_size((args, kwargs))

@@ -46,6 +46,7 @@ from etils import epath
 from ia3_jax._src import atomic
 from ia3_jax._src import tree as _tree
 from ia3_jax._src.config import IA3Config
+from ia3_jax._src.dtypes import dtype_of
 from ia3_jax._src.errors import (
     AdapterMismatchError,
     CheckpointError,
@@ -288,7 +289,7 @@ def _saved_tree(item: str) -> Any:
 
 def _host_restore(item: str, hashes: Mapping[str, Any], like: Any) -> Any:
     """The tree under `item`, structured like `like`, as numpy arrays checked bit for bit against `hashes`."""
-    target = jax.tree.map(lambda x: np.empty(np.shape(x), np.result_type(x)), like)
+    target = jax.tree.map(lambda x: np.empty(np.shape(x), dtype_of(x)), like)
     handler = ocp.StandardCheckpointHandler()
     try:
         tree = handler.restore(epath.Path(item), args=ocp.args.StandardRestore(target))
@@ -437,8 +438,7 @@ def _check_single_target(path: str, overwrite: bool) -> None:
         raise CheckpointError(
             f"{path} is {kind}, not an adapter checkpoint; refusing to replace it. Choose another path."
         )
-    if not overwrite and (os.path.isdir(path) or _replaced_copy(path) is not None):
-        raise CheckpointError(f"{path} already exists: pass overwrite=True to replace it, or step= to keep versions.")
+    # What is there decides the advice: overwrite=True cannot help with a directory that is not a checkpoint.
     if os.path.isdir(path) and os.listdir(path):
         problem = checkpoint_problem(path)
         if problem is not None:
@@ -446,6 +446,8 @@ def _check_single_target(path: str, overwrite: bool) -> None:
                 f"{path} exists and is not exactly an adapter checkpoint written by save_adapter; refusing to replace "
                 f"it. Choose another path, or move it (or the files added to it) away. ({problem})"
             )
+    if not overwrite and (os.path.isdir(path) or _replaced_copy(path) is not None):
+        raise CheckpointError(f"{path} already exists: pass overwrite=True to replace it, or step= to keep versions.")
 
 
 def _save_single(path: str, payload: _Payload, overwrite: bool) -> None:
@@ -701,7 +703,7 @@ def load_opt_state(path: epath.PathLike, like: Any, *, step: int | None = None) 
             "Start from optimizer.init(adapter) instead."
         )
     flat, _ = jax.tree_util.tree_flatten_with_path(like)
-    wanted = {jax.tree_util.keystr(p): (np.result_type(x).name, list(np.shape(x))) for p, x in flat}
+    wanted = {jax.tree_util.keystr(p): (dtype_of(x).name, list(np.shape(x))) for p, x in flat}
     have = {k: (h["dtype"], h["shape"]) for k, h in saved.items()}
     if wanted != have:
         differ = sorted(k for k in wanted.keys() | have.keys() if wanted.get(k) != have.get(k))

@@ -16,6 +16,14 @@ from ia3_jax._src import tree as _tree
 from ia3_jax._src.errors import AdapterDtypeError
 
 
+def dtype_of(x: Any) -> np.dtype:
+    """The dtype of an array (jax, numpy, ShapeDtypeStruct) or a Python scalar, as numpy's.
+
+    ``np.result_type`` of a jax array is deprecated (an implicit array-to-dtype conversion).
+    """
+    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.result_type(x)
+
+
 def check_vector_dtype(dtype: Any, where: str) -> None:
     """Raises `AdapterDtypeError` unless `dtype` is a floating dtype (vectors need gradients and fractions).
 

@@ -19,7 +19,7 @@ from flax import nnx
 
 from ia3_jax._src import quant
 from ia3_jax._src import tree as _tree
-from ia3_jax._src.errors import IA3ConfigError, LayoutError
+from ia3_jax._src.errors import IA3ConfigError, IA3Error, LayoutError
 from ia3_jax._src.interceptor import module_input
 from ia3_jax._src.layout import KernelLayout, stacked_layout
 from ia3_jax._src.nnx_vectors import (
@@ -206,7 +206,17 @@ def trace_calls(
         graphdef, state = nnx.split(model)
         _RECORDED.clear()
         _RECORDED_WEIGHTS.clear()
-        jax.eval_shape(lambda s: nnx.merge(graphdef, s)(*args, **kwargs), state)
+        try:
+            jax.eval_shape(lambda s: nnx.merge(graphdef, s)(*args, **kwargs), state)
+        except IA3Error:
+            raise
+        except Exception as error:  # the model's own call refused the example inputs: say which ones
+            shapes = jax.tree.map(np.shape, (args, kwargs))
+            raise LayoutError(
+                f"ia3_jax.nnx traces the model once on the example inputs to read each target's layout, and the "
+                f"model's call failed on them (positional, keyword shapes: {shapes}): {type(error).__name__}: "
+                f"{str(error)[:300].rstrip('.')}. Pass inputs the model's __call__ accepts, as for a forward pass."
+            ) from error
         return dict(_RECORDED), dict(_RECORDED_WEIGHTS)
     finally:
         _RECORDED.clear()

@@ -114,7 +114,10 @@ def quantized_structure(weight: Any) -> tuple[tuple[tuple[str, ...], ...], Any]:
 
 
 def named_modules(model: nnx.Module) -> Iterator[tuple[_tree.Path, nnx.Module]]:
-    for parts, module in model.iter_modules():
+    """Every module below `model` (not itself), by path."""
+    # flax >= 0.12.x has the function and deprecates the method; 0.12.0 has only the method.
+    iterate = getattr(nnx, "iter_modules", None)
+    for parts, module in iterate(model) if iterate is not None else model.iter_modules():
         if parts:
             yield string_path(parts), module
 

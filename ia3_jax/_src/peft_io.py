@@ -57,6 +57,7 @@ from ia3_jax._src import atomic
 from ia3_jax._src import bank as _bank
 from ia3_jax._src import tree as _tree
 from ia3_jax._src.config import IA3Config, suffix_regex
+from ia3_jax._src.dtypes import dtype_of
 from ia3_jax._src.errors import (
     AdapterDtypeError,
     AdapterMismatchError,
@@ -284,13 +285,18 @@ def _finish_pending(directory: Path) -> None:
     os.rmdir(pending)
 
 
-def _write_pair(directory: Path, files: Mapping[str, bytes]) -> None:
-    """Replaces `files` in `directory` so that a kill at any point leaves the old or the new pair loadable."""
+def _write_pair(directory: Path, files: Mapping[str, bytes], overwrite: bool) -> None:
+    """Replaces `files` in `directory` so that a kill at any point leaves the old or the new pair loadable.
+
+    An adapter already there is replaced only with `overwrite` (checked under the lock, before any write).
+    """
     if not directory.parent.is_dir():
         directory.parent.mkdir(parents=True)
     with atomic.locked(str(directory.absolute())):
         if not directory.is_dir():
             directory.mkdir()
+        if not overwrite:
+            _refuse_existing_adapter(directory)
         _finish_pending(directory)
         for entry in directory.iterdir():  # under the lock, every staging folder is a dead save's
             if entry.name.startswith(_PARTIAL_PREFIX):
@@ -310,6 +316,21 @@ def _write_pair(directory: Path, files: Mapping[str, bytes]) -> None:
         atomic.fsync_path(str(directory))
 
 
+def _refuse_existing_adapter(directory: Path) -> None:
+    """Raises `CheckpointError` if `directory` holds PEFT's adapter files or an interrupted save's pair."""
+    found = [name for name in (CONFIG_NAME, WEIGHTS_NAME, PENDING_NAME) if (directory / name).exists()]
+    if not found:
+        return
+    try:
+        kind = f"an adapter of peft_type {json.loads((directory / CONFIG_NAME).read_text())['peft_type']!r}"
+    except (OSError, ValueError, KeyError, TypeError):
+        kind = "an adapter"
+    raise CheckpointError(
+        f"{str(directory)!r} already holds {kind} ({', '.join(found)}): save_peft replaces it only when asked. Pass "
+        "overwrite=True to replace it, or choose another directory to keep it."
+    )
+
+
 def _tensor_hashes(tensors: Mapping[str, Any]) -> dict[str, str]:
     """``{key: sha256 of the tensor's stored bytes}`` (C order, as safetensors stores them)."""
     return {key: hashlib.sha256(np.ascontiguousarray(t).tobytes()).hexdigest() for key, t in tensors.items()}
@@ -318,7 +339,7 @@ def _tensor_hashes(tensors: Mapping[str, Any]) -> dict[str, str]:
 def _check_savable(leaves: Mapping[str, Any]) -> None:
     """Raises `AdapterDtypeError` naming a leaf that is not floating point or holds NaN or inf."""
     for key, leaf in leaves.items():
-        dtype = np.result_type(leaf)
+        dtype = dtype_of(leaf)
         if not jnp.issubdtype(dtype, jnp.floating):
             raise AdapterDtypeError(
                 f"adapter tensor {key!r} has dtype {dtype}: PEFT stores IA3 vectors and modules_to_save params as "
@@ -340,6 +361,7 @@ def save_peft(
     *,
     params: Mapping[str, Any] | None = None,
     layouts: Mapping[str, KernelLayout] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Writes `adapter` as PEFT does: ``path/adapter_config.json`` and ``path/adapter_model.safetensors``.
 
@@ -347,7 +369,7 @@ def save_peft(
     model (same module names). Everything is checked before anything is written.
 
     Args:
-      path: the directory (created if missing; PEFT's two files in it are replaced).
+      path: the directory (created if missing). Other files in it are never touched.
       adapter: the adapter tree (`split`): ``ia3_l`` vectors, plus ``modules_to_save`` copies.
       config: the config the adapter was made with. ``"all-linear"`` is written as the adapted
         modules' names, as PEFT writes it.
@@ -356,6 +378,8 @@ def save_peft(
         vectors get PEFT's ``(1, C, 1, 1)``. Without them every vector must be 1-D and is written as
         the vector of a 2-D kernel (Dense, FlaxConv1D).
       layouts: per-module `KernelLayout` (as given to `ia3_init`) for kernels whose shape is ambiguous.
+      overwrite: replace an adapter already in `path` (its two files, or an interrupted save's pair);
+        without it such a directory is refused, whoever wrote the adapter (PEFT, a LoRA, ia3_jax).
 
     Returns:
       The directory.
@@ -369,7 +393,8 @@ def save_peft(
         ``modules_to_save`` module without its copy (named), a shape that does not fit the params, a
         leaf that is neither a vector nor a ``modules_to_save`` param.
       AdapterDtypeError: a tensor that is not floating point, or holds NaN or inf (named).
-      CheckpointError: `path` is an existing file, not a directory, or another save to it is running.
+      CheckpointError: `path` is an existing file, not a directory, holds an adapter and `overwrite` is
+        False, or another save to it is running.
 
     Example:
       >>> adapter, base = ia3_jax.split(trained_params, config)
@@ -404,7 +429,7 @@ def save_peft(
     directory = Path(path).expanduser()
     if directory.exists() and not directory.is_dir():
         raise CheckpointError(f"{str(directory)!r} is a file: save_peft writes a directory. Choose another path.")
-    _write_pair(directory, {WEIGHTS_NAME: weights, CONFIG_NAME: text.encode()})
+    _write_pair(directory, {WEIGHTS_NAME: weights, CONFIG_NAME: text.encode()}, overwrite)
     return directory
 
 

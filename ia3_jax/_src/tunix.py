@@ -441,17 +441,18 @@ def hf_adapter(model: nnx.Module, config: IA3Config | None = None) -> dict[str, 
     return _tree.updated({}, {tuple(k.split(".")) + (_tree.VECTOR,): v for k, v in parts.items()})
 
 
-def save_peft(path: str | Path, model: nnx.Module, config: IA3Config) -> Path:
+def save_peft(path: str | Path, model: nnx.Module, config: IA3Config, *, overwrite: bool = False) -> Path:
     """Writes the adapted Tunix model's vectors as PEFT's adapter for its Hugging Face twin.
 
     `config` is PEFT's (Hugging Face names), as given to `ia3_init`. ``PeftModel.from_pretrained(
-    LlamaForCausalLM(...), path)`` then gives the Tunix model's logits.
+    LlamaForCausalLM(...), path)`` then gives the Tunix model's logits. An adapter already in `path` is
+    replaced only with `overwrite` (`ia3_jax.save_peft`).
 
     Example:
       >>> ia3_jax.tunix.save_peft("peft_out", model, config)    # config: PEFT's, as given to ia3_init
       >>> # PyTorch: PeftModel.from_pretrained(LlamaForCausalLM(...), "peft_out")
     """
-    return peft_io.save_peft(path, hf_adapter(model, config), config)
+    return peft_io.save_peft(path, hf_adapter(model, config), config, overwrite=overwrite)
 
 
 def load_peft(path: str | Path, model: M, *inputs: Any) -> tuple[M, IA3Config]:
