@@ -335,6 +335,38 @@ def test_concurrent_bank_calls_on_one_model_keep_their_own_ids(plain):
     assert not any("ia3_adapter_ids" in p for p, _ in nnx.to_flat_state(nnx.state(model)))
 
 
+def test_a_plain_call_on_another_thread_does_not_meet_a_bank_calls_ids(plain):
+    """Thread A is inside bank_call (its ids set on the shared model) when thread B calls the model plainly:
+    B is refused as any plain call of a bank model is, instead of running silently with A's ids."""
+    _, bank, x = plain
+    model = ia3_nnx.ia3_init(Gated(nnx.Rngs(0)), CONFIG, x, rng=jax.random.key(0))
+    ia3_nnx.set_bank(model, bank)
+    a_inside, b_done = threading.Event(), threading.Event()
+
+    def gate():
+        if threading.current_thread().name == "a":
+            a_inside.set()
+            b_done.wait(5.0)  # hold A's ids in place while B calls
+
+    def run_b():
+        a_inside.wait(5.0)
+        try:
+            return model(x)
+        finally:
+            b_done.set()
+
+    results = {}
+    Gated.gate = gate
+    try:
+        threads = [_in_thread("a", lambda: ia3_nnx.bank_call(model, IDS, x), results), _in_thread("b", run_b, results)]
+        for thread in threads:
+            thread.join(20.0)
+    finally:
+        Gated.gate = None
+    assert isinstance(results["b"], ia3_jax.VectorShapeError) and "without adapter ids" in str(results["b"])
+    np.testing.assert_allclose(results["a"], _by_hand(model, bank, x, IDS), **HAND_TOL)
+
+
 def test_nested_bank_call_in_the_same_thread_and_the_model_can_die(plain):
     """A bank_call inside the model's call under bank_call (jax.jit closing over the model: the copy path), on
     the same thread: the lock is re-entrant (no deadlock), each call gets its ids; and the lock keeps no model alive."""

@@ -54,6 +54,10 @@ IDS = "ia3_adapter_ids"  # the attribute of a module's `_AdapterIds` inside `ban
 _LOCKS: weakref.WeakKeyDictionary[nnx.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
 _UNHASHABLE_LOCK = threading.RLock()  # models that cannot be weak dict keys (an __eq__ without __hash__) share one
+# The lock cannot stop a plain model(x) on another thread from meeting the ids: the module reads them only on a
+# thread inside a bank_call, so that call is refused as any plain call of a bank is (where Python runs: eagerly
+# or tracing; a cached nnx.jit-ed __call__ reads its state without us).
+_BANK_CALLS = threading.local()
 
 
 @contextmanager
@@ -78,7 +82,7 @@ def bank_ids(module: nnx.Module, target: Target, vector: jax.Array) -> jax.Array
     """The module's ids of the `bank_call` in progress (None outside one); a bank vector called without
     ids is refused. (`bank_call` checked that all vectors are banks before setting the ids.)"""
     ids = getattr(module, IDS, None)
-    if ids is not None:
+    if ids is not None and getattr(_BANK_CALLS, "depth", 0) > 0:  # else another thread's (see _BANK_CALLS)
         return ids.get_value()
     if _bank.bank_width(_features(target), vector.shape) is not None:  # per layer: nnx.scan slices stacked axes
         raise VectorShapeError(
@@ -224,7 +228,11 @@ def bank_call(model: nnx.Module, adapter_ids: Any, *args: Any, **kwargs: Any) ->
     ids = adapter_ids if isinstance(adapter_ids, jax.Array) else jnp.asarray(adapter_ids)
     _interceptor.check_ids(ids)
     with _model_lock(model):  # see _LOCKS: the checks read the model too, and another call's ids must not show
-        return _bank_call(model, ids, args, kwargs)
+        _BANK_CALLS.depth = getattr(_BANK_CALLS, "depth", 0) + 1
+        try:
+            return _bank_call(model, ids, args, kwargs)
+        finally:
+            _BANK_CALLS.depth -= 1
 
 
 def _bank_call(model: nnx.Module, ids: jax.Array, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
