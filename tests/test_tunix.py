@@ -67,6 +67,8 @@ def test_config_translation_and_vector_shapes():
     assert adapted.layers[0].mlp.down_proj.ia3_l.get_value().shape == (64,)  # input features
     with pytest.raises(ia3_jax.UnknownModelTypeError):
         ia3_tunix.family(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+    with pytest.raises(ia3_jax.TargetError, match=r"selects none .*'k_proj'"):  # a GPT-2 name on a Llama
+        ia3_tunix.ia3_init(model, ia3_jax.IA3Config(target_modules=["c_attn"]))
 
 
 def test_a_tunix_without_its_key_mapping_gets_a_typed_error(monkeypatch):

@@ -407,7 +407,14 @@ def save_peft(
     base = without_vectors(params) if params is not None else None
     alternatives = TASK_MODULES_TO_SAVE.get(config.task_type or "", ())
     check_modules_to_save_copies(adapter, config, params=base, alternatives=alternatives)
-    want = _entries(base, config, layouts) if base is not None else _free_entries(adapter, config)
+    try:
+        want = _entries(base, config, layouts) if base is not None else _free_entries(adapter, config)
+    except LayoutError as error:  # layouts alone would not do for stacked layers: say both ways at once
+        raise LayoutError(
+            f"{error} For save_peft: PEFT's files hold one module per layer, so layers stacked by nn.scan / nn.vmap "
+            "are saved unstacked: ia3_jax.save_peft(path, ia3_jax.unstack(adapter, 'layers'), config, "
+            "params=ia3_jax.unstack(base, 'layers'))."
+        ) from error
     have = _adapter_leaves(adapter)
     for key, entry in want.items():
         if key.endswith("." + _tree.VECTOR) and key in have:

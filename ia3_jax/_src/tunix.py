@@ -30,7 +30,7 @@ from ia3_jax._src import nnx as _nnx
 from ia3_jax._src import nnx_vectors, peft_io
 from ia3_jax._src import tree as _tree
 from ia3_jax._src.config import IA3Config
-from ia3_jax._src.errors import AdapterMismatchError, LayoutError, UnknownModelTypeError
+from ia3_jax._src.errors import AdapterMismatchError, LayoutError, TargetError, UnknownModelTypeError
 from ia3_jax._src.targets import Target
 
 M = TypeVar("M", bound=nnx.Module)
@@ -245,9 +245,11 @@ def tunix_config(config: IA3Config, model: nnx.Module) -> IA3Config:
     """
     chosen = [site for site in sites(model).values() if any(_targeted(config, k) for k in site.hf_keys)]
     if not chosen:
-        raise AdapterMismatchError(
+        names = sorted({key.rsplit(".", 1)[-1] for site in sites(model).values() for key in site.hf_keys})
+        raise TargetError(
             f"target_modules={config.target_modules!r} selects none of the Hugging Face modules that this Tunix "
-            f"{family(model)} model maps (e.g. {next(iter(sites(model).values())).hf_key!r})."
+            f"{family(model)} model maps; their names: {names}. Name some of them (on Hugging Face's names), or take "
+            "PEFT's defaults with ia3_jax.tunix.default_config(model)."
         )
     feedforward = []
     for site in chosen:
