@@ -185,6 +185,16 @@ def test_guards():
     with pytest.raises(ia3_jax.LayoutError, match=r"failed on them .*\(1, 4\).*ValueError: Input type"):  # the model's own
         ia3_nnx.ia3_init(model, ia3_jax.IA3Config(target_modules=["proj"], feedforward_modules=[]), tokens * 0.5)
     assert not hasattr(model.proj, "ia3_l")  # refused before anything changed
+
+    class Branchy(nnx.Module):  # a Python branch on a value: jax's own tracing error, not a word about inputs
+        def __init__(self):
+            self.proj = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
+
+        def __call__(self, x):
+            return self.proj(x) if x.sum() > 0 else x
+
+    with pytest.raises(jax.errors.TracerBoolConversionError):
+        ia3_nnx.ia3_init(Branchy(), ia3_jax.IA3Config(target_modules=["proj"], feedforward_modules=[]), jnp.ones((1, 4)))
     adapted = ia3_nnx.ia3_init(model, ia3_jax.IA3Config(target_modules=["proj"], feedforward_modules=[]), tokens)
     with pytest.raises(ia3_jax.AdapterExistsError):
         ia3_nnx.ia3_init(adapted, ia3_jax.IA3Config(target_modules=["proj"], feedforward_modules=[]), tokens)

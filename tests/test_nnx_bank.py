@@ -342,14 +342,15 @@ def test_a_plain_call_on_another_thread_does_not_meet_a_bank_calls_ids(plain):
     model = ia3_nnx.ia3_init(Gated(nnx.Rngs(0)), CONFIG, x, rng=jax.random.key(0))
     ia3_nnx.set_bank(model, bank)
     a_inside, b_done = threading.Event(), threading.Event()
+    seen = {}
 
     def gate():
         if threading.current_thread().name == "a":
             a_inside.set()
-            b_done.wait(5.0)  # hold A's ids in place while B calls
+            seen["b called while A's ids were set"] = b_done.wait(10.0)  # hold A's ids in place while B calls
 
     def run_b():
-        a_inside.wait(5.0)
+        seen["a inside"] = a_inside.wait(10.0)
         try:
             return model(x)
         finally:
@@ -363,6 +364,7 @@ def test_a_plain_call_on_another_thread_does_not_meet_a_bank_calls_ids(plain):
             thread.join(20.0)
     finally:
         Gated.gate = None
+    assert seen == {"a inside": True, "b called while A's ids were set": True}  # else the test proves nothing
     assert isinstance(results["b"], ia3_jax.VectorShapeError) and "without adapter ids" in str(results["b"])
     np.testing.assert_allclose(results["a"], _by_hand(model, bank, x, IDS), **HAND_TOL)
 

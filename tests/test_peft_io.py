@@ -135,6 +135,15 @@ def test_save_refuses_a_directory_holding_another_adapter(tmp_path):
     (directory / WEIGHTS_NAME).write_bytes(b"not safetensors")  # a weights file alone counts too
     with pytest.raises(ia3_jax.CheckpointError, match=r"already holds an adapter \(adapter_model.safetensors\)"):
         save_peft(directory, adapter, config, params=base)
+    (directory / WEIGHTS_NAME).unlink()
+    (directory / CONFIG_NAME).symlink_to(tmp_path / "gone.json")  # dangling: still someone's file name
+    with pytest.raises(ia3_jax.CheckpointError, match=r"already holds an adapter \(adapter_config.json\)"):
+        save_peft(directory, adapter, config, params=base)
+    assert (directory / CONFIG_NAME).is_symlink()
+    (directory / CONFIG_NAME).unlink()
+    (directory / PENDING).mkdir()  # what a save killed after its commit leaves: load_peft reads it
+    with pytest.raises(ia3_jax.CheckpointError, match="interrupted save_peft"):
+        save_peft(directory, adapter, config, params=base)
 
 
 # --- item 13: the reader refuses what it would otherwise cast or accept silently --------------

@@ -212,7 +212,10 @@ def bank_call(model: nnx.Module, adapter_ids: Any, *args: Any, **kwargs: Any) ->
     whose ``__call__`` (or a submodule's) is ``nnx.jit``-ed: the ids travel as module state, an
     ``nnx.Variable`` (not a ``Param``) set on each module holding a bank for the call's duration and
     removed when it returns or raises (an enclosing bank_call's ids put back). Threads sharing one model
-    take turns: a per-model re-entrant lock is held for the call, so no call sees another's ids.
+    take turns: a per-model re-entrant lock is held for the call, so no call sees another's ids. A plain
+    ``model(x)`` on another thread during a bank_call is refused where Python runs (eagerly, tracing),
+    but a cached ``nnx.jit``-ed ``__call__`` reads the ids as state: do not mix plain calls and bank_call
+    on one model shared by threads.
 
     Raises:
       AdapterIdsError: the ids are not a 1-D integer array, concrete ids out of range (checked before

@@ -208,8 +208,8 @@ def trace_calls(
         _RECORDED_WEIGHTS.clear()
         try:
             jax.eval_shape(lambda s: nnx.merge(graphdef, s)(*args, **kwargs), state)
-        except IA3Error:
-            raise
+        except (IA3Error, jax.errors.JAXTypeError, jax.errors.JAXIndexError):
+            raise  # ours, or jax's own about tracing (a Python branch on a value): not about the inputs
         except Exception as error:  # the model's own call refused the example inputs: say which ones
             shapes = jax.tree.map(np.shape, (args, kwargs))
             raise LayoutError(

@@ -26,7 +26,8 @@ second one gets `CheckpointError`), writes both files into a staging folder insi
 place, removes the empty folder and fsyncs the directory. Killed before the commit, the directory
 still holds the old pair (the staging folder is ignored, and swept by the next save); killed after
 it, `load_peft` reads the new pair from ``.ia3-peft-pending`` and the directory, and the next
-`save_peft` finishes the move. The weights file's safetensors metadata also carries a stamp of the
+`save_peft` (with ``overwrite=True``: a directory holding an adapter is refused without it) finishes
+the move. The weights file's safetensors metadata also carries a stamp of the
 config it was written with (``ia3_jax.config_sha256``) and a SHA-256 of every tensor's stored bytes
 (``ia3_jax.tensor_sha256``); PEFT and transformers ignore metadata keys they do not know. A pair mixed
 by any other means is reported as such, and a damaged tensor as damaged, never loaded as other
@@ -291,7 +292,7 @@ def _write_pair(directory: Path, files: Mapping[str, bytes], overwrite: bool) ->
     An adapter already there is replaced only with `overwrite` (checked under the lock, before any write).
     """
     if not directory.parent.is_dir():
-        directory.parent.mkdir(parents=True)
+        directory.parent.mkdir(parents=True, exist_ok=True)  # exist_ok: a concurrent save may make it first
     with atomic.locked(str(directory.absolute())):
         if not directory.is_dir():
             directory.mkdir()
@@ -318,9 +319,14 @@ def _write_pair(directory: Path, files: Mapping[str, bytes], overwrite: bool) ->
 
 def _refuse_existing_adapter(directory: Path) -> None:
     """Raises `CheckpointError` if `directory` holds PEFT's adapter files or an interrupted save's pair."""
-    found = [name for name in (CONFIG_NAME, WEIGHTS_NAME, PENDING_NAME) if (directory / name).exists()]
+    found = [name for name in (CONFIG_NAME, WEIGHTS_NAME, PENDING_NAME) if os.path.lexists(directory / name)]
     if not found:
         return
+    if found == [PENDING_NAME]:
+        raise CheckpointError(
+            f"{str(directory)!r} holds the complete new pair of an interrupted save_peft ({PENDING_NAME}/, which "
+            "load_peft reads): pass overwrite=True to replace it, or choose another directory to keep it."
+        )
     try:
         kind = f"an adapter of peft_type {json.loads((directory / CONFIG_NAME).read_text())['peft_type']!r}"
     except (OSError, ValueError, KeyError, TypeError):
