@@ -93,6 +93,8 @@ def test_merge_unmerge_on_model_and_state():
     with pytest.warns(UserWarning, match="inaccurate"):
         restored = ia3_nnx.unmerge(merged, nnx.state(adapted, ia3_nnx.IA3Vector))
     np.testing.assert_allclose(restored(X), model(X), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ia3_jax.StructureError, match="got a dict.*pass the adapted model"):
+        ia3_nnx.unmerge(merged, ia3_nnx.adapter(adapted))  # the Linen-form dict: no targets in it
     bad = nnx.clone(adapted)
     bad.k.ia3_l.set_value(bad.k.ia3_l.get_value().at[0].set(jnp.inf))
     with pytest.raises(ia3_jax.NonFiniteMergeError, match="'k'"):

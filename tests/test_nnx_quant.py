@@ -181,6 +181,17 @@ def test_feedforward_fold_is_refused_naming_the_module_and_the_fix_which_works()
     np.testing.assert_allclose(requantized(X), float_adapted(X), rtol=0, atol=0.08)
 
 
+def test_dequantize_refuses_an_nnx_state_instead_of_passing_it_over():
+    """`ia3_jax.quant.dequantize` reads Linen params of qwix arrays; an NNX model's state holds the quantized
+    weight as a {qvalue, scale} dict, which it would have returned unchanged."""
+    import ia3_jax.quant
+
+    _, qmodel = _quantized("int8")
+    for form in (nnx.state(qmodel), nnx.to_pure_dict(nnx.state(qmodel))):
+        with pytest.raises(ia3_jax.UnsupportedKernelError, match="'e.w.array' is a quantized weight flattened to a dict"):
+            ia3_jax.quant.dequantize(form)
+
+
 def test_adapt_then_quantize_equals_quantize_then_adapt():
     float_model, _ = _quantized("int8")
     adapted_first = ia3_nnx.ia3_init(float_model, OUTPUT_ONLY, X, rng=jax.random.key(2))

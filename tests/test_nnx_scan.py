@@ -285,6 +285,38 @@ def test_ambiguous_layer_axis_is_named_by_stack_axes(axis, feedforward):
     np.testing.assert_allclose(_run(ia3_nnx.merge(adapted), X), y, rtol=0, atol=5e-7)
 
 
+class SquarePair(nnx.Module):
+    """8 layers of two Linear(8, 8), `up` and `down`, stacked at axis 0: ambiguous for both."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=8)
+        @nnx.vmap(in_axes=(0,))
+        def create(rngs):
+            return nnx.Dict(up=nnx.Linear(8, 8, rngs=rngs), down=nnx.Linear(8, 8, rngs=rngs))
+
+        self.layers = create(rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(x, layer):
+            return jnp.tanh(layer["down"](jnp.tanh(layer["up"](x))))
+
+        return body(x, self.layers)
+
+
+def test_stack_axes_keyed_by_a_module_holding_the_targets():
+    """``stack_axes={"layers": 0}`` (the README's form) covers layers.up and layers.down; the same as naming each."""
+    model = SquarePair(nnx.Rngs(0))
+    config = ia3_jax.IA3Config(target_modules=["up", "down"], feedforward_modules=["down"], init_ia3_weights=False)
+    by_parent = ia3_nnx.ia3_init(model, config, X, rng=jax.random.key(2), stack_axes={"layers": 0})
+    each = ia3_nnx.ia3_init(model, config, X, rng=jax.random.key(2), stack_axes={"layers.up": 0, "layers.down": 0})
+    for name in ("up", "down"):
+        assert by_parent.layers[name].ia3_l.get_metadata("ia3_target").layout.stack_axes == (0,)
+    np.testing.assert_array_equal(_run(by_parent, X), _run(each, X))
+    with pytest.raises(ia3_jax.LayoutError, match="do not fit"):  # a target's own key wins over its parent's
+        ia3_nnx.ia3_init(model, config, X, rng=jax.random.key(2), stack_axes={"layers": 0, "layers.up": 3})
+
+
 def test_a_sliced_vector_on_stacked_layers_is_refused():
     """`Target.full_vector` reads the slice position off the stored (stacked) shape, but inside nnx.scan the
     vector is one layer's: a sliced vector on stacked layers can never be built, so it never scales wrongly."""

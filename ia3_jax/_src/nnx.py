@@ -184,14 +184,19 @@ def vector_sharding(kernel: Any, target: Target) -> tuple[dict[str, Any], Any]:
 def _given_stack_axes(
     stack_axes: Mapping[str, int | Sequence[int]] | None, chosen: Mapping[_tree.Path, bool]
 ) -> dict[str, tuple[int, ...]]:
-    """`ia3_init`'s ``stack_axes`` as tuples, each key a targeted module (a typo raises `TargetError`)."""
-    given = {k: (v,) if isinstance(v, int) else tuple(v) for k, v in (stack_axes or {}).items()}
-    unknown = sorted(set(given) - {_tree.dotted(p) for p in chosen})
-    if unknown:
-        raise TargetError(
-            f"stack_axes names {unknown[:4]}, which are not modules that the config targets: keys are '.'-joined "
-            f"module paths of targets, e.g. {sorted(_tree.dotted(p) for p in chosen)[:3]}."
-        )
+    """`ia3_init`'s ``stack_axes`` as tuples by targeted module: a key names a target, or a module holding
+    targets (``"layers"`` for ``layers.up`` and ``layers.down``; a target's own key wins). A key that is
+    neither (a typo) raises `TargetError`."""
+    targets = sorted(_tree.dotted(p) for p in chosen)
+    given: dict[str, tuple[int, ...]] = {}
+    for key, axes in sorted((stack_axes or {}).items(), key=lambda item: item[0].count(".")):  # outer keys first
+        covered = [t for t in targets if t == key or t.startswith(key + ".")]
+        if not covered:
+            raise TargetError(
+                f"stack_axes names {key!r}, which is neither a module that the config targets nor one holding "
+                f"targets: keys are '.'-joined module paths of targets or of modules above them, e.g. {targets[:3]}."
+            )
+        given.update(dict.fromkeys(covered, (axes,) if isinstance(axes, int) else tuple(axes)))
     return given
 
 
@@ -236,10 +241,10 @@ def ia3_init(
       rng: PRNG key for random vectors; required when ``config.init_ia3_weights`` is False.
       dtype: vector dtype, float32 by default whatever the base dtype (PEFT's autocast).
       copy: adapt a clone (default) and leave `model` as it was; False adapts `model` in place.
-      stack_axes: ``{'.'-joined module path: layer axis (or axes) of its stored weight}`` for ``nnx.vmap``-stacked
-        layers whose layer axis the shapes leave ambiguous (the layer count equals a weight dimension, e.g. 8
-        layers of ``nnx.Linear(8, 8)``: ``stack_axes={"layers": 0}``, 0 for ``nnx.vmap``'s default
-        ``out_axes``); checked against the shapes. Not needed otherwise.
+      stack_axes: ``{'.'-joined module path (a target, or a module holding targets): layer axis (or axes) of
+        the stored weights}`` for ``nnx.vmap``-stacked layers whose layer axis the shapes leave ambiguous (the
+        layer count equals a weight dimension, e.g. 8 layers of ``nnx.Linear(8, 8)``: ``stack_axes={"layers":
+        0}``, 0 for ``nnx.vmap``'s default ``out_axes``); checked against the shapes. Not needed otherwise.
 
     Returns:
       The adapted model. A vector's shape is its module's output features, e.g. ``(num_kv_heads,

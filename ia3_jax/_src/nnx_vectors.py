@@ -184,7 +184,13 @@ def einsum_batch_position(module: nnx.Module) -> int | None:
 
 
 def vector_variables(tree: ModelOrState) -> dict[_tree.Path, nnx.Variable]:
-    """Every `IA3Vector` of a model or a state, by module path."""
+    """Every `IA3Vector` of a model or a state, by module path; `StructureError` for anything else."""
+    if not isinstance(tree, nnx.Module | nnx.State):
+        raise StructureError(
+            f"expected an adapted NNX model or its nnx.State, got a {type(tree).__name__}. A plain dict (as "
+            "ia3_jax.nnx.adapter returns, for saving and PEFT files) carries no targets: pass the adapted model, or "
+            "nnx.state(model, ia3_jax.nnx.IA3Vector)."
+        )
     state = nnx.state(tree, IA3Vector) if isinstance(tree, nnx.Module) else tree
     return {
         string_path(parts[:-1]): variable

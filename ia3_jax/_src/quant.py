@@ -161,6 +161,22 @@ def rescale_quantized(
     return qarray if kernel is _qarray(kernel) else kernel.replace(array=qarray)
 
 
+def _refuse_state_form(node: Any, path: tuple[str, ...] = ()) -> None:
+    """Raises `UnsupportedKernelError` at a quantized weight flattened to a ``{"qvalue", "scale"}`` dict
+    (``nnx.state`` / ``nnx.to_pure_dict`` of a qwix NNX model), which `dequantize` would pass over."""
+    if not isinstance(node, Mapping):
+        return
+    if {"qvalue", "scale"} <= set(node):
+        raise UnsupportedKernelError(
+            f"dequantize: {'.'.join(path)!r} is a quantized weight flattened to a dict ({sorted(node)}), as the state "
+            "of an NNX model that qwix quantized: dequantize reads Linen params holding qwix arrays. For an NNX "
+            "model, ia3_jax.nnx.merge folds output vectors into the quantized scale; to serve in float, build the "
+            "float model and load the adapter there."
+        )
+    for key, child in node.items():
+        _refuse_state_form(child, (*path, str(key)))
+
+
 def dequantize(params: Mapping[str, Any]) -> dict[str, Any]:
     """`params` with every qwix quantized kernel replaced by its float array ``(q - z) * s``.
 
@@ -171,6 +187,7 @@ def dequantize(params: Mapping[str, Any]) -> dict[str, Any]:
       >>> merged = ia3_jax.merge(ia3_jax.quant.dequantize(ia3_jax.join(qbase, adapter)), config)
       >>> model.apply({"params": merged}, x)
     """
+    _refuse_state_form(params)
     if _qwix_types() is None:
         return _tree.to_dict(params)
     import qwix
