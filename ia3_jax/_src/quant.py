@@ -173,7 +173,7 @@ def _refuse_state_form(node: Any, path: tuple[str, ...] = ()) -> None:
             "model, ia3_jax.nnx.merge folds output vectors into the quantized scale; to serve in float, build the "
             "float model and load the adapter there."
         )
-    for key, child in node.items():
+    for key, child in node.items():  # not _tree.modules: an NNX state of lists has int keys, which it refuses
         _refuse_state_form(child, (*path, str(key)))
 
 
