@@ -187,20 +187,20 @@ def _given_stack_axes(
     """`ia3_init`'s ``stack_axes`` as tuples by targeted module: a key names a target, or a module holding
     targets (``"layers"`` for ``layers.up`` and ``layers.down``; a target's own key wins). A key that is
     neither (a typo) raises `TargetError`."""
-    targets = sorted(_tree.dotted(p) for p in chosen)
     given: dict[str, tuple[int, ...]] = {}
     for key, axes in sorted((stack_axes or {}).items(), key=lambda item: item[0].count(".")):  # outer keys first
-        covered = [t for t in targets if t == key or t.startswith(key + ".")]
+        covered = [_tree.dotted(p) for p in chosen if _tree.under(p, [tuple(key.split("."))])]
         if not covered:
             raise TargetError(
                 f"stack_axes names {key!r}, which is neither a module that the config targets nor one holding "
-                f"targets: keys are '.'-joined module paths of targets or of modules above them, e.g. {targets[:3]}."
+                "targets: keys are '.'-joined module paths of targets or of modules above them, e.g. "
+                f"{sorted(_tree.dotted(p) for p in chosen)[:3]}."
             )
         given.update(dict.fromkeys(covered, (axes,) if isinstance(axes, int) else tuple(axes)))
     return given
 
 
-def has_vectors(model: nnx.Module) -> bool:
+def _has_vectors(model: nnx.Module) -> bool:
     return any(isinstance(getattr(m, VECTOR, None), IA3Vector) for _, m in named_modules(model))
 
 
@@ -252,11 +252,14 @@ def ia3_init(
       metadata and placement follow the kernel axes it scales.
 
     Raises:
-      TargetError: the config matches nothing, or a module without a weight.
+      TargetError: the config matches nothing, a module without a weight, or a ``stack_axes`` key that
+        names no target nor a module holding targets.
+      IA3ConfigError: no example inputs, or random vectors (``init_ia3_weights=False``) without `rng`.
       NotAppliedError: a targeted module's ``__call__`` does not run on these inputs (its weight is
         used some other way, e.g. a tied embedding), so its vector would be a silent no-op.
-      LayoutError: the weight's feature axes cannot be told from the shapes, or a stacked layer axis
-        that ``nnx.scan`` would slice at another position of the vector.
+      LayoutError: the model's own call refuses the example inputs (its error chained), the weight's
+        feature axes cannot be told from the shapes, or a stacked layer axis that ``nnx.scan`` would
+        slice at another position of the vector.
 
     Example:
       >>> config = ia3_jax.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
@@ -267,7 +270,7 @@ def ia3_init(
     if not config.init_ia3_weights and rng is None:
         raise IA3ConfigError("IA3Config(init_ia3_weights=False) draws random vectors: pass rng=jax.random.key(...).")
     check_vector_dtype(dtype, "ia3_init's dtype argument")
-    if has_vectors(model):
+    if _has_vectors(model):
         raise AdapterExistsError("the model already holds IA3 vectors: merge them (ia3_jax.nnx.merge) first.")
     chosen = resolve_targets(_view(model), config)
     by_path = dict(named_modules(model))

@@ -10,6 +10,7 @@ or an ``einsum_str``, decides between several fits). Layers stacked by ``nnx.vma
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,6 +47,7 @@ def _record_call(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
 
 _RECORDED: dict[_tree.Path, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
 _RECORDED_WEIGHTS: dict[_tree.Path, set[tuple[int, ...] | None]] = {}
+_TRACING = threading.Lock()  # one trace at a time: the records above are shared (ia3_init from several threads)
 
 
 def _einsum_layout(spec: str) -> KernelLayout | None:
@@ -198,6 +200,14 @@ def trace_calls(
             "**input_kwargs). They are traced with shapes only (jax.eval_shape) to read each target's layout and "
             "to check that its __call__ runs."
         )
+    with _TRACING:
+        return _traced(model, modules, args, kwargs)
+
+
+def _traced(
+    model: nnx.Module, modules: Mapping[_tree.Path, nnx.Module], args: tuple, kwargs: dict
+) -> tuple[dict, dict]:
+    """`trace_calls` under `_TRACING`."""
     classes = {path: type(m) for path, m in modules.items()}
     try:
         for path, module in modules.items():

@@ -136,17 +136,26 @@ class _Entry:
         return jnp.asarray(np.transpose(permuted, np.argsort(self.perm)), jnp.float32)
 
 
+_UNSTACK_FIRST = (
+    "PEFT's format has one module per layer: pass the params and adapter of layers stacked by nn.scan / nn.vmap "
+    "through ia3_jax.unstack(tree, '<scanned module path>', axis=...) first (and stack back after)."
+)
+
+
 def _vector_entries(
     params: Mapping[str, Any], config: IA3Config, layouts: Mapping[str, KernelLayout] | None
 ) -> dict[str, _Entry]:
     """``{torch key: _Entry}`` for the vector of every module `config` targets in `params`."""
     entries = {}
-    for path, target in targets(params, config, layouts).items():
+    try:
+        resolved = targets(params, config, layouts)
+    except LayoutError as error:  # often stacked layers, for which layouts alone would not do: name both ways
+        raise LayoutError(f"{error} {_UNSTACK_FIRST}") from error
+    for path, target in resolved.items():
         if target.layout.stack_axes:
             raise LayoutError(
                 f"module {target.key!r} is stacked by nn.scan/nn.vmap (kernel {target.kernel_shape}, stacked axes "
-                f"{target.layout.stack_axes}): PEFT's format has one module per layer. Pass params and adapter "
-                "through ia3_jax.unstack(tree, '<scanned module path>', axis=...) first (and stack back after)."
+                f"{target.layout.stack_axes}). {_UNSTACK_FIRST}"
             )
         shape = target.vector_shape  # DenseGeneral: several feature axes, flattened in the file
         peft_shape = _peft_vector_shape(int(np.prod(shape)), len(target.kernel_shape), target.feedforward)
@@ -413,14 +422,7 @@ def save_peft(
     base = without_vectors(params) if params is not None else None
     alternatives = TASK_MODULES_TO_SAVE.get(config.task_type or "", ())
     check_modules_to_save_copies(adapter, config, params=base, alternatives=alternatives)
-    try:
-        want = _entries(base, config, layouts) if base is not None else _free_entries(adapter, config)
-    except LayoutError as error:  # layouts alone would not do for stacked layers: say both ways at once
-        raise LayoutError(
-            f"{error} For save_peft: PEFT's files hold one module per layer, so layers stacked by nn.scan / nn.vmap "
-            "are saved unstacked: ia3_jax.save_peft(path, ia3_jax.unstack(adapter, 'layers'), config, "
-            "params=ia3_jax.unstack(base, 'layers'))."
-        ) from error
+    want = _entries(base, config, layouts) if base is not None else _free_entries(adapter, config)
     have = _adapter_leaves(adapter)
     for key, entry in want.items():
         if key.endswith("." + _tree.VECTOR) and key in have:

@@ -90,7 +90,7 @@ def kernel_shape(kernel: Any) -> tuple[int, ...]:
 
     Example:
       >>> import ia3_jax.quant
-      >>> ia3_jax.quant.kernel_shape(jnp.ones((4, 8)))      # a qwix QArray: its qvalue's shape
+      >>> ia3_jax.quant.kernel_shape(jnp.ones((4, 8)))      # a plain array; a qwix QArray: its qvalue's shape
       (4, 8)
     """
     kernel = _tree.unbox(kernel)
@@ -186,6 +186,10 @@ def dequantize(params: Mapping[str, Any]) -> dict[str, Any]:
     Example:
       >>> merged = ia3_jax.merge(ia3_jax.quant.dequantize(ia3_jax.join(qbase, adapter)), config)
       >>> model.apply({"params": merged}, x)
+
+    Raises:
+      UnsupportedKernelError: a quantized kernel qwix cannot dequantize, or a quantized weight in the state
+        form of an NNX model (a ``{"qvalue", "scale"}`` dict), which this function would pass over.
     """
     _refuse_state_form(params)
     if _qwix_types() is None:

@@ -243,9 +243,10 @@ def tunix_config(config: IA3Config, model: nnx.Module) -> IA3Config:
     ``qkv_einsum``: q_proj, k_proj and v_proj) is selected when any of them is; `ia3_init` then gives it a
     vector of the targeted parts only.
     """
-    chosen = [site for site in sites(model).values() if any(_targeted(config, k) for k in site.hf_keys)]
+    known = sites(model).values()
+    chosen = [site for site in known if any(_targeted(config, k) for k in site.hf_keys)]
     if not chosen:
-        names = sorted({key.rsplit(".", 1)[-1] for site in sites(model).values() for key in site.hf_keys})
+        names = sorted({key.rsplit(".", 1)[-1] for site in known for key in site.hf_keys})
         raise TargetError(
             f"target_modules={config.target_modules!r} selects none of the Hugging Face modules that this Tunix "
             f"{family(model)} model maps; their names: {names}. Name some of them (on Hugging Face's names), or take "
