@@ -202,6 +202,8 @@ def test_guards():
         ia3_nnx.ia3_init(adapted, ia3_jax.IA3Config(target_modules=["proj"], feedforward_modules=[]), tokens)
     with pytest.raises(ia3_jax.VectorShapeError, match="'proj'"):
         ia3_nnx.set_adapter(adapted, {"proj": {"ia3_l": jnp.ones(3)}})
+    with pytest.raises(ia3_jax.StructureError, match=r"the model's \['proj'\] are missing from them, and \['nope'\]"):
+        ia3_nnx.set_adapter(adapted, {"nope": {"ia3_l": jnp.ones(3)}})
 
 
 def test_sharded_equals_single_device():

@@ -195,7 +195,7 @@ def test_errors(plain):
     wide = _bank(ia3_nnx.ia3_init(Plain(nnx.Rngs(0), hidden=2 * H), CONFIG, x, rng=jax.random.key(0)), 2)
     with pytest.raises(ia3_jax.VectorShapeError, match=r"'down' has shape \(32, 2\).*another model"):
         ia3_nnx.set_bank(single, wide)
-    with pytest.raises(ia3_jax.StructureError, match=r"vectors \['up'\] are missing from it"):
+    with pytest.raises(ia3_jax.StructureError, match=r"bank's vectors do not fit the model: the model's \['up'\] are missing from them"):
         ia3_nnx.set_bank(single, {n: bank[n] for n in ("e", "down")})
     for got, want in zip(jax.tree.leaves(ia3_nnx.adapter(single)), jax.tree.leaves(before)):
         np.testing.assert_array_equal(got, want)

@@ -76,6 +76,7 @@ from ia3_jax._src.nnx_vectors import (
     adapter,
     base_type,
     call_subclass,
+    check_same_modules,
     einsum_output_positions,
     named_modules,
     placed_like,
@@ -356,12 +357,7 @@ def _saved_writes(model: nnx.Module, adapter_tree: Mapping[str, Any] | nnx.State
         new = {path: value for path, value in _flat_leaves(_tree.to_dict(adapter_tree)).items() if path[-1] != VECTOR}
     else:
         new = {path: v.get_value() for path, v in saved_variables(adapter_tree).items()}
-    if set(new) != set(variables):
-        missing, extra = sorted(set(variables) - set(new)), sorted(set(new) - set(variables))
-        raise StructureError(
-            "the adapter's modules_to_save copies do not fit the model: missing "
-            f"{[_tree.dotted(p) for p in missing[:4]]}, not in the model {[_tree.dotted(p) for p in extra[:4]]}."
-        )
+    check_same_modules(new, variables, "the adapter's modules_to_save copies")
     for path, variable in variables.items():
         if np.shape(new[path]) != np.shape(variable.get_value()):
             raise StructureError(
@@ -396,13 +392,7 @@ def set_adapter(model: nnx.Module, adapter_tree: Mapping[str, Any] | nnx.State) 
         if isinstance(adapter_tree, Mapping)
         else {path: v.get_value() for path, v in vector_variables(adapter_tree).items()}
     )
-    if set(new) != set(vectors):
-        missing, extra = sorted(set(vectors) - set(new)), sorted(set(new) - set(vectors))
-        raise StructureError(
-            f"the adapter does not fit the model: {len(missing)} of the model's vectors are missing from it "
-            f"(first: {_tree.dotted(missing[0]) if missing else None!r}) and {len(extra)} of its vectors have no "
-            f"target in the model (first: {_tree.dotted(extra[0]) if extra else None!r})."
-        )
+    check_same_modules(new, vectors, "the adapter's vectors")
     for path, variable in vectors.items():
         variable.get_metadata(TARGET_META).check_vector(np.shape(new[path]))
     writes = [(variable, new[path]) for path, variable in vectors.items()] + _saved_writes(model, adapter_tree)

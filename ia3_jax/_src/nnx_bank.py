@@ -27,6 +27,7 @@ from ia3_jax._src.errors import StructureError, VectorShapeError
 from ia3_jax._src.nnx_vectors import (
     TARGET_META,
     adapter,
+    check_same_modules,
     einsum_batch_position,
     einsum_output_positions,
     named_modules,
@@ -180,12 +181,7 @@ def set_bank(model: nnx.Module, bank: Mapping[str, Any] | nnx.State) -> None:
     vectors = _check_bank_model(model, "set_bank")
     tree = adapter(bank) if isinstance(bank, nnx.State) else _tree.to_dict(bank)
     new = _tree.vectors(tree)
-    if set(new) != set(vectors):
-        missing, extra = sorted(set(vectors) - set(new)), sorted(set(new) - set(vectors))
-        raise StructureError(
-            f"set_bank: the bank does not fit the model: the model's vectors {[_tree.dotted(p) for p in missing[:8]]} "
-            f"are missing from it and its vectors {[_tree.dotted(p) for p in extra[:8]]} have no target in the model."
-        )
+    check_same_modules(new, vectors, "set_bank: the bank's vectors")
     for path, variable in vectors.items():
         _require_bank("set_bank", variable.get_metadata(TARGET_META), tuple(np.shape(new[path])))
     _bank.bank_size(tree)  # vectors only (no modules_to_save copies), one adapter axis, float dtypes

@@ -13,7 +13,7 @@ The NNX modules build on this one, one way: `nnx_trace` (layouts from a shape-on
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import jax
@@ -181,6 +181,19 @@ def einsum_batch_position(module: nnx.Module) -> int | None:
 
 
 # --- the adapter as a plain nested dict (Linen's adapter form: '.'-joinable string keys) ---
+
+
+def check_same_modules(given: Iterable[_tree.Path], model: Iterable[_tree.Path], what: str) -> None:
+    """Raises `StructureError` unless `given` (an adapter's paths) and `model` (the model's) are the same set.
+
+    `what` starts the message, e.g. ``"set_bank: the bank's vectors"``.
+    """
+    missing, extra = sorted(set(model) - set(given)), sorted(set(given) - set(model))
+    if missing or extra:
+        raise StructureError(
+            f"{what} do not fit the model: the model's {[_tree.dotted(p) for p in missing[:8]]} are missing from "
+            f"them, and {[_tree.dotted(p) for p in extra[:8]]} are not in the model."
+        )
 
 
 def vector_variables(tree: ModelOrState) -> dict[_tree.Path, nnx.Variable]:
