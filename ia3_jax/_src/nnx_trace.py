@@ -26,6 +26,7 @@ from ia3_jax._src.layout import KernelLayout, stacked_layout
 from ia3_jax._src.nnx_vectors import (
     base_type,
     call_subclass,
+    einsum_operands,
     einsum_output_positions,
     weight_name,
     weight_value,
@@ -52,12 +53,10 @@ _TRACING = threading.Lock()  # one trace at a time: the records above are shared
 
 def _einsum_layout(spec: str) -> KernelLayout | None:
     """The layout an ``einsum_str`` ``"x,w->y"`` declares for its weight ``w`` (None if not of that form)."""
-    spec = spec.replace(" ", "")
-    if "->" not in spec or spec.count(",") != 1:
+    parsed = einsum_operands(spec, drop_ellipsis=True)
+    if parsed is None:
         return None
-    operands, out = spec.split("->")
-    x, w = (s.replace("...", "") for s in operands.split(","))
-    out = out.replace("...", "")
+    x, w, out = parsed
     if "." in w or len(set(w)) != len(w):
         return None
     in_axes = tuple(w.index(c) for c in x if c in w and c not in out)

@@ -150,15 +150,22 @@ def call_subclass(base: type, call: Callable[..., Any]) -> type:
 # --- a module's ``einsum_str`` ---
 
 
-def _einsum_operands(module: nnx.Module) -> tuple[str, str, str] | None:
-    """(input, weight, output) subscripts of the module's ``einsum_str`` ``'x,w->y'``; None without one (or
-    with ``...``)."""
-    spec = getattr(module, "einsum_str", None)
-    if not isinstance(spec, str) or "->" not in spec or "..." in spec or spec.count(",") != 1:
+def einsum_operands(spec: Any, *, drop_ellipsis: bool = False) -> tuple[str, str, str] | None:
+    """(input, weight, output) subscripts of an einsum spec ``'x,w->y'``; None if `spec` is not of that form, or
+    holds ``...`` and not `drop_ellipsis` (else each ``...`` is removed).
+
+    Example: ``einsum_operands("BSD,CKDH->CBSKH") == ("BSD", "CKDH", "CBSKH")``.
+    """
+    if not isinstance(spec, str) or "->" not in spec or spec.count(",") != 1 or ("..." in spec and not drop_ellipsis):
         return None
-    operands, out = spec.replace(" ", "").split("->")
+    operands, out = spec.replace(" ", "").replace("...", "").split("->")
     x, w = operands.split(",")
     return x, w, out
+
+
+def _einsum_operands(module: nnx.Module) -> tuple[str, str, str] | None:
+    """`einsum_operands` of the module's ``einsum_str`` (None without one, or with ``...``)."""
+    return einsum_operands(getattr(module, "einsum_str", None))
 
 
 def einsum_output_positions(module: nnx.Module) -> tuple[int, ...] | None:
