@@ -37,8 +37,6 @@ MERGED_TOL = {"rtol": 0, "atol": 2e-6}
 SCAN_MERGED_TOL = {"rtol": 0, "atol": 4e-5}
 BF16_MERGED_TOL = {"rtol": 0, "atol": 6e-2}
 GRAD_TOL = {"rtol": 0, "atol": 4e-6}
-# Tiny models: XLA's backend optimisations cost more compile time than they save run time.
-FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 class Block(nn.Module):
@@ -93,7 +91,7 @@ def setup(model, x):
 @functools.cache
 def _setup(model, shape, dtype):
     x = jnp.zeros(shape, dtype)
-    base = jax.jit(model.init, compiler_options=FAST)(jax.random.key(0), x)["params"]
+    base = jax.jit(model.init)(jax.random.key(0), x)["params"]
     return base, ia3_jax.infer_layouts(model.apply, {"params": base}, x)
 
 
@@ -103,7 +101,7 @@ def reference(model, base, singles, x, ids, merged=False, layouts=None):
     All through one compiled single-adapter call: the merged model and the base model run there
     with unit vectors, which change nothing (``x * 1`` is exact).
     """
-    single = jax.jit(ia3_jax.apply_fn(model.apply, CONFIG), compiler_options=FAST)
+    single = jax.jit(ia3_jax.apply_fn(model.apply, CONFIG))
     fold = jax.jit(lambda adapter: ia3_jax.merge(ia3_jax.join(base, adapter), CONFIG, layouts=layouts))
     unit = jax.tree.map(jnp.ones_like, singles[0])
     rows = []
@@ -128,7 +126,7 @@ def test_mixed_batch_equals_each_example_alone(dtype):
     assert bank["block"]["k"]["ia3_l"].shape == (2, 4, N)  # (heads, head_dim, adapters)
     assert bank["block"]["down"]["ia3_l"].shape == (H, N)  # the input features of down
 
-    forward = jax.jit(ia3_jax.bank_apply_fn(model.apply, CONFIG), compiler_options=FAST)
+    forward = jax.jit(ia3_jax.bank_apply_fn(model.apply, CONFIG))
     got = forward({"params": ia3_jax.join(base, bank)}, x, adapter_ids=IDS)
     assert got.dtype == dtype
     chex.assert_trees_all_close(got, reference(model, base, singles, x, IDS), **TOL)
@@ -154,7 +152,7 @@ def test_gradients_reach_only_each_examples_adapter():
     def loss(bank):  # multi-task: one batch, each example trains its own adapter
         return jnp.sum(per_example_losses(forward({"params": ia3_jax.join(base, bank)}, x, adapter_ids=IDS)))
 
-    grads = jax.jit(jax.grad(loss), compiler_options=FAST)(bank)
+    grads = jax.jit(jax.grad(loss))(bank)
     single = ia3_jax.apply_fn(model.apply, CONFIG)
 
     @jax.jit
@@ -184,7 +182,7 @@ def test_scan_stacked_layers(axis):
     singles = adapters(base, layouts)
     bank = ia3_jax.stack_adapters(singles)
     assert bank["layers"]["up"]["ia3_l"].shape == ((H, L, N) if axis else (L, H, N))
-    forward = jax.jit(ia3_jax.bank_apply_fn(model.apply, CONFIG), compiler_options=FAST)
+    forward = jax.jit(ia3_jax.bank_apply_fn(model.apply, CONFIG))
     got = forward({"params": ia3_jax.join(base, bank)}, x, adapter_ids=IDS)
     chex.assert_trees_all_close(got, reference(model, base, singles, x, IDS), **TOL)
     chex.assert_trees_all_close(
@@ -200,8 +198,8 @@ def test_vmap_over_groups_of_examples():
     base, _ = setup(model, x[0])
     forward = ia3_jax.bank_apply_fn(model.apply, CONFIG)
     params = {"params": ia3_jax.join(base, bank)}
-    got = jax.jit(jax.vmap(lambda x, ids: forward(params, x, adapter_ids=ids)), compiler_options=FAST)(x, ids)
-    one = jax.jit(forward, compiler_options=FAST)
+    got = jax.jit(jax.vmap(lambda x, ids: forward(params, x, adapter_ids=ids)))(x, ids)
+    one = jax.jit(forward)
     for g in range(2):
         chex.assert_trees_all_close(got[g], one(params, x[g], adapter_ids=ids[g]), **TOL)
 
@@ -220,14 +218,13 @@ def test_sharded_jit(bank_axis):
     params = {"params": ia3_jax.join(base, jax.device_put(bank, bank_sharding))}
     batch = NamedSharding(mesh, P("data"))
     forward = ia3_jax.bank_apply_fn(model.apply, CONFIG)
-    jitted = jax.jit(forward, compiler_options=FAST)
+    jitted = jax.jit(forward)
     got = jitted(params, jax.device_put(x, batch), adapter_ids=jax.device_put(ids, batch))
     assert got.sharding.spec[0] == "data"
     chex.assert_trees_all_close(got, jitted(jax.device_get(params), x, adapter_ids=ids), **TOL)
     assert params["params"]["block"]["up"]["ia3_l"].sharding == bank_sharding["block"]["up"]["ia3_l"]
     grad = jax.jit(
         jax.grad(lambda bank, base, x: jnp.sum(forward({"params": ia3_jax.join(base, bank)}, x, adapter_ids=ids) ** 2)),
-        compiler_options=FAST,
     )
     sharded_bank = jax.device_put(bank, bank_sharding)
     chex.assert_trees_all_close(
@@ -261,10 +258,10 @@ def test_hf_generate_on_tiny_gpt2():
     def greedy(tokens, params):
         return model.generate(tokens, params=params, max_new_tokens=4, do_sample=False).sequences
 
-    mixed = jax.jit(ia3_jax.bank_apply_fn(greedy, config), compiler_options=FAST)
+    mixed = jax.jit(ia3_jax.bank_apply_fn(greedy, config))
     got = mixed(prompts, ia3_jax.join(model.params, bank), adapter_ids=ids)
     # Each sequence alone, with its adapter; id -1 with unit vectors (x * 1 is exact): one compilation.
-    single = jax.jit(ia3_jax.apply_fn(greedy, config), compiler_options=FAST)
+    single = jax.jit(ia3_jax.apply_fn(greedy, config))
     unit = jax.tree.map(jnp.ones_like, singles[0])
     for b, i in enumerate(np.asarray(ids)):
         adapter = unit if i < 0 else singles[i]
@@ -347,7 +344,7 @@ def test_ids_out_of_range_or_malformed(served):
         forward(params, x, adapter_ids=IDS[:, None])
     # Under jit the values are tracers: an out-of-range id poisons its own row only (NaN), never
     # silently picks another adapter (-2 would wrap around to adapter N - 2 in numpy indexing).
-    got = jax.jit(forward, compiler_options=FAST)(params, x, adapter_ids=bad)
+    got = jax.jit(forward)(params, x, adapter_ids=bad)
     rows = np.isnan(np.asarray(got)).any(axis=(1, 2))
     np.testing.assert_array_equal(rows, np.isin(np.arange(B), [3, 5]))
     # The context manager checks the same, where the values are known.

@@ -51,8 +51,6 @@ def matrix(names) -> list:
     return [n if n in CORE else pytest.param(n, marks=pytest.mark.slow) for n in sorted(names)]
 
 
-# Tiny models: XLA's backend optimisations cost more compile time than they save run time.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +182,6 @@ def jitted_call(name: str):
     model, config, *_ = built(name)
     return jax.jit(
         lambda params, inputs: ia3_jax.apply_fn(model.__call__, config)(**inputs, params=params).logits,
-        compiler_options=FAST_COMPILE,
     )
 
 
@@ -223,7 +220,7 @@ def test_generate_under_apply_fn_equals_merged_model(name):
         return model.generate(ids, params=params, max_new_tokens=3, do_sample=False).sequences
 
     ids = inputs["input_ids"]
-    generate = jax.jit(ia3_jax.apply_fn(greedy, config), compiler_options=FAST_COMPILE)
+    generate = jax.jit(ia3_jax.apply_fn(greedy, config))
     got = generate(ids, params)
     # The kernels scaled by hand, with unit vectors through the same compiled function (see above).
     chex.assert_trees_all_equal(got, generate(ids, with_unit_vectors(hand_merge(params, config), params)))

@@ -40,7 +40,6 @@ MERGED_TOL = {"rtol": 0, "atol": 1e-6}
 HAND_TOL = {"rtol": 0, "atol": 1e-6}
 GRAD_TOL = {"rtol": 0, "atol": 2e-6}
 LLAMA_MERGED_TOL = {"rtol": 0, "atol": 1e-7}
-FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 class Plain(nnx.Module):
@@ -104,7 +103,7 @@ def test_mixed_batch_equals_each_example_alone_merged_and_by_hand(plain):
     model, bank, x = plain
     assert model.e.ia3_l.get_value().shape == (2, 4, N) and model.down.ia3_l.get_value().shape == (H, N)
     got = nnx.jit(ia3_nnx.bank_call)(model, IDS, x)
-    call = jax.jit(lambda m, x: m(x), compiler_options=FAST)
+    call = jax.jit(lambda m, x: m(x))
     single = _one_by_one(model, bank, (x,), IDS, call)
     merged = _one_by_one(model, bank, (x,), IDS, call, merged=True)
     hand = _by_hand(model, bank, x, IDS)
@@ -118,9 +117,9 @@ def test_mixed_batch_equals_each_example_alone_merged_and_by_hand(plain):
 
     # jax.jit over nnx.split state, and jax.vmap over groups of examples, give the same rows.
     graphdef, state = nnx.split(model)
-    jitted = jax.jit(lambda s, ids, x: ia3_nnx.bank_call(nnx.merge(graphdef, s), ids, x), compiler_options=FAST)
+    jitted = jax.jit(lambda s, ids, x: ia3_nnx.bank_call(nnx.merge(graphdef, s), ids, x))
     np.testing.assert_allclose(jitted(state, IDS, x), got, **SINGLE_TOL)
-    groups = jax.jit(jax.vmap(lambda ids, x: ia3_nnx.bank_call(model, ids, x)), compiler_options=FAST)
+    groups = jax.jit(jax.vmap(lambda ids, x: ia3_nnx.bank_call(model, ids, x)))
     grouped = groups(jnp.stack([IDS, IDS[::-1]]), jnp.stack([x, x[::-1]]))
     print(f"jax.jit {_max_err(jitted(state, IDS, x), got):.2g} vmap {_max_err(grouped[0], got):.2g}")
     np.testing.assert_allclose(grouped[0], got, **SINGLE_TOL)
@@ -457,7 +456,7 @@ def test_tunix_llama3(tmp_path: pathlib.Path):
     tokens, positions, mask = _lm_inputs()
     run = nnx.jit(ia3_nnx.bank_call)
     got, _ = run(model, IDS, tokens, positions, None, mask)
-    call = jax.jit(lambda m, t, p, a: m(t, p, None, a)[0], compiler_options=FAST)
+    call = jax.jit(lambda m, t, p, a: m(t, p, None, a)[0])
     single = _one_by_one(model, bank, (tokens, positions, mask), IDS, call)
     merged = _one_by_one(model, bank, (tokens, positions, mask), IDS, call, merged=True)
     print(f"\nllama3: single {_max_err(got, single):.2g} merged {_max_err(got, merged):.2g} "
@@ -492,7 +491,7 @@ def test_tunix_gemma3_fused_kv_einsum():
     tokens, positions, mask = _lm_inputs()
     run = nnx.jit(ia3_nnx.bank_call)
     got, _ = run(model, IDS, tokens, positions, None, mask)
-    call = jax.jit(lambda m, t, p, a: m(t, p, None, a)[0], compiler_options=FAST)
+    call = jax.jit(lambda m, t, p, a: m(t, p, None, a)[0])
     single = _one_by_one(model, bank, (tokens, positions, mask), IDS, call)
     print(f"\ngemma3: single {_max_err(got, single):.2g} max |logit| {np.abs(np.asarray(got)).max():.2g}")
     np.testing.assert_allclose(got, single, **SINGLE_TOL)
