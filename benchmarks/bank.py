@@ -3,14 +3,18 @@
 Three ways to serve B sequences that each have their own IA3 adapter (PEFT's llama targets: k_proj,
 v_proj, down_proj):
 
-- ``mixed``: one batch, an adapter bank, ``ia3_jax.bank_apply_fn`` with ids ``0..B-1``;
+- ``mixed``: one batch, an adapter bank, ``ia3_jax.bank_apply_fn`` with ids ``0..B-1`` (each call, so each
+  decode step, picks each example's vectors from the bank);
+- ``picked``: the same, the vectors picked once per batch (``ia3_jax.per_example_adapter``, inside the
+  jitted call, before the decode loop) and applied by ``ia3_jax.per_example_apply_fn``: how to serve;
 - ``single``: the same batch with one adapter for all (``apply_fn``, unmerged): the cost of IA3 alone;
 - ``separate``: B calls of batch 1, one per adapter, each on that adapter merged into the base
   (``merge`` jitted, timed with the call: serving adapters one after another).
 
 For each, prefill (B x prompt tokens, one forward) and greedy decoding with a KV cache
 (`benchmarks.llama.generate`); tokens/s = tokens / median wall time. Decode time is generate minus
-its prefill. The issue's targets: mixed decode >= 0.95x single decode, and >= 10x separate.
+its prefill. The issue's targets: mixed decode >= 0.95x single decode, and >= 10x separate (``picked``
+and ``mixed`` both reported against them).
 
     python benchmarks/bank.py --out bank.json                # H200: 1.1B bf16, 64 x 512, 64 adapters
     python benchmarks/bank.py --cpu-tiny --out /tmp/bank.json   # seconds: tiny float32 model, 8 adapters (a smoke
@@ -73,6 +77,9 @@ class Serving:
     ids: jax.Array  # (batch,) adapter ids: a jitted call's argument, as in serving (not a constant XLA can fold)
     new_tokens: int
     mixed_apply: Callable  # the bank: takes adapter_ids=
+    picked_apply: Callable  # per_example_apply_fn: params hold the rows per_example_adapter picked
+    base: Any
+    bank: Any
     single_apply: Callable  # one adapter for all, unmerged
     plain_apply: Callable  # the model alone (merged adapters)
     mixed_params: Any
@@ -99,6 +106,9 @@ def serving(config: llama.LlamaConfig, batch: int, prompt_len: int, new_tokens: 
         ids=ids,
         new_tokens=new_tokens,
         mixed_apply=banked,
+        picked_apply=ia3_jax.per_example_apply_fn(model.apply, IA3),
+        base=base,
+        bank=bank,
         single_apply=ia3_jax.apply_fn(model.apply, IA3),
         plain_apply=model.apply,
         mixed_params=ia3_jax.join(base, bank),
@@ -113,13 +123,20 @@ def with_ids(apply: Callable, ids: tuple[jax.Array, ...]) -> Callable:
 
 
 def prefill(apply: Callable) -> Callable:
-    """``jit((params, prompt[, ids]) -> logits)``."""
-    return jax.jit(lambda p, x, *ids: with_ids(apply, ids)({"params": p}, x))
+    """``(params, prompt[, ids]) -> logits``."""
+    return lambda p, x, *ids: with_ids(apply, ids)({"params": p}, x)
 
 
 def decoder(s: Serving) -> Callable[[Callable], Callable]:
-    """``apply -> jit((params, prompt[, ids]) -> new tokens)``."""
-    return lambda apply: jax.jit(lambda p, x, *ids: llama.generate(with_ids(apply, ids), p, x, s.new_tokens, s.config))
+    """``apply -> ((params, prompt[, ids]) -> new tokens)``."""
+    return lambda apply: lambda p, x, *ids: llama.generate(with_ids(apply, ids), p, x, s.new_tokens, s.config)
+
+
+def picking(s: Serving, phase: Callable[[Callable], Callable]) -> Callable:
+    """``jit((prompt, ids) -> phase(picked_apply)(rows joined to the base, prompt))``: the rows picked once per
+    call, before the phase (and its decode loop) runs."""
+    call = phase(s.picked_apply)
+    return jax.jit(lambda base, bank, x, ids: call(ia3_jax.join(base, ia3_jax.per_example_adapter(bank, ids)), x))
 
 
 def gathers_in_decode_loop(generate: Callable, *args: Any) -> int:
@@ -134,19 +151,23 @@ def run(
     s = serving(config, batch, prompt_len, new_tokens)
     mixed_params, single_params, prompt, separate = s.mixed_params, s.single_params, s.prompt, s.separate
     timings = {}
-    for phase, jitted in (("prefill", prefill), ("generate", decoder(s))):
+    loop_gathers = {}
+    for name, phase in (("prefill", prefill), ("generate", decoder(s))):
         # compiled once each
-        mixed, single, plain = jitted(s.mixed_apply), jitted(s.single_apply), jitted(s.plain_apply)
-        timings[phase] = {
+        mixed, single, plain = (jax.jit(phase(apply)) for apply in (s.mixed_apply, s.single_apply, s.plain_apply))
+        picked = picking(s, phase)
+        timings[name] = {
             "mixed": timed(functools.partial(mixed, mixed_params, prompt, s.ids), repeats, min_time_s),
+            "picked": timed(functools.partial(picked, s.base, s.bank, prompt, s.ids), repeats, min_time_s),
             "single": timed(functools.partial(single, single_params, prompt), repeats, min_time_s),
             "separate": timed(separate(plain), repeats, min_time_s),
         }
-    generate = decoder(s)
-    loop_gathers = {
-        "mixed": gathers_in_decode_loop(generate(s.mixed_apply), mixed_params, prompt, s.ids),
-        "single": gathers_in_decode_loop(generate(s.single_apply), single_params, prompt),
-    }
+        if name == "generate":
+            loop_gathers = {
+                "mixed": gathers_in_decode_loop(mixed, mixed_params, prompt, s.ids),
+                "picked": gathers_in_decode_loop(picked, s.base, s.bank, prompt, s.ids),
+                "single": gathers_in_decode_loop(single, single_params, prompt),
+            }
     seconds = {phase: {k: t["median_s"] for k, t in row.items()} for phase, row in timings.items()}
     prefill_tps = {k: batch * prompt_len / t for k, t in seconds["prefill"].items()}
     decode_tps = {
@@ -164,8 +185,11 @@ def run(
         "decode_loop_gathers": loop_gathers,  # per step, fused ones included; 1 = the token embedding's alone
         "prefill_tokens_per_s": prefill_tps,
         "decode_tokens_per_s": decode_tps,
-        "decode_mixed_vs_single": decode_tps["mixed"] / decode_tps["single"],  # target >= 0.95
-        "decode_mixed_vs_separate": decode_tps["mixed"] / decode_tps["separate"],  # target >= 10
+        "decode_picked_vs_single": decode_tps["picked"] / decode_tps["single"],  # target >= 0.95
+        "decode_picked_vs_separate": decode_tps["picked"] / decode_tps["separate"],  # target >= 10
+        "decode_mixed_vs_single": decode_tps["mixed"] / decode_tps["single"],
+        "decode_mixed_vs_separate": decode_tps["mixed"] / decode_tps["separate"],
+        "prefill_picked_vs_single": prefill_tps["picked"] / prefill_tps["single"],
         "prefill_mixed_vs_single": prefill_tps["mixed"] / prefill_tps["single"],
         "prefill_mixed_vs_separate": prefill_tps["mixed"] / prefill_tps["separate"],
     }
@@ -204,19 +228,19 @@ def kernel_times(fn: Callable[[], Any], calls: int) -> dict[str, Any]:
 def profile(s: Serving, out_dir: Path, calls: int) -> dict[str, Any]:
     """Where mixed decoding spends the time that single-adapter decoding does not.
 
-    For the mixed and single `generate`: the optimised HLO (``OUT_DIR/<variant>.hlo.txt``), the op
+    For the mixed, picked and single `generate`: the optimised HLO (``OUT_DIR/<variant>.hlo.txt``), the op
     counts of its decode loop's body (top level: each fusion or custom call is a kernel), and the GPU
     time per kernel over `calls` generate calls.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    jitted = decoder(s)
+    generate = decoder(s)
     result: dict[str, Any] = {}
     variants = {
-        "mixed": (s.mixed_apply, (s.mixed_params, s.prompt, s.ids)),
-        "single": (s.single_apply, (s.single_params, s.prompt)),
+        "mixed": (jax.jit(generate(s.mixed_apply)), (s.mixed_params, s.prompt, s.ids)),
+        "picked": (picking(s, generate), (s.base, s.bank, s.prompt, s.ids)),
+        "single": (jax.jit(generate(s.single_apply)), (s.single_params, s.prompt)),
     }
-    for name, (apply, args) in variants.items():
-        fn = jitted(apply)
+    for name, (fn, args) in variants.items():
         text = fn.lower(*args).compile().as_text()
         (out_dir / f"{name}.hlo.txt").write_text(text)
         body = jax_bench.loop_body(text)

@@ -17,6 +17,8 @@ from ia3_jax._src.bank import (
     bank_select,
     bank_size,
     check_adapter_ids,
+    per_example_adapter,
+    per_example_apply_fn,
     stack_adapters,
 )
 from ia3_jax._src.checkpoint import (
@@ -117,6 +119,8 @@ __all__ = [
     "make_train_step",
     "merge",
     "optimizer_shardings",
+    "per_example_adapter",
+    "per_example_apply_fn",
     "read_peft_config",
     "remat_policy",
     "replaced_directory",

@@ -116,8 +116,28 @@ def reference(model, base, singles, x, ids, merged=False, layouts=None):
     return jnp.concatenate(rows)
 
 
+def mixed_forward(apply, way: str, stack_axes=None):
+    """``(params with a bank, x, ids) -> y`` the bank's way (``"bank"``: `bank_apply_fn` picks in every call)
+    or picked once (``"picked"``: `per_example_adapter` + `per_example_apply_fn`)."""
+    if way == "bank":
+        banked = ia3_jax.bank_apply_fn(apply, CONFIG)
+        return lambda params, x, ids: banked(params, x, adapter_ids=ids)
+    picked = ia3_jax.per_example_apply_fn(apply, CONFIG)
+
+    def forward(params, x, ids):
+        parts = ia3_jax.split(params["params"])
+        rows = ia3_jax.per_example_adapter(parts.adapter, ids, stack_axes=stack_axes if stack_axes is not None else {})
+        return picked({"params": ia3_jax.join(parts.base, rows)}, x)
+
+    return forward
+
+
+WAYS = ["bank", "picked"]
+
+
+@pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_mixed_batch_equals_each_example_alone(dtype):
+def test_mixed_batch_equals_each_example_alone(dtype, way):
     model = Model(dtype)
     x = jax.random.normal(jax.random.key(1), (B, S, D), dtype)
     base, layouts = setup(model, x)
@@ -126,8 +146,8 @@ def test_mixed_batch_equals_each_example_alone(dtype):
     assert bank["block"]["k"]["ia3_l"].shape == (2, 4, N)  # (heads, head_dim, adapters)
     assert bank["block"]["down"]["ia3_l"].shape == (H, N)  # the input features of down
 
-    forward = jax.jit(ia3_jax.bank_apply_fn(model.apply, CONFIG))
-    got = forward({"params": ia3_jax.join(base, bank)}, x, adapter_ids=IDS)
+    forward = jax.jit(mixed_forward(model.apply, way))
+    got = forward({"params": ia3_jax.join(base, bank)}, x, IDS)
     assert got.dtype == dtype
     chex.assert_trees_all_close(got, reference(model, base, singles, x, IDS), **TOL)
     merged_tol = MERGED_TOL if dtype == jnp.float32 else BF16_MERGED_TOL
@@ -138,19 +158,20 @@ def test_mixed_batch_equals_each_example_alone(dtype):
     assert np.all(np.abs(np.asarray(got - plain, np.float32))[IDS >= 0].max(axis=(1, 2)) > 1e-2)
 
 
-def test_gradients_reach_only_each_examples_adapter():
+@pytest.mark.parametrize("way", WAYS)
+def test_gradients_reach_only_each_examples_adapter(way):
     model = Model()
     x = jax.random.normal(jax.random.key(1), (B, S, D))
     base, layouts = setup(model, x)
     singles = adapters(base, layouts)
     bank = ia3_jax.stack_adapters(singles)
-    forward = ia3_jax.bank_apply_fn(model.apply, CONFIG)
+    forward = mixed_forward(model.apply, way)
 
     def per_example_losses(y):
         return jnp.sum(jnp.sin(y), axis=(1, 2))
 
     def loss(bank):  # multi-task: one batch, each example trains its own adapter
-        return jnp.sum(per_example_losses(forward({"params": ia3_jax.join(base, bank)}, x, adapter_ids=IDS)))
+        return jnp.sum(per_example_losses(forward({"params": ia3_jax.join(base, bank)}, x, IDS)))
 
     grads = jax.jit(jax.grad(loss))(bank)
     single = ia3_jax.apply_fn(model.apply, CONFIG)
@@ -173,17 +194,22 @@ def test_gradients_reach_only_each_examples_adapter():
         assert np.all(np.abs(np.asarray(g[..., [0, 1, 2, 4]])).reshape(-1, 4).max(axis=0) > 0)
 
 
+@pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize("axis", [0, 1])
-def test_scan_stacked_layers(axis):
-    """The adapter axis sits after the layer axis, so nn.scan slices the layers and keeps the adapters."""
+def test_scan_stacked_layers(axis, way):
+    """The adapter axis sits after the layer axis, so nn.scan slices the layers and keeps the adapters;
+    picked rows are stacked at the layer axis the same way."""
     model = Scanned(axis)
     x = jax.random.normal(jax.random.key(1), (B, S, D))
     base, layouts = setup(model, x)
     singles = adapters(base, layouts)
     bank = ia3_jax.stack_adapters(singles)
     assert bank["layers"]["up"]["ia3_l"].shape == ((H, L, N) if axis else (L, H, N))
-    forward = jax.jit(ia3_jax.bank_apply_fn(model.apply, CONFIG))
-    got = forward({"params": ia3_jax.join(base, bank)}, x, adapter_ids=IDS)
+    stack_axes = {"layers": axis}
+    rows = ia3_jax.per_example_adapter(bank, IDS, stack_axes=stack_axes)
+    assert rows["layers"]["up"]["ia3_l"].shape == ((B, L, H) if axis else (L, B, H))
+    forward = jax.jit(mixed_forward(model.apply, way, stack_axes))
+    got = forward({"params": ia3_jax.join(base, bank)}, x, IDS)
     chex.assert_trees_all_close(got, reference(model, base, singles, x, IDS), **TOL)
     chex.assert_trees_all_close(
         got, reference(model, base, singles, x, IDS, merged=True, layouts=layouts), **SCAN_MERGED_TOL
@@ -260,6 +286,9 @@ def test_hf_generate_on_tiny_gpt2():
 
     mixed = jax.jit(ia3_jax.bank_apply_fn(greedy, config))
     got = mixed(prompts, ia3_jax.join(model.params, bank), adapter_ids=ids)
+    picked = jax.jit(ia3_jax.per_example_apply_fn(greedy, config))
+    rows = ia3_jax.per_example_adapter(bank, ids, stack_axes={})
+    chex.assert_trees_all_equal(picked(prompts, ia3_jax.join(model.params, rows)), got)
     # Each sequence alone, with its adapter; id -1 with unit vectors (x * 1 is exact): one compilation.
     single = jax.jit(ia3_jax.apply_fn(greedy, config))
     unit = jax.tree.map(jnp.ones_like, singles[0])
@@ -385,6 +414,33 @@ def test_batch_size_and_base_mismatches_fail_at_trace_time(served):
         ia3_jax.bank_apply_fn(jax.jit(model.apply), CONFIG)
 
 
+def test_picked_rows_refuse_what_does_not_fit(served):
+    model, base, bank, x = served
+    forward = ia3_jax.per_example_apply_fn(model.apply, CONFIG)
+    # Multi-axis vectors ((heads, head_dim) of k and v) could be stacked layers: the caller says which.
+    with pytest.raises(ia3_jax.StructureError, match=r"block.k, block.v.*stack_axes=\{\} if none are stacked"):
+        ia3_jax.per_example_adapter(bank, IDS)
+    with pytest.raises(ia3_jax.StructureError, match="'layers', which holds no vector of the bank"):
+        ia3_jax.per_example_adapter(bank, IDS, stack_axes={"layers": 0})
+    with pytest.raises(ia3_jax.StructureError, match=r"stack_axes\['block.up'\] = 1.*shape \(16, 5\)"):
+        ia3_jax.per_example_adapter(bank, IDS, stack_axes={"block.up": 1})
+    with pytest.raises(ia3_jax.AdapterIdsError, match=r"positions \{3: 5\}"):
+        ia3_jax.per_example_adapter(bank, IDS.at[3].set(N), stack_axes={})
+    rows = ia3_jax.per_example_adapter(bank, IDS, stack_axes={})
+    assert rows["block"]["k"]["ia3_l"].shape == (B, 2, 4)
+    np.testing.assert_array_equal(rows["block"]["up"]["ia3_l"][1], np.ones(H))  # id -1: the base model
+    np.testing.assert_array_equal(rows["block"]["up"]["ia3_l"][3], bank["block"]["up"]["ia3_l"][:, 4])
+    # Rows picked for another batch; a bank or a single adapter given to the per-example call.
+    with pytest.raises(ia3_jax.VectorShapeError, match=r"picked for 7 examples.*shape \(6, 3, 2, 4\)"):
+        jax.eval_shape(forward, {"params": ia3_jax.join(base, rows)}, x[:6])
+    with pytest.raises(ia3_jax.VectorShapeError, match=r"per-example vector at 'block.k' has shape \(2, 4, 5\)"):
+        jax.eval_shape(forward, {"params": ia3_jax.join(base, bank)}, x)
+    with pytest.raises(ia3_jax.VectorShapeError, match="per_example_adapter"):
+        jax.eval_shape(forward, {"params": ia3_jax.join(base, ia3_jax.bank_select(bank, 0))}, x)
+    with pytest.raises(ia3_jax.AlreadyJittedError, match="per_example_apply_fn"):
+        ia3_jax.per_example_apply_fn(jax.jit(model.apply), CONFIG)
+
+
 def test_strict_mode_catches_an_unapplied_bank_vector(served):
     model, base, bank, x = served
     extra = ia3_jax.join({**base, "unused": {"kernel": jnp.ones((D, D))}}, {"unused": {"ia3_l": jnp.ones((D, N))}})
@@ -437,13 +493,23 @@ def test_per_example_gather_is_hoisted_out_of_the_decode_loop():
     single = ia3_jax.apply_fn(model.apply, ia3)
     prompt = jnp.zeros((3, 4), jnp.int32)
 
+    picked = ia3_jax.per_example_apply_fn(model.apply, ia3)
+
     def decode(apply, params, *ids):
         step = apply if not ids else functools.partial(banked, adapter_ids=ids[0])
         return jax.jit(lambda p, x, *i: llama.generate(step, p, x, 3, config)).lower(params, prompt, *ids)
 
-    with_bank = decode(banked, ia3_jax.join(base, bank), jnp.arange(3, dtype=jnp.int32)).compile().as_text()
+    def decode_picked(base, bank, ids):  # as a server would: pick once per batch, then decode
+        params = ia3_jax.join(base, ia3_jax.per_example_adapter(bank, ids))
+        return llama.generate(picked, params, prompt, 3, config)
+
+    ids = jnp.arange(3, dtype=jnp.int32)
+    with_bank = decode(banked, ia3_jax.join(base, bank), ids).compile().as_text()
     one_adapter = decode(single, ia3_jax.join(base, adapter)).compile().as_text()
+    picked_once = jax.jit(decode_picked).lower(base, bank, ids).compile().as_text()
     gathers_in_loop = lambda text: len(re.findall(r"= \S+ gather\(", jax_bench.loop_body(text, with_callees=True)))
     assert gathers_in_loop(one_adapter) == 1  # the embedding lookup
     assert gathers_in_loop(with_bank) == 1
+    assert gathers_in_loop(picked_once) == 1
     assert with_bank.count(" gather(") > one_adapter.count(" gather(")  # the bank's gathers exist, outside
+    assert picked_once.count(" gather(") > one_adapter.count(" gather(")

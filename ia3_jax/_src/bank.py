@@ -271,6 +271,109 @@ def _argument_bank_size(args: Any) -> int | None:
     return next(iter(sizes.values()), None)
 
 
+def per_example_adapter(
+    bank: Adapter, adapter_ids: Any, *, stack_axes: Mapping[str, int] | None = None
+) -> dict[str, Any]:
+    """Each example's vectors, picked from `bank` once: the adapter of one batch, for `per_example_apply_fn`.
+
+    `bank_apply_fn` picks inside every call, which in a decode loop means at every step: XLA's GPU
+    compiler fuses that gather into each step's scaling, reading a strided column of the bank (on an
+    H200, 5% of the lean Llama's decode time). Picked once, before the loop, each step reads one
+    contiguous row per example, as with a single adapter.
+
+    Args:
+      bank: an adapter bank (`stack_adapters`), vectors ``(*vector_shape, N)``; it may be traced.
+      adapter_ids: ``(batch,)`` integers: ``i`` for adapter ``i``, `NO_ADAPTER` (-1) for the base model
+        (a row of ones). Any other id out of range gives its row NaN (checked here when concrete).
+      stack_axes: which vectors belong to ``nn.scan``/``nn.vmap``-stacked layers: ``{module path: layer
+        axis}`` (the scan's ``variable_axes['params']``), a key naming the stacked module or one above
+        it; ``{}`` when nothing is stacked. Required when a vector has more than one axis (a stacked
+        layer's, or a multi-axis ``DenseGeneral``'s): the shapes cannot tell a layer axis from a
+        feature axis, and picking the wrong one is silently wrong when batch == layers.
+
+    Returns:
+      An adapter tree with the bank's paths, each ``ia3_l`` ``(batch, *vector_shape)``; a stacked one
+      holds the per-layer rows ``(batch, *features)`` stacked at its layer axis (``(layers, batch,
+      *features)`` for axis 0), so that the scan slices layers, not examples. In the bank's dtype;
+      gradients flow back to the bank's columns.
+
+    Raises `AdapterIdsError` for malformed or (concrete) out-of-range ids, `StructureError` when
+    `stack_axes` is needed but missing, names no module of the bank, or an axis its vectors lack.
+
+    Example:
+      >>> forward = ia3_jax.per_example_apply_fn(model.apply, config)
+      >>> @jax.jit
+      ... def serve(base, bank, prompt, ids):       # ids fixed for each sequence
+      ...     params = ia3_jax.join(base, ia3_jax.per_example_adapter(bank, ids))
+      ...     return generate(forward, params, prompt)   # every decode step reads the picked rows
+    """
+    vectors = _bank_vectors(bank)
+    ids = adapter_ids if isinstance(adapter_ids, jax.Array) else jnp.asarray(adapter_ids)
+    _interceptor.check_ids(ids, next(iter(vectors.values())).shape[-1])  # values only where concrete
+    if stack_axes is None:
+        multi = [_tree.dotted(p) for p, v in vectors.items() if v.ndim > 2]
+        if multi:
+            raise StructureError(
+                f"per_example_adapter: the vectors at {_tree.listing(multi)} have more than one axis besides the "
+                "adapter axis, so they may be stacked layers: pass stack_axes={'<stacked module>': <layer axis>} "
+                "for nn.scan/nn.vmap-stacked layers (their variable_axes['params']), or stack_axes={} if none are "
+                "stacked."
+            )
+    axes = _layer_axes(vectors, stack_axes or {})
+    picked = {}
+    for path, vector in vectors.items():
+        rows = _interceptor.pick_per_example(vector, ids)  # (batch, *vector_shape)
+        axis = axes.get(path)
+        picked[path + (_tree.VECTOR,)] = rows if axis is None else jnp.moveaxis(rows, axis + 1, axis)
+    return _tree.updated({}, picked)
+
+
+def _layer_axes(vectors: Mapping[_tree.Path, jax.Array], stack_axes: Mapping[str, int]) -> dict[_tree.Path, int]:
+    """The layer axis of each stacked vector, from ``{module path: axis}`` (the longest matching key wins)."""
+    found: dict[_tree.Path, int] = {}
+    for key, axis in sorted(stack_axes.items(), key=lambda item: len(item[0])):
+        root = tuple(key.split("."))
+        matched = [p for p in vectors if _tree.under(p, [root])]
+        if not matched:
+            raise StructureError(
+                f"stack_axes names {key!r}, which holds no vector of the bank; its modules: "
+                f"{_tree.listing(_tree.dotted(p) for p in vectors)}."
+            )
+        for path in matched:
+            if not isinstance(axis, int | np.integer) or not 0 <= axis < vectors[path].ndim - 1:
+                raise StructureError(
+                    f"stack_axes[{key!r}] = {axis!r}, but the bank's vector at {_tree.dotted(path)!r} has shape "
+                    f"{vectors[path].shape} (the adapter axis last): the layer axis is one of its first "
+                    f"{vectors[path].ndim - 1} axes."
+                )
+            found[path] = int(axis)
+    return found
+
+
+def per_example_apply_fn(fn: F, config: IA3Config | None = None, *, strict: bool = True) -> F:
+    """`apply_fn` for vectors picked per example (`per_example_adapter`): example ``b`` is scaled by row ``b``.
+
+    The params given to `fn` hold ``join(base, per_example_adapter(bank, ids))``; the batch (leading)
+    axis of every targeted module's activations must be the one the rows were picked for. Same
+    results as `bank_apply_fn` with those ids, and the same transformations (`jax.jit`, `jax.grad`
+    back to the bank, `jax.vmap`, sharded `jit`, ``nn.scan``, Hugging Face ``generate``). Checked at
+    trace time: each vector is ``(batch, *features)`` with features that fit its activation, and
+    its batch is the activation's (`VectorShapeError`). ``strict`` is `apply_fn`'s.
+
+    Example:
+      >>> forward = jax.jit(per_example_apply_fn(model.apply, config))
+      >>> rows = per_example_adapter(bank, jnp.array([0, 3, -1]))
+      >>> logits = forward({"params": join(base, rows)}, x)     # x: (3, ...)
+    """
+    _interceptor.check_not_staged(fn, "per_example_apply_fn")
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        return _interceptor.call_intercepted(fn, config, strict, args, kwargs, per_example=True)
+
+    return wrapped  # type: ignore[return-value]
+
+
 def bank_apply_fn(fn: F, config: IA3Config | None = None, *, strict: bool = True) -> F:
     """`apply_fn` for a bank: the wrapper takes ``adapter_ids=`` and scales each example by its own adapter.
 

@@ -177,9 +177,18 @@ def scale_per_example(activation: jax.Array, bank_vector: jax.Array, adapter_ids
     Example:
       >>> y = scale_per_example(jnp.ones((3, 5, 16)), jnp.ones((16, 4)), jnp.array([2, -1, 0]))
     """
-    picked = pick_per_example(bank_vector, adapter_ids)
-    middle = (1,) * (jnp.ndim(activation) - picked.ndim)  # the activation's axes between batch and features
-    return scale(activation, picked.reshape(picked.shape[:1] + middle + picked.shape[1:]))
+    return scale_rows(activation, pick_per_example(bank_vector, adapter_ids))
+
+
+def scale_rows(activation: jax.Array, rows: jax.Array) -> jax.Array:
+    """`scale` of each example ``b`` by its own vector ``rows[b]``: ``(batch, ..., *features)`` by
+    ``(batch, *features)``, the axes between batch and features broadcast.
+
+    Example:
+      >>> y = scale_rows(jnp.ones((3, 5, 16)), jnp.ones((3, 16)))
+    """
+    middle = (1,) * (jnp.ndim(activation) - rows.ndim)  # the activation's axes between batch and features
+    return scale(activation, rows.reshape(rows.shape[:1] + middle + rows.shape[1:]))
 
 
 def pick_per_example(bank_vector: jax.Array, adapter_ids: jax.Array) -> jax.Array:
@@ -188,9 +197,9 @@ def pick_per_example(bank_vector: jax.Array, adapter_ids: jax.Array) -> jax.Arra
     `NO_ADAPTER` (-1) gives ones (the base model); any other id outside ``[0, n_adapters)`` gives NaN.
     """
     n = bank_vector.shape[-1]
-    # The known cost (H200): XLA's GPU compiler does not hoist this gather out of a decode loop but fuses it
-    # into each step's multiply, where bank[feature, id] reads a strided column of the (*features, N) bank:
-    # 2.1x the time of that fusion with one adapter, the bank's whole 5% decode cost (benchmarks/RESULTS.md).
+    # Called inside a decode loop's step, this gather is not hoisted by XLA's GPU compiler but fused into each
+    # step's multiply, which then reads a strided column of the (*features, N) bank: 2.1x that fusion's time
+    # with one adapter on an H200. Hence `ia3_jax.per_example_adapter`, which picks once, before the loop.
     rows = jnp.moveaxis(bank_vector, -1, 0)  # (n_adapters, *features)
     # Every negative id is sent out of range: -2 must give NaN, not wrap around to adapter n - 2.
     picked = jnp.take(rows, jnp.where(adapter_ids < 0, n, adapter_ids), axis=0, mode="fill", fill_value=jnp.nan)
@@ -290,6 +299,29 @@ def check_bank_fits(
     check_ids(adapter_ids, bank_vector.shape[-1])  # values, where they are known
 
 
+def check_rows_fit(
+    key: str, rows: jax.Array, activation: Any, side: str, features: set[tuple[int, ...]] | None = None
+) -> None:
+    """Trace-time checks of a call on picked vectors (`ia3_jax.per_example_apply_fn`): ``rows`` is
+    ``(batch, *features)``, its features fit (one of the module's `features`, where known) and its batch
+    is the activation's."""
+    shape, own = jnp.shape(activation), rows.shape[1:]
+    if rows.ndim < 2 or len(shape) <= len(own) or _trailing(shape, len(own)) != own or (features and own not in features):
+        told = f" (its kernel gives the module {side} features {sorted(features)})" if features else ""
+        raise VectorShapeError(
+            f"per-example vector at {key!r} has shape {rows.shape}, i.e. {rows.shape[:1]} examples (the leading axis) "
+            f"and features {own}, but the {side} it scales has shape {shape}{told}. A single adapter or a bank given "
+            "to a per-example call (pick each example's vectors with ia3_jax.per_example_adapter(bank, adapter_ids)), "
+            "or the vectors of nn.scan-stacked layers picked without stack_axes=, gives this."
+        )
+    if shape[0] != rows.shape[0]:
+        raise VectorShapeError(
+            f"the vectors at {key!r} were picked for {rows.shape[0]} examples but the {side} they scale has shape "
+            f"{shape}, whose leading (batch) axis needs one row per example: pick with this batch's adapter_ids "
+            "(beam search or num_return_sequences repeat each example: repeat its id the same way)."
+        )
+
+
 def _declared_features(module: nn.Module) -> tuple[int, ...] | None:
     """A Linen module's declared output features (``features`` of Dense, DenseGeneral, Conv), if any."""
     features = getattr(module, "features", None)
@@ -313,15 +345,22 @@ def _module_feature_shapes(
     )
 
 
-def _interceptor(config: IA3Config | None, applied: Applied, adapter_ids: jax.Array | None = None):
-    """The method interceptor; with `adapter_ids` every vector is a bank vector ``(*features, n_adapters)``."""
+def _interceptor(
+    config: IA3Config | None, applied: Applied, adapter_ids: jax.Array | None = None, per_example: bool = False
+):
+    """The method interceptor. With `adapter_ids` every vector is a bank vector ``(*features, n_adapters)``;
+    with `per_example` every vector holds one row per example, ``(batch, *features)``."""
 
     def scaled(key: str, vector: jax.Array, activation: Any, side: str, module: nn.Module, x: Any) -> jax.Array:
-        if adapter_ids is None:
+        if adapter_ids is None and not per_example:
             check_activation_fits(key, vector, activation, side)
             return scale(activation, vector)
         y_shape = jnp.shape(activation) if side == "output" else None
-        check_bank_fits(key, vector, activation, side, adapter_ids, _module_feature_shapes(module, x, y_shape)[side])
+        features = _module_feature_shapes(module, x, y_shape)[side]
+        if adapter_ids is None:
+            check_rows_fit(key, vector, activation, side, features)
+            return scale_rows(activation, vector)
+        check_bank_fits(key, vector, activation, side, adapter_ids, features)
         return scale_per_example(activation, vector, adapter_ids)
 
     def intercept(next_fun, args, kwargs, context):
@@ -341,7 +380,7 @@ def _interceptor(config: IA3Config | None, applied: Applied, adapter_ids: jax.Ar
 
         fits_input = fits_output = False
         if config is None:  # only then do the shapes decide the side
-            features = vector.shape if adapter_ids is None else vector.shape[:-1]
+            features = vector.shape[1:] if per_example else vector.shape if adapter_ids is None else vector.shape[:-1]
             fits_input = _trailing(jnp.shape(x), len(features)) == features
             fits_output = features in _module_feature_shapes(module, x)["output"]
         feedforward = feedforward_side(key, config, fits_input, fits_output)
@@ -451,9 +490,10 @@ def call_intercepted(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     adapter_ids: jax.Array | None = None,
+    per_example: bool = False,
 ) -> Any:
     """``fn(*args, **kwargs)`` under the interceptor, then `apply_fn`'s strict check of the arguments' vectors."""
-    with nn.intercept_methods(_interceptor(config, applied := Applied(), adapter_ids)):
+    with nn.intercept_methods(_interceptor(config, applied := Applied(), adapter_ids, per_example)):
         out = fn(*args, **kwargs)
     if strict:
         vectors = vector_leaves((args, kwargs))
