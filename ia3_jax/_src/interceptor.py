@@ -306,7 +306,8 @@ def check_rows_fit(
     ``(batch, *features)``, its features fit (one of the module's `features`, where known) and its batch
     is the activation's."""
     shape, own = jnp.shape(activation), rows.shape[1:]
-    if rows.ndim < 2 or len(shape) <= len(own) or _trailing(shape, len(own)) != own or (features and own not in features):
+    fits = rows.ndim >= 2 and len(shape) > len(own) and _trailing(shape, len(own)) == own
+    if not fits or (features and own not in features):
         told = f" (its kernel gives the module {side} features {sorted(features)})" if features else ""
         raise VectorShapeError(
             f"per-example vector at {key!r} has shape {rows.shape}, i.e. {rows.shape[:1]} examples (the leading axis) "
