@@ -195,11 +195,12 @@ def run(
     }
 
 
-def kernel_times(fn: Callable[[], Any], calls: int) -> dict[str, Any]:
+def kernel_times(fn: Callable[[], Any], calls: int, plane_prefix: str = "/device:GPU") -> dict[str, Any]:
     """GPU time per kernel over `calls` calls of `fn` (after one warm-up), from a `jax.profiler` trace.
 
     ``{line: {"total_us", "kernels": {name: [count, total_us]}}}`` for each line of each GPU plane
     (XLA's op line and the streams' kernel lines), the 60 costliest kernels of each; ``{}`` on a CPU.
+    `plane_prefix` ``"/host:CPU"`` reads the host's events (the runtime's, Python's) the same way.
     """
     jax.block_until_ready(fn())
     with tempfile.TemporaryDirectory() as trace_dir:
@@ -210,7 +211,7 @@ def kernel_times(fn: Callable[[], Any], calls: int) -> dict[str, Any]:
         data = jax.profiler.ProfileData.from_file(path)
     out: dict[str, Any] = {}
     for plane in data.planes:
-        if not plane.name.startswith("/device:GPU"):
+        if not plane.name.startswith(plane_prefix):
             continue
         for line in plane.lines:
             kernels: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])

@@ -1,0 +1,109 @@
+"""Where the time of an eager `ia3_jax.merge` goes (issue 13, item 3): host phases and GPU kernel time.
+
+The lean Llama (~1.1B, bf16, unrolled: 66 targeted kernels of PEFT's llama targets). Timed, each a
+median of >= `--repeats` calls after a warm-up:
+
+- ``merge``: the documented call, outputs waited for (what `jax_bench` reports as ``eager_s``);
+- ``merge_host``: the same call without waiting (the host's share), and its parts: ``flatten`` (tree
+  to leaves), ``fold_dispatch`` (a jitted merge of the targeted modules alone, the same program as
+  the one merge compiles), ``fold`` (that call waited for), ``block`` (waiting for a merged tree that is already done: 267 leaves);
+- ``gpu_kernels_per_merge``: GPU time of the kernels one merge runs (a `jax.profiler` trace);
+- ``floor``: the targeted kernels read and written once, plus the vectors, at the measured copy
+  bandwidth.
+
+    python benchmarks/merge_profile.py --out merge_profile.json          # H200
+    python benchmarks/merge_profile.py --cpu-tiny                         # seconds: tiny float32 model
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+import ia3_jax  # noqa: E402
+from benchmarks import bank, jax_bench, llama  # noqa: E402
+
+IA3 = bank.IA3
+
+
+def host_times(fn: Callable[[], Any], repeats: int) -> dict[str, Any]:
+    """Wall times of `fn` not waited for (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return jax_bench.summary(times)
+
+
+def profile(config: llama.LlamaConfig, repeats: int, copy_bytes: int) -> dict[str, Any]:
+    model = llama.Llama(config)
+    base = llama.init_params(model, jax.random.key(0))
+    adapter = bank.random_adapter(base, jax.random.key(1))
+    joined = ia3_jax.join(base, adapter)
+    merge = functools.partial(ia3_jax.merge, joined, IA3)
+    merged = jax.block_until_ready(merge())
+    leaves = jax.tree.leaves(joined)
+    # The fold alone: the targeted modules (kernel, bias, vector), nothing else, through one jitted merge.
+    paths = jax_bench._vector_modules(joined)
+    targeted_tree = functools.reduce(lambda t, p: jax_bench._with(t, p, jax_bench._at(joined, p)), paths, {})
+    fold = functools.partial(jax.jit(lambda t: ia3_jax.merge(t, IA3)), targeted_tree)
+    jax.block_until_ready(fold())
+    targeted = [jax_bench._at(joined, p)["kernel"] for p in paths]
+    floor_bytes = 2 * jax_bench.nbytes(targeted) + jax_bench.nbytes(adapter)
+    bandwidth = jax_bench.copy_bandwidth(copy_bytes, 20)
+    kernels = bank.kernel_times(merge, 20)
+    host = bank.kernel_times(merge, 20, plane_prefix="/host:CPU")
+    gpu_lines = {line: round(v["total_us"] / 20, 1) for line, v in kernels.items()}
+    launches = {line: sum(c for c, _ in v["kernels"].values()) / 20 for line, v in kernels.items()}
+    return {
+        "device": jax.devices()[0].device_kind,
+        "targeted_kernels": len(targeted),
+        "tree_leaves": len(leaves),
+        "floor_s": floor_bytes / bandwidth,
+        "copy_bandwidth_Bps": bandwidth,
+        "merge": jax_bench.summary(jax_bench._timed(merge, repeats)),
+        "merge_host": host_times(merge, repeats),
+        "flatten": host_times(lambda: jax.tree_util.tree_flatten((joined, None)), repeats),
+        "fold_dispatch": host_times(fold, repeats),
+        "fold": jax_bench.summary(jax_bench._timed(fold, repeats)),
+        "block": host_times(lambda: jax.block_until_ready(merged), repeats),
+        "whole_tree_dispatch": jax_bench.summary(
+            jax_bench._timed(functools.partial(jax.jit(lambda p: jax.tree.leaves(p)[0][0]), joined), repeats)
+        ),
+        "gpu_kernels_per_merge_us": gpu_lines,  # per profiler line (XLA ops, streams)
+        "gpu_kernel_launches_per_merge": launches,
+        "gpu_kernels": kernels,
+        "host_events_20_merges": host,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cpu-tiny", action="store_true", help="tiny float32 model (22 layers): host costs only")
+    parser.add_argument("--repeats", type=int, default=200)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    config = dataclasses.replace(llama.TINY_F32, num_layers=22) if args.cpu_tiny else llama.LlamaConfig()
+    result = profile(config, args.repeats, (1 << 20) if args.cpu_tiny else (2 << 30))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
