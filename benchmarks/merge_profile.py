@@ -6,7 +6,9 @@ median of >= `--repeats` calls after a warm-up:
 - ``merge``: the documented call, outputs waited for (what `jax_bench` reports as ``eager_s``);
 - ``merge_host``: the same call without waiting (the host's share), and its parts: ``flatten`` (tree
   to leaves), ``fold_dispatch`` (a jitted merge of the targeted modules alone, the same program as
-  the one merge compiles), ``fold`` (that call waited for), ``block`` (waiting for a merged tree that is already done: 267 leaves);
+  the one merge compiles), ``fold`` (that call waited for; ``fold_kernel_by_kernel``: compiled with
+  XLA's command buffers off, so launched kernel by kernel instead of as one CUDA graph), ``block``
+  (waiting for a merged tree that is already done: 267 leaves);
 - ``gpu_kernels_per_merge``: GPU time of the kernels one merge runs (a `jax.profiler` trace);
 - ``floor``: the targeted kernels read and written once, plus the vectors, at the measured copy
   bandwidth.
@@ -21,7 +23,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from flax import traverse_util
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
@@ -38,15 +40,24 @@ from benchmarks import bank, jax_bench, llama  # noqa: E402
 IA3 = bank.IA3
 
 
-def host_times(fn: Callable[[], Any], repeats: int) -> dict[str, Any]:
-    """Wall times of `fn` not waited for (after one warm-up call)."""
-    fn()
-    times = []
+def times(fn: Callable[[], Any], repeats: int, wait: bool = True) -> dict[str, Any]:
+    """Wall times of `fn`, its outputs waited for or not (the host's share), after one warm-up call."""
+    jax.block_until_ready(fn())
+    measured = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return jax_bench.summary(times)
+        out = fn()
+        if wait:
+            jax.block_until_ready(out)
+        measured.append(time.perf_counter() - start)
+    return jax_bench.summary(measured)
+
+
+def targeted_modules(params: dict[str, Any]) -> dict[str, Any]:
+    """The modules of `params` that hold an IA3 vector (kernel, bias, vector), nothing else."""
+    flat = traverse_util.flatten_dict(params)
+    modules = {path[:-1] for path in flat if path[-1] == "ia3_l"}
+    return traverse_util.unflatten_dict({path: leaf for path, leaf in flat.items() if path[:-1] in modules})
 
 
 def profile(config: llama.LlamaConfig, repeats: int, copy_bytes: int) -> dict[str, Any]:
@@ -57,12 +68,14 @@ def profile(config: llama.LlamaConfig, repeats: int, copy_bytes: int) -> dict[st
     merge = functools.partial(ia3_jax.merge, joined, IA3)
     merged = jax.block_until_ready(merge())
     leaves = jax.tree.leaves(joined)
-    # The fold alone: the targeted modules (kernel, bias, vector), nothing else, through one jitted merge.
-    paths = jax_bench._vector_modules(joined)
-    targeted_tree = functools.reduce(lambda t, p: jax_bench._with(t, p, jax_bench._at(joined, p)), paths, {})
-    fold = functools.partial(jax.jit(lambda t: ia3_jax.merge(t, IA3)), targeted_tree)
-    jax.block_until_ready(fold())
-    targeted = [jax_bench._at(joined, p)["kernel"] for p in paths]
+    # The fold alone: the targeted modules through one jitted merge (as merge compiles them), and the same
+    # compiled with command buffers off.
+    targeted_tree = targeted_modules(joined)
+    merge_targeted = functools.partial(ia3_jax.merge, config=IA3)
+    fold = functools.partial(jax.jit(merge_targeted), targeted_tree)
+    no_graphs = {"xla_gpu_enable_command_buffer": ""}
+    fold_by_kernel = functools.partial(jax.jit(merge_targeted, compiler_options=no_graphs), targeted_tree)
+    targeted = [v for path, v in traverse_util.flatten_dict(targeted_tree).items() if path[-1] == "kernel"]
     floor_bytes = 2 * jax_bench.nbytes(targeted) + jax_bench.nbytes(adapter)
     bandwidth = jax_bench.copy_bandwidth(copy_bytes, 20)
     kernels = bank.kernel_times(merge, 20)
@@ -75,15 +88,14 @@ def profile(config: llama.LlamaConfig, repeats: int, copy_bytes: int) -> dict[st
         "tree_leaves": len(leaves),
         "floor_s": floor_bytes / bandwidth,
         "copy_bandwidth_Bps": bandwidth,
-        "merge": jax_bench.summary(jax_bench._timed(merge, repeats)),
-        "merge_host": host_times(merge, repeats),
-        "flatten": host_times(lambda: jax.tree_util.tree_flatten((joined, None)), repeats),
-        "fold_dispatch": host_times(fold, repeats),
-        "fold": jax_bench.summary(jax_bench._timed(fold, repeats)),
-        "block": host_times(lambda: jax.block_until_ready(merged), repeats),
-        "whole_tree_dispatch": jax_bench.summary(
-            jax_bench._timed(functools.partial(jax.jit(lambda p: jax.tree.leaves(p)[0][0]), joined), repeats)
-        ),
+        "merge": times(merge, repeats),
+        "merge_host": times(merge, repeats, wait=False),
+        "flatten": times(lambda: jax.tree_util.tree_flatten((joined, None)), repeats, wait=False),
+        "fold_dispatch": times(fold, repeats, wait=False),
+        "fold": times(fold, repeats),
+        "fold_kernel_by_kernel": times(fold_by_kernel, repeats),
+        "block": times(lambda: merged, repeats),
+        "whole_tree_dispatch": times(functools.partial(jax.jit(lambda p: jax.tree.leaves(p)[0][0]), joined), repeats),
         "gpu_kernels_per_merge_us": gpu_lines,  # per profiler line (XLA ops, streams)
         "gpu_kernel_launches_per_merge": launches,
         "gpu_kernels": kernels,

@@ -53,7 +53,7 @@ from ia3_jax._src.errors import (
     VectorShapeError,
 )
 from ia3_jax._src.init import ia3_init
-from ia3_jax._src.interceptor import NO_ADAPTER, apply_fn, intercept, scale, scale_per_example
+from ia3_jax._src.interceptor import NO_ADAPTER, PickedRows, apply_fn, intercept, scale, scale_per_example
 from ia3_jax._src.layout import KernelLayout, default_layout, infer_layouts
 from ia3_jax._src.merge import add_weighted_adapter, combine, merge, unmerge
 from ia3_jax._src.nnx_vectors import IA3Vector
@@ -85,6 +85,7 @@ __all__ = [
     "NonFiniteMergeError",
     "NotAppliedError",
     "PeftFormatError",
+    "PickedRows",
     "QuantizedMergeError",
     "ShardingError",
     "Split",

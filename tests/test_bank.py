@@ -126,7 +126,7 @@ def mixed_forward(apply, way: str, stack_axes=None):
 
     def forward(params, x, ids):
         parts = ia3_jax.split(params["params"])
-        rows = ia3_jax.per_example_adapter(parts.adapter, ids, stack_axes=stack_axes if stack_axes is not None else {})
+        rows = ia3_jax.per_example_adapter(parts.adapter, ids, stack_axes=stack_axes)
         return picked({"params": ia3_jax.join(parts.base, rows)}, x)
 
     return forward
@@ -206,8 +206,8 @@ def test_scan_stacked_layers(axis, way):
     bank = ia3_jax.stack_adapters(singles)
     assert bank["layers"]["up"]["ia3_l"].shape == ((H, L, N) if axis else (L, H, N))
     stack_axes = {"layers": axis}
-    rows = ia3_jax.per_example_adapter(bank, IDS, stack_axes=stack_axes)
-    assert rows["layers"]["up"]["ia3_l"].shape == ((B, L, H) if axis else (L, B, H))
+    rows = ia3_jax.per_example_adapter(bank, IDS, stack_axes=stack_axes)["layers"]["up"]["ia3_l"]
+    assert rows.value.shape == ((B, L, H) if axis else (L, B, H)) and rows.layer_axes == (axis,)
     forward = jax.jit(mixed_forward(model.apply, way, stack_axes))
     got = forward({"params": ia3_jax.join(base, bank)}, x, IDS)
     chex.assert_trees_all_close(got, reference(model, base, singles, x, IDS), **TOL)
@@ -216,22 +216,23 @@ def test_scan_stacked_layers(axis, way):
     )
 
 
-def test_vmap_over_groups_of_examples():
+@pytest.mark.parametrize("way", WAYS)
+def test_vmap_over_groups_of_examples(way):
     model = Model()
     x = jax.random.normal(jax.random.key(1), (2, B, S, D))
     ids = jnp.stack([IDS, IDS[::-1]])
-    bank = ia3_jax.stack_adapters(adapters(*setup(model, x[0])))
-    base, _ = setup(model, x[0])
-    forward = ia3_jax.bank_apply_fn(model.apply, CONFIG)
-    params = {"params": ia3_jax.join(base, bank)}
-    got = jax.jit(jax.vmap(lambda x, ids: forward(params, x, adapter_ids=ids)))(x, ids)
-    one = jax.jit(forward)
+    base, layouts = setup(model, x[0])
+    singles = adapters(base, layouts)
+    forward = mixed_forward(model.apply, way)
+    params = {"params": ia3_jax.join(base, ia3_jax.stack_adapters(singles))}
+    got = jax.jit(jax.vmap(lambda x, ids: forward(params, x, ids)))(x, ids)
     for g in range(2):
-        chex.assert_trees_all_close(got[g], one(params, x[g], adapter_ids=ids[g]), **TOL)
+        chex.assert_trees_all_close(got[g], reference(model, base, singles, x[g], ids[g]), **TOL)
 
 
+@pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize("bank_axis", [None, "data"], ids=["replicated", "sharded"])
-def test_sharded_jit(bank_axis):
+def test_sharded_jit(bank_axis, way):
     """Batch sharded 8 ways; the bank replicated, or its 8 adapters split 8 ways along the adapter axis."""
     assert jax.device_count() == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
     mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -243,15 +244,13 @@ def test_sharded_jit(bank_axis):
     bank_sharding = jax.tree.map(lambda v: NamedSharding(mesh, P(*(None,) * (v.ndim - 1), bank_axis)), bank)
     params = {"params": ia3_jax.join(base, jax.device_put(bank, bank_sharding))}
     batch = NamedSharding(mesh, P("data"))
-    forward = ia3_jax.bank_apply_fn(model.apply, CONFIG)
+    forward = mixed_forward(model.apply, way)
     jitted = jax.jit(forward)
-    got = jitted(params, jax.device_put(x, batch), adapter_ids=jax.device_put(ids, batch))
+    got = jitted(params, jax.device_put(x, batch), jax.device_put(ids, batch))
     assert got.sharding.spec[0] == "data"
-    chex.assert_trees_all_close(got, jitted(jax.device_get(params), x, adapter_ids=ids), **TOL)
+    chex.assert_trees_all_close(got, jitted(jax.device_get(params), x, ids), **TOL)
     assert params["params"]["block"]["up"]["ia3_l"].sharding == bank_sharding["block"]["up"]["ia3_l"]
-    grad = jax.jit(
-        jax.grad(lambda bank, base, x: jnp.sum(forward({"params": ia3_jax.join(base, bank)}, x, adapter_ids=ids) ** 2)),
-    )
+    grad = jax.jit(jax.grad(lambda bank, base, x: jnp.sum(forward({"params": ia3_jax.join(base, bank)}, x, ids) ** 2)))
     sharded_bank = jax.device_put(bank, bank_sharding)
     chex.assert_trees_all_close(
         grad(sharded_bank, base, jax.device_put(x, batch)), grad(bank, base, x), rtol=1e-6, atol=1e-6
@@ -287,7 +286,7 @@ def test_hf_generate_on_tiny_gpt2():
     mixed = jax.jit(ia3_jax.bank_apply_fn(greedy, config))
     got = mixed(prompts, ia3_jax.join(model.params, bank), adapter_ids=ids)
     picked = jax.jit(ia3_jax.per_example_apply_fn(greedy, config))
-    rows = ia3_jax.per_example_adapter(bank, ids, stack_axes={})
+    rows = ia3_jax.per_example_adapter(bank, ids)
     chex.assert_trees_all_equal(picked(prompts, ia3_jax.join(model.params, rows)), got)
     # Each sequence alone, with its adapter; id -1 with unit vectors (x * 1 is exact): one compilation.
     single = jax.jit(ia3_jax.apply_fn(greedy, config))
@@ -417,36 +416,91 @@ def test_batch_size_and_base_mismatches_fail_at_trace_time(served):
 def test_picked_rows_refuse_what_does_not_fit(served):
     model, base, bank, x = served
     forward = ia3_jax.per_example_apply_fn(model.apply, CONFIG)
-    # Multi-axis vectors ((heads, head_dim) of k and v) could be stacked layers: the caller says which.
-    with pytest.raises(ia3_jax.StructureError, match=r"block.k, block.v.*stack_axes=\{\} if none are stacked"):
-        ia3_jax.per_example_adapter(bank, IDS)
     with pytest.raises(ia3_jax.StructureError, match="'layers', which holds no vector of the bank"):
         ia3_jax.per_example_adapter(bank, IDS, stack_axes={"layers": 0})
-    with pytest.raises(ia3_jax.StructureError, match=r"stack_axes\['block.up'\] = 1.*shape \(16, 5\)"):
-        ia3_jax.per_example_adapter(bank, IDS, stack_axes={"block.up": 1})
+    # up's vector (16,) of 5 adapters has no axis to spare for layers: one feature axis must remain.
+    with pytest.raises(ia3_jax.StructureError, match=r"stack_axes\['block.up'\] = 0.*shape \(16, 5\)"):
+        ia3_jax.per_example_adapter(bank, IDS, stack_axes={"block.up": 0})
     with pytest.raises(ia3_jax.AdapterIdsError, match=r"positions \{3: 5\}"):
-        ia3_jax.per_example_adapter(bank, IDS.at[3].set(N), stack_axes={})
-    rows = ia3_jax.per_example_adapter(bank, IDS, stack_axes={})
-    assert rows["block"]["k"]["ia3_l"].shape == (B, 2, 4)
-    np.testing.assert_array_equal(rows["block"]["up"]["ia3_l"][1], np.ones(H))  # id -1: the base model
-    np.testing.assert_array_equal(rows["block"]["up"]["ia3_l"][3], bank["block"]["up"]["ia3_l"][:, 4])
-    # Rows picked for another batch; a bank or a single adapter given to the per-example call.
+        ia3_jax.per_example_adapter(bank, IDS.at[3].set(N))
+    rows = ia3_jax.per_example_adapter(bank, IDS)
+    assert rows["block"]["k"]["ia3_l"].value.shape == (B, 2, 4)
+    up = rows["block"]["up"]["ia3_l"].value
+    np.testing.assert_array_equal(up[1], np.ones(H))  # id -1: the base model
+    np.testing.assert_array_equal(up[3], bank["block"]["up"]["ia3_l"][:, 4])
+    params = {"params": ia3_jax.join(base, rows)}
+    # Rows picked for another batch.
     with pytest.raises(ia3_jax.VectorShapeError, match=r"picked for 7 examples.*shape \(6, 3, 2, 4\)"):
-        jax.eval_shape(forward, {"params": ia3_jax.join(base, rows)}, x[:6])
-    with pytest.raises(ia3_jax.VectorShapeError, match=r"per-example vector at 'block.k' has shape \(2, 4, 5\)"):
-        jax.eval_shape(forward, {"params": ia3_jax.join(base, bank)}, x)
-    with pytest.raises(ia3_jax.VectorShapeError, match="per_example_adapter"):
-        jax.eval_shape(forward, {"params": ia3_jax.join(base, ia3_jax.bank_select(bank, 0))}, x)
+        jax.eval_shape(forward, params, x[:6])
+    # Each kind of vector runs with its own wrapper only, whatever the shapes (B == S here: the rows
+    # (3, 16) would also fit the trailing axes of up's output (3, 3, 16) in a single-adapter call).
+    x3 = x[:3, :, :]
+    rows3 = {"params": ia3_jax.join(base, ia3_jax.per_example_adapter(bank, IDS[:3]))}
+    for wrong in (ia3_jax.apply_fn(model.apply, CONFIG), functools.partial(ia3_jax.bank_apply_fn(model.apply, CONFIG),
+                                                                          adapter_ids=IDS[:3])):
+        with pytest.raises(ia3_jax.VectorShapeError, match="per-example rows.*run them with ia3_jax.per_example_apply_fn"):
+            jax.eval_shape(wrong, rows3, x3)
+    for other in (bank, ia3_jax.bank_select(bank, 0)):
+        with pytest.raises(ia3_jax.VectorShapeError, match="was not picked by ia3_jax.per_example_adapter"):
+            jax.eval_shape(forward, {"params": ia3_jax.join(base, other)}, x)
+    # A layer axis named where nothing is stacked is never sliced: refused at the call.
+    marked = ia3_jax.per_example_adapter(bank, IDS, stack_axes={"block.k": 0})
+    with pytest.raises(ia3_jax.VectorShapeError, match=r"'block.k'.*layer axes \(0,\) that no nn.scan"):
+        jax.eval_shape(forward, {"params": ia3_jax.join(base, marked)}, x)
     with pytest.raises(ia3_jax.AlreadyJittedError, match="per_example_apply_fn"):
         ia3_jax.per_example_apply_fn(jax.jit(model.apply), CONFIG)
 
 
-def test_strict_mode_catches_an_unapplied_bank_vector(served):
+@pytest.mark.parametrize("batch", [B, L], ids=["batch!=layers", "batch==layers"])
+def test_stacked_layers_picked_without_their_axis_are_refused(batch):
+    """Without stack_axes the rows of a scanned module are (batch, layers, ...): the scan would slice the examples
+    as layers, silently when batch == layers. The scan's slice of an axis not picked as a layer axis raises."""
+    model = Scanned(0)
+    x = jax.random.normal(jax.random.key(1), (batch, S, D))
+    base, layouts = setup(model, x)
+    bank = ia3_jax.stack_adapters(adapters(base, layouts))
+    rows = ia3_jax.per_example_adapter(bank, IDS[:batch])
+    forward = ia3_jax.per_example_apply_fn(model.apply, CONFIG)
+    with pytest.raises(ia3_jax.VectorShapeError, match=r"slices axis 0 .*stack_axes=\{'<stacked module>'"):
+        jax.eval_shape(forward, {"params": ia3_jax.join(base, rows)}, x)
+
+
+class Nested(nn.Module):
+    """Five groups of three layers: nn.scan over an nn.scan (lengths unlike any kernel dimension)."""
+
+    @nn.compact
+    def __call__(self, x):
+        class Group(nn.Module):
+            @nn.compact
+            def __call__(self, x, _):
+                inner = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+                return inner(name="inner")(x, None)[0], None
+
+        outer = nn.scan(Group, variable_axes={"params": 0}, split_rngs={"params": True}, length=5)
+        return outer(name="outer")(x, None)[0]
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_nested_stacks(way):
+    model = Nested()
+    x = jax.random.normal(jax.random.key(1), (B, S, D))
+    base, layouts = setup(model, x)
+    singles = adapters(base, layouts)
+    bank = ia3_jax.stack_adapters(singles)
+    assert bank["outer"]["inner"]["up"]["ia3_l"].shape == (5, 3, H, N)  # outer layers, inner layers, features
+    stack_axes = {"outer": 0, "outer.inner": 0}
+    rows = ia3_jax.per_example_adapter(bank, IDS, stack_axes=stack_axes)["outer"]["inner"]["up"]["ia3_l"]
+    assert rows.value.shape == (5, 3, B, H) and rows.layer_axes == (0, 1)
+    got = jax.jit(mixed_forward(model.apply, way, stack_axes))({"params": ia3_jax.join(base, bank)}, x, IDS)
+    chex.assert_trees_all_close(got, reference(model, base, singles, x, IDS), **TOL)
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_strict_mode_catches_an_unapplied_bank_vector(served, way):
     model, base, bank, x = served
     extra = ia3_jax.join({**base, "unused": {"kernel": jnp.ones((D, D))}}, {"unused": {"ia3_l": jnp.ones((D, N))}})
-    forward = ia3_jax.bank_apply_fn(model.apply, CONFIG)
     with pytest.raises(ia3_jax.NotAppliedError, match="'unused'"):
-        forward({"params": ia3_jax.join(extra, bank)}, x, adapter_ids=IDS)
+        mixed_forward(model.apply, way)({"params": ia3_jax.join(extra, bank)}, x, IDS)
 
 
 class Heads(nn.Module):
@@ -506,10 +560,23 @@ def test_per_example_gather_is_hoisted_out_of_the_decode_loop():
     ids = jnp.arange(3, dtype=jnp.int32)
     with_bank = decode(banked, ia3_jax.join(base, bank), ids).compile().as_text()
     one_adapter = decode(single, ia3_jax.join(base, adapter)).compile().as_text()
-    picked_once = jax.jit(decode_picked).lower(base, bank, ids).compile().as_text()
     gathers_in_loop = lambda text: len(re.findall(r"= \S+ gather\(", jax_bench.loop_body(text, with_callees=True)))
     assert gathers_in_loop(one_adapter) == 1  # the embedding lookup
     assert gathers_in_loop(with_bank) == 1
-    assert gathers_in_loop(picked_once) == 1
     assert with_bank.count(" gather(") > one_adapter.count(" gather(")  # the bank's gathers exist, outside
-    assert picked_once.count(" gather(") > one_adapter.count(" gather(")
+
+    # Picked once, the program asks for no gather in the loop at all (the jaxpr, before any compiler: the
+    # GPU's keeps whatever the program puts in the loop); bank_apply_fn asks for one per vector and step.
+    def gathers(jaxpr) -> int:  # in `jaxpr` and the jaxprs its equations call
+        inner = [getattr(p, "jaxpr", p) for e in jaxpr.eqns for p in e.params.values() if hasattr(p, "eqns") or
+                 hasattr(getattr(p, "jaxpr", None), "eqns")]
+        return sum(e.primitive.name == "gather" for e in jaxpr.eqns) + sum(gathers(j) for j in inner)
+
+    def gathers_in_scan(jaxpr) -> int:
+        (scan,) = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+        return gathers(scan.params["jaxpr"].jaxpr)
+
+    banked_program = jax.make_jaxpr(lambda p, x, i: llama.generate(functools.partial(banked, adapter_ids=i), p, x, 3,
+                                                                   config))(ia3_jax.join(base, bank), prompt, ids)
+    assert gathers_in_scan(jax.make_jaxpr(decode_picked)(base, bank, ids).jaxpr) == 1  # the embedding lookup
+    assert gathers_in_scan(banked_program.jaxpr) == 1 + 2 * 3  # and one per vector: 2 layers x 3 targets

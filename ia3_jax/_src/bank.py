@@ -259,7 +259,10 @@ def check_adapter_ids(adapter_ids: Any, bank: Adapter | int) -> None:
 
 def _argument_bank_size(args: Any) -> int | None:
     """The adapter-axis size of the bank vectors in a call's arguments (None when none is there)."""
-    vectors = {_tree.dotted(p): _tree.unbox(v) for p, v in _tree.leaves_with_paths(args) if p and p[-1] == _tree.VECTOR}
+    leaves = {_tree.dotted(p): v for p, v in _tree.leaves_with_paths(args) if p and p[-1] == _tree.VECTOR}
+    for key, leaf in leaves.items():
+        _interceptor.check_picked(key, leaf, per_example=False)
+    vectors = {key: _tree.unbox(leaf) for key, leaf in leaves.items()}
     sizes = {k: np.shape(v)[-1] for k, v in vectors.items() if np.ndim(v)}
     if len(set(sizes.values())) > 1:
         shown = dict(list(sizes.items())[:8])
@@ -285,20 +288,19 @@ def per_example_adapter(
       bank: an adapter bank (`stack_adapters`), vectors ``(*vector_shape, N)``; it may be traced.
       adapter_ids: ``(batch,)`` integers: ``i`` for adapter ``i``, `NO_ADAPTER` (-1) for the base model
         (a row of ones). Any other id out of range gives its row NaN (checked here when concrete).
-      stack_axes: which vectors belong to ``nn.scan``/``nn.vmap``-stacked layers: ``{module path: layer
-        axis}`` (the scan's ``variable_axes['params']``), a key naming the stacked module or one above
-        it; ``{}`` when nothing is stacked. Required when a vector has more than one axis (a stacked
-        layer's, or a multi-axis ``DenseGeneral``'s): the shapes cannot tell a layer axis from a
-        feature axis, and picking the wrong one is silently wrong when batch == layers.
+      stack_axes: ``{module path: layer axis}`` for ``nn.scan`` / ``nn.vmap``-stacked layers (the
+        transform's ``variable_axes['params']``), a key naming the stacked module or one above it;
+        nested stacks give one key each (``{"outer": 0, "outer.inner": 0}``). A stacked module left
+        out is refused when the call slices it (`VectorShapeError`), never read wrongly.
 
     Returns:
-      An adapter tree with the bank's paths, each ``ia3_l`` ``(batch, *vector_shape)``; a stacked one
-      holds the per-layer rows ``(batch, *features)`` stacked at its layer axis (``(layers, batch,
-      *features)`` for axis 0), so that the scan slices layers, not examples. In the bank's dtype;
-      gradients flow back to the bank's columns.
+      An adapter tree with the bank's paths, each ``ia3_l`` a `PickedRows` box holding ``(batch,
+      *vector_shape)``: a stacked one the per-layer rows ``(batch, *features)`` stacked at its layer
+      axes (``(layers, batch, *features)`` for axis 0), so that the transform slices layers, not
+      examples. In the bank's dtype; gradients flow back to the bank's columns.
 
-    Raises `AdapterIdsError` for malformed or (concrete) out-of-range ids, `StructureError` when
-    `stack_axes` is needed but missing, names no module of the bank, or an axis its vectors lack.
+    Raises `AdapterIdsError` for malformed or (concrete) out-of-range ids, `StructureError` when a
+    `stack_axes` key names no module of the bank or an axis its vectors cannot have.
 
     Example:
       >>> forward = ia3_jax.per_example_apply_fn(model.apply, config)
@@ -310,27 +312,32 @@ def per_example_adapter(
     vectors = _bank_vectors(bank)
     ids = adapter_ids if isinstance(adapter_ids, jax.Array) else jnp.asarray(adapter_ids)
     _interceptor.check_ids(ids, next(iter(vectors.values())).shape[-1])  # values only where concrete
-    if stack_axes is None:
-        multi = [_tree.dotted(p) for p, v in vectors.items() if v.ndim > 2]
-        if multi:
-            raise StructureError(
-                f"per_example_adapter: the vectors at {_tree.listing(multi)} have more than one axis besides the "
-                "adapter axis, so they may be stacked layers: pass stack_axes={'<stacked module>': <layer axis>} "
-                "for nn.scan/nn.vmap-stacked layers (their variable_axes['params']), or stack_axes={} if none are "
-                "stacked."
-            )
     axes = _layer_axes(vectors, stack_axes or {})
     picked = {}
     for path, vector in vectors.items():
         rows = _interceptor.pick_per_example(vector, ids)  # (batch, *vector_shape)
-        axis = axes.get(path)
-        picked[path + (_tree.VECTOR,)] = rows if axis is None else jnp.moveaxis(rows, axis + 1, axis)
+        picked[path + (_tree.VECTOR,)] = _stacked_rows(rows, axes.get(path, ()))
     return _tree.updated({}, picked)
 
 
-def _layer_axes(vectors: Mapping[_tree.Path, jax.Array], stack_axes: Mapping[str, int]) -> dict[_tree.Path, int]:
-    """The layer axis of each stacked vector, from ``{module path: axis}`` (the longest matching key wins)."""
-    found: dict[_tree.Path, int] = {}
+def _stacked_rows(rows: jax.Array, axes: tuple[int, ...]) -> _interceptor.PickedRows:
+    """Rows ``(batch, *stored)`` rearranged so that each layer axis (`axes`, outermost first, each counted in
+    the shape that the outer ones leave) is where its transform slices, the batch axis first of what is left."""
+    stored = list(range(rows.ndim - 1))
+    layer = [stored.pop(a) for a in axes]  # the layer axes' positions in the stored vector
+    order = ["batch", *stored]
+    for a, s in reversed(list(zip(axes, layer))):
+        order.insert(a, s)
+    source = ["batch", *range(rows.ndim - 1)]
+    placed = jnp.transpose(rows, [source.index(label) for label in order])
+    return _interceptor.PickedRows(placed, tuple(order.index(s) for s in layer))
+
+
+def _layer_axes(
+    vectors: Mapping[_tree.Path, jax.Array], stack_axes: Mapping[str, int]
+) -> dict[_tree.Path, tuple[int, ...]]:
+    """Each stacked vector's layer axes from ``{module path: axis}``, outermost (shortest key) first."""
+    found: dict[_tree.Path, tuple[int, ...]] = {}
     for key, axis in sorted(stack_axes.items(), key=lambda item: len(item[0])):
         root = tuple(key.split("."))
         matched = [p for p in vectors if _tree.under(p, [root])]
@@ -340,13 +347,16 @@ def _layer_axes(vectors: Mapping[_tree.Path, jax.Array], stack_axes: Mapping[str
                 f"{_tree.listing(_tree.dotted(p) for p in vectors)}."
             )
         for path in matched:
-            if not isinstance(axis, int | np.integer) or not 0 <= axis < vectors[path].ndim - 1:
+            outer = found.get(path, ())
+            left = vectors[path].ndim - 1 - len(outer)  # the vector's axes the outer layer axes leave
+            if not isinstance(axis, int | np.integer) or not 0 <= axis < left or left < 2:
                 raise StructureError(
                     f"stack_axes[{key!r}] = {axis!r}, but the bank's vector at {_tree.dotted(path)!r} has shape "
-                    f"{vectors[path].shape} (the adapter axis last): the layer axis is one of its first "
-                    f"{vectors[path].ndim - 1} axes."
+                    f"{vectors[path].shape} (the adapter axis last{', inside the layer axes ' if outer else ''}"
+                    f"{outer if outer else ''}): a layer axis is one of the {left} axes left, and a feature axis must "
+                    "remain besides it."
                 )
-            found[path] = int(axis)
+            found[path] = (*outer, int(axis))
     return found
 
 

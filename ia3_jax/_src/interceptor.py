@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
+from flax.core import meta
 
 from ia3_jax._src import quant
 from ia3_jax._src import tree as _tree
@@ -180,6 +182,40 @@ def scale_per_example(activation: jax.Array, bank_vector: jax.Array, adapter_ids
     return scale_rows(activation, pick_per_example(bank_vector, adapter_ids))
 
 
+class PickedRows(struct.PyTreeNode, meta.AxisMetadata):
+    """An ``ia3_l`` leaf of `ia3_jax.per_example_adapter`: each example's vector, ``(batch, *features)``,
+    stacked at `layer_axes` for ``nn.scan`` / ``nn.vmap``-stacked layers.
+
+    A Flax box, so that a call can tell picked rows from any other vector (a single adapter's, a bank's)
+    and Flax's lifting reports each axis it slices (`remove_axis`). The hazard it handles: picked
+    without the layer axis of a stacked module, the rows ``(batch, layers, *features)`` would have their
+    examples sliced as layers, silently when batch == layers; here that slice raises instead.
+    """
+
+    value: Any
+    layer_axes: tuple[int, ...] = struct.field(pytree_node=False, default=())
+
+    def unbox(self) -> Any:
+        return self.value
+
+    def replace_boxed(self, val: Any) -> PickedRows:
+        return self.replace(value=val)
+
+    def add_axis(self, index: int, params: dict[Any, Any]) -> PickedRows:
+        shifted = tuple(a + (a >= index) for a in self.layer_axes)
+        return self.replace(layer_axes=tuple(sorted((*shifted, index))))
+
+    def remove_axis(self, index: int, params: dict[Any, Any]) -> PickedRows:
+        if index not in self.layer_axes:
+            raise VectorShapeError(
+                f"nn.scan / nn.vmap slices axis {index} of per-example vectors of shape {jnp.shape(self.value)}, "
+                f"which ia3_jax.per_example_adapter did not pick as a layer axis (its layer axes: {self.layer_axes}): "
+                "the examples would be sliced as layers. Pick with stack_axes={'<stacked module>': <its "
+                "variable_axes['params']>}."
+            )
+        return self.replace(layer_axes=tuple(a - (a > index) for a in self.layer_axes if a != index))
+
+
 def scale_rows(activation: jax.Array, rows: jax.Array) -> jax.Array:
     """`scale` of each example ``b`` by its own vector ``rows[b]``: ``(batch, ..., *features)`` by
     ``(batch, *features)``, the axes between batch and features broadcast.
@@ -323,6 +359,31 @@ def check_rows_fit(
         )
 
 
+def check_picked(key: str, stored: Any, per_example: bool) -> None:
+    """Raises `VectorShapeError` unless the vector at `key` is picked rows (`PickedRows`, every layer axis
+    sliced) exactly when the call is a per-example one (`per_example_apply_fn`)."""
+    shape = jnp.shape(_tree.unbox(stored))
+    if not isinstance(stored, PickedRows):
+        if per_example:
+            raise VectorShapeError(
+                f"per_example_apply_fn: the IA3 vector at {key!r} (shape {shape}) was not picked by "
+                "ia3_jax.per_example_adapter: pick each example's vectors from a bank with "
+                "ia3_jax.per_example_adapter(bank, adapter_ids) (a single adapter runs with apply_fn, a bank with "
+                "bank_apply_fn)."
+            )
+        return
+    if not per_example:
+        raise VectorShapeError(
+            f"the IA3 vector at {key!r} holds per-example rows (shape {shape}) that ia3_jax.per_example_adapter "
+            "picked: run them with ia3_jax.per_example_apply_fn."
+        )
+    if stored.layer_axes:
+        raise VectorShapeError(
+            f"the per-example vectors at {key!r} (shape {shape}) have layer axes {stored.layer_axes} that no nn.scan "
+            "/ nn.vmap sliced: stack_axes of ia3_jax.per_example_adapter names a module that is not stacked."
+        )
+
+
 def _declared_features(module: nn.Module) -> tuple[int, ...] | None:
     """A Linen module's declared output features (``features`` of Dense, DenseGeneral, Conv), if any."""
     features = getattr(module, "features", None)
@@ -371,7 +432,9 @@ def _interceptor(
             return next_fun(*args, **kwargs)
         path = tuple(module.scope.path)
         key = _tree.dotted(path)
-        vector = _tree.unbox(module.get_variable("params", _tree.VECTOR))
+        stored = module.get_variable("params", _tree.VECTOR)
+        check_picked(key, stored, per_example)
+        vector = _tree.unbox(stored)
         check_vector_dtype(vector.dtype, f"IA3 vector at {key!r}")
         x, rebuild = module_input(type(module).__call__, args, kwargs)
 
