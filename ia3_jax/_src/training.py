@@ -79,7 +79,8 @@ def make_train_step(
     Args:
       loss_fn: ``loss_fn(params, *args) -> scalar`` (or ``(scalar, aux)`` with `has_aux`) on the full
         param tree; it must run the model under the interceptor, e.g. via `apply_fn`.
-      optimizer: any optax transformation; its state is ``optimizer.init(adapter)``.
+      optimizer: any optax transformation; its state is ``optimizer.init(adapter)``. With many
+        vectors, ``optax.flatten(optimizer)`` updates them all in one kernel instead of one each.
       has_aux: `loss_fn` returns ``(loss, aux)``; the step then returns ``(loss, aux)`` in place of loss.
       donate: donate the adapter and optimizer-state buffers to the step (reuse their memory);
         the arrays passed in are then invalid after the call.
