@@ -297,6 +297,16 @@ def _kernel_feature_shapes(
     return found
 
 
+def _fits_apart_from_one_axis(
+    shape: tuple[int, ...], own: tuple[int, ...], features: set[tuple[int, ...]] | None
+) -> bool:
+    """Whether the features `own` of a bank's or picked rows' vector (its shape apart from the adapter or
+    example axis) are at least one axis, trail the activation's `shape` after a batch axis, and are one of the
+    module's `features` where those are known."""
+    fits = bool(own) and len(shape) > len(own) and _trailing(shape, len(own)) == own
+    return fits and not (features and own not in features)
+
+
 def check_bank_fits(
     key: str,
     bank_vector: jax.Array,
@@ -312,12 +322,7 @@ def check_bank_fits(
     happens to look like an adapter axis (``(4, 4)`` heads and head_dim) is refused, not misread.
     """
     shape, own = jnp.shape(activation), bank_vector.shape[:-1]
-    if (
-        bank_vector.ndim < 2
-        or len(shape) <= len(own)
-        or _trailing(shape, len(own)) != own
-        or (features and own not in features)
-    ):
+    if not _fits_apart_from_one_axis(shape, own, features):
         told = f" (its kernel gives the module {side} features {sorted(features)})" if features else ""
         raise VectorShapeError(
             f"bank vector at {key!r} has shape {bank_vector.shape}, i.e. features {own} and "
@@ -342,8 +347,7 @@ def check_rows_fit(
     ``(batch, *features)``, its features fit (one of the module's `features`, where known) and its batch
     is the activation's."""
     shape, own = jnp.shape(activation), rows.shape[1:]
-    fits = rows.ndim >= 2 and len(shape) > len(own) and _trailing(shape, len(own)) == own
-    if not fits or (features and own not in features):
+    if not _fits_apart_from_one_axis(shape, own, features):
         told = f" (its kernel gives the module {side} features {sorted(features)})" if features else ""
         raise VectorShapeError(
             f"per-example vector at {key!r} has shape {rows.shape}, i.e. {rows.shape[:1]} examples (the leading axis) "
