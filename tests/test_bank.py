@@ -413,7 +413,7 @@ def test_batch_size_and_base_mismatches_fail_at_trace_time(served):
         ia3_jax.bank_apply_fn(jax.jit(model.apply), CONFIG)
 
 
-def test_picked_rows_refuse_what_does_not_fit(served):
+def test_picked_rows_refuse_what_does_not_fit(served, tmp_path):
     model, base, bank, x = served
     forward = ia3_jax.per_example_apply_fn(model.apply, CONFIG)
     with pytest.raises(ia3_jax.StructureError, match="'layers', which holds no vector of the bank"):
@@ -449,6 +449,13 @@ def test_picked_rows_refuse_what_does_not_fit(served):
         jax.eval_shape(forward, {"params": ia3_jax.join(base, marked)}, x)
     with pytest.raises(ia3_jax.AlreadyJittedError, match="per_example_apply_fn"):
         ia3_jax.per_example_apply_fn(jax.jit(model.apply), CONFIG)
+    # Picked rows are one batch's, not adapters: no bank function and no checkpoint takes them.
+    for bank_fn in (ia3_jax.stack_adapters, ia3_jax.bank_size, lambda r: ia3_jax.per_example_adapter(r, IDS)):
+        with pytest.raises(ia3_jax.StructureError, match="per-example rows at 'block.down'.*not adapters"):
+            bank_fn([rows] if bank_fn is ia3_jax.stack_adapters else rows)
+    with pytest.raises(ia3_jax.StructureError, match="'block.down.ia3_l' holds per-example rows"):
+        ia3_jax.save_adapter(tmp_path / "rows", rows, CONFIG)
+    assert not (tmp_path / "rows").exists()
 
 
 @pytest.mark.parametrize("batch", [B, L], ids=["batch!=layers", "batch==layers"])
@@ -461,7 +468,8 @@ def test_stacked_layers_picked_without_their_axis_are_refused(batch):
     bank = ia3_jax.stack_adapters(adapters(base, layouts))
     rows = ia3_jax.per_example_adapter(bank, IDS[:batch])
     forward = ia3_jax.per_example_apply_fn(model.apply, CONFIG)
-    with pytest.raises(ia3_jax.VectorShapeError, match=r"slices axis 0 .*stack_axes=\{'<stacked module>'"):
+    with pytest.raises(ia3_jax.VectorShapeError, match=r"slices axis 0 of the per-example vectors at 'layers.down'.*"
+                       r"no layer axis given.*stack_axes=\{'<stacked module>': 0\}"):
         jax.eval_shape(forward, {"params": ia3_jax.join(base, rows)}, x)
 
 

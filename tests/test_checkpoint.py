@@ -147,8 +147,17 @@ def test_manager_keeps_last_n_and_resumes(tmp_path):
     resumed, resumed_state, _ = step(resumed, resumed_state, base, X, Y)
     chex.assert_trees_all_close(resumed, history[3], rtol=1e-6)
     chex.assert_trees_all_close(resumed_state, opt_state, rtol=1e-6)
-    with pytest.raises(StructureError, match="optimizer state .* does not fit"):
+    with pytest.raises(StructureError, match=r"optimizer state .* does not fit.*\[0\]\.count.*'saved': \('int32', \[\]\), 'like': None"):
         ia3_jax.load_opt_state(root, optax.sgd(0.1, momentum=0.9).init(resumed))
+    # AdamW's state holds Adam's arrays plus one more empty state: another optimizer, not a damaged checkpoint.
+    with pytest.raises(StructureError, match="in other containers.*another optimizer chain.*optax.flatten"):
+        ia3_jax.load_opt_state(root, optax.adamw(1e-3).init(resumed), step=2)
+    # A flattened optimizer's state is one array: it loads into its own kind only.
+    flat = optax.flatten(optimizer)
+    ia3_jax.save_adapter(tmp_path / "flat", resumed, CONFIG, opt_state=flat.init(resumed))
+    chex.assert_trees_all_equal(ia3_jax.load_opt_state(tmp_path / "flat", flat.init(resumed)), flat.init(resumed))
+    with pytest.raises(StructureError, match="does not fit"):
+        ia3_jax.load_opt_state(tmp_path / "flat", optimizer.init(resumed))
 
 
 def test_restore_with_shardings(tmp_path):

@@ -57,6 +57,11 @@ def _vectors(adapter: Adapter, where: str) -> dict[_tree.Path, jax.Array]:
     """The adapter's vectors (unboxed) by module path; anything else in it is refused."""
     vectors = {}
     for path, leaf in _tree.leaves_with_paths(adapter):
+        if isinstance(leaf, _interceptor.PickedRows):
+            raise StructureError(
+                f"{where} holds per-example rows at {_tree.dotted(path[:-1])!r} (ia3_jax.per_example_adapter's result "
+                "for one batch), not adapters: stack, size and pick from the bank itself."
+            )
         if not path or path[-1] != _tree.VECTOR:
             raise StructureError(
                 f"{where} holds {_tree.dotted(path)!r}, which is not an IA3 vector: a bank holds vectors only, since "
@@ -316,11 +321,11 @@ def per_example_adapter(
     picked = {}
     for path, vector in vectors.items():
         rows = _interceptor.pick_per_example(vector, ids)  # (batch, *vector_shape)
-        picked[path + (_tree.VECTOR,)] = _stacked_rows(rows, axes.get(path, ()))
+        picked[path + (_tree.VECTOR,)] = _stacked_rows(rows, axes.get(path, ()), _tree.dotted(path))
     return _tree.updated({}, picked)
 
 
-def _stacked_rows(rows: jax.Array, axes: tuple[int, ...]) -> _interceptor.PickedRows:
+def _stacked_rows(rows: jax.Array, axes: tuple[int, ...], module: str) -> _interceptor.PickedRows:
     """Rows ``(batch, *stored)`` rearranged so that each layer axis (`axes`, outermost first, each counted in
     the shape that the outer ones leave) is where its transform slices, the batch axis first of what is left."""
     stored = list(range(rows.ndim - 1))
@@ -330,7 +335,7 @@ def _stacked_rows(rows: jax.Array, axes: tuple[int, ...]) -> _interceptor.Picked
         order.insert(a, s)
     source = ["batch", *range(rows.ndim - 1)]
     placed = jnp.transpose(rows, [source.index(label) for label in order])
-    return _interceptor.PickedRows(placed, tuple(order.index(s) for s in layer))
+    return _interceptor.PickedRows(placed, tuple(order.index(s) for s in layer), module)
 
 
 def _layer_axes(

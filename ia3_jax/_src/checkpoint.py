@@ -56,6 +56,7 @@ from ia3_jax._src.errors import (
     TargetError,
 )
 from ia3_jax._src.init import ia3_init
+from ia3_jax._src.interceptor import PickedRows
 from ia3_jax._src.layout import KernelLayout
 from ia3_jax._src.partition import is_trainable, split, without_vectors
 from ia3_jax._src.peft_io import TASK_MODULES_TO_SAVE
@@ -128,6 +129,11 @@ def _payload(adapter: Mapping[str, Any], config: IA3Config, opt_state: Any) -> _
     arrays: dict[_tree.Path, Any] = {}
     joined: dict[str, _tree.Path] = {}
     for path, leaf in _adapter_leaves(adapter):
+        if isinstance(leaf, PickedRows):
+            raise StructureError(
+                f"adapter leaf {_tree.dotted(path)!r} holds per-example rows (ia3_jax.per_example_adapter's result for "
+                "one batch), not an adapter: save the bank they were picked from."
+            )
         value = _tree.unbox(leaf)  # boxes carry sharding names only; the checkpoint holds arrays
         if not isinstance(value, (jax.Array, np.ndarray)):
             raise StructureError(f"adapter leaf {_tree.dotted(path)!r} is a {type(value).__name__}, not an array.")
@@ -285,6 +291,15 @@ def _saved_tree(item: str) -> Any:
     finally:
         handler.close()
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata)
+
+
+def _containers(tree: Any) -> Any:
+    """`tree`'s containers as orbax stores a state: lists, dicts, ``"*"`` for an array, None for an empty node."""
+    if isinstance(tree, Mapping):
+        return {k: _containers(v) for k, v in tree.items()} or None
+    if isinstance(tree, list | tuple):
+        return [_containers(v) for v in tree] or None
+    return None if tree is None else "*"
 
 
 def _host_restore(item: str, hashes: Mapping[str, Any], like: Any) -> Any:
@@ -705,9 +720,24 @@ def load_opt_state(path: epath.PathLike, like: Any, *, step: int | None = None) 
     flat, _ = jax.tree_util.tree_flatten_with_path(like)
     wanted = {jax.tree_util.keystr(p): (dtype_of(x).name, list(np.shape(x))) for p, x in flat}
     have = {k: (h["dtype"], h["shape"]) for k, h in saved.items()}
+    fix = (
+        "Pass the initial state of the optimizer it was saved with (the same chain, wrappers such as optax.flatten "
+        "included) over the same adapter."
+    )
     if wanted != have:
         differ = sorted(k for k in wanted.keys() | have.keys() if wanted.get(k) != have.get(k))
-        raise StructureError(f"the optimizer state in {directory} does not fit `like`: entries {differ[:8]} differ.")
+        shown = {k: {"saved": have.get(k), "like": wanted.get(k)} for k in differ[:4]}
+        raise StructureError(
+            f"the optimizer state in {directory} does not fit `like`: entries (dtype, shape) differ: {shown}"
+            f"{' ...' if len(differ) > 4 else ''}. {fix}"
+        )
+    saved_nodes = _containers(_saved_tree(item))
+    like_nodes = _containers(ocp.tree.serialize_tree(like, keep_empty_nodes=True))
+    if saved_nodes != like_nodes:  # the same arrays in other containers: another optimizer chain
+        raise StructureError(
+            f"the optimizer state in {directory} holds the arrays of `like` in other containers (saved: "
+            f"{str(saved_nodes)[:200]}; like: {str(like_nodes)[:200]}): another optimizer chain. {fix}"
+        )
     restored = _host_restore(item, saved, like)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     return jax.tree.map(lambda a, x: _put(a, x.sharding if isinstance(x, jax.Array) else default), restored, like)

@@ -194,6 +194,7 @@ class PickedRows(struct.PyTreeNode, meta.AxisMetadata):
 
     value: Any
     layer_axes: tuple[int, ...] = struct.field(pytree_node=False, default=())
+    module: str = struct.field(pytree_node=False, default="")  # the module path, for error messages
 
     def unbox(self) -> Any:
         return self.value
@@ -207,11 +208,13 @@ class PickedRows(struct.PyTreeNode, meta.AxisMetadata):
 
     def remove_axis(self, index: int, params: dict[Any, Any]) -> PickedRows:
         if index not in self.layer_axes:
+            given = f"the layer axes it was given: {self.layer_axes}" if self.layer_axes else "no layer axis given"
             raise VectorShapeError(
-                f"nn.scan / nn.vmap slices axis {index} of per-example vectors of shape {jnp.shape(self.value)}, "
-                f"which ia3_jax.per_example_adapter did not pick as a layer axis (its layer axes: {self.layer_axes}): "
-                "the examples would be sliced as layers. Pick with stack_axes={'<stacked module>': <its "
-                "variable_axes['params']>}."
+                f"nn.scan / nn.vmap slices axis {index} of the per-example vectors at {self.module!r} (shape "
+                f"{jnp.shape(self.value)}), which ia3_jax.per_example_adapter did not pick as a layer axis ({given}): "
+                "the examples would be sliced as layers. Name the stacked module holding it (or one above it) in "
+                "stack_axes with its variable_axes['params'], one key per stacking transform, outermost first: "
+                f"stack_axes={{'<stacked module>': {index}}}."
             )
         return self.replace(layer_axes=tuple(a - (a > index) for a in self.layer_axes if a != index))
 
