@@ -405,6 +405,8 @@ def test_batch_size_and_base_mismatches_fail_at_trace_time(served):
         jax.eval_shape(lambda p: forward(p, x, adapter_ids=IDS), {"params": ia3_jax.join(base, ups)})
     with pytest.raises(ia3_jax.VectorShapeError):
         jax.eval_shape(ia3_jax.apply_fn(model.apply, CONFIG), params, x)
+    with pytest.raises(ia3_jax.VectorShapeError, match=r"a bank of 5 adapters of \(16,\) vectors.*bank_select"):
+        ia3_jax.merge(ia3_jax.join(base, {"block": {"up": bank["block"]["up"]}}), CONFIG)
     # Vectors of two bank sizes in one call.
     mixed = ia3_jax.join(base, {"block": {**bank["block"], "up": ia3_jax.bank_remove(bank, 0)["block"]["up"]}})
     with pytest.raises(ia3_jax.StructureError, match="different sizes"):

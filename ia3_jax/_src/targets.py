@@ -206,6 +206,11 @@ class Target:
                     f"kernel {self.kernel_shape} stacks {n} (axis {axis}): the adapter is for a model with another "
                     "number of layers."
                 )
+        if shape[:-1] == self.vector_shape:  # a bank's vector: the adapter axis last (ia3_jax.stack_adapters)
+            raise VectorShapeError(
+                f"IA3 vector at {self.key!r} has shape {shape}: a bank of {shape[-1]} adapters of {self.vector_shape} "
+                "vectors, where one adapter is needed: take adapter i with ia3_jax.bank_select(bank, i)."
+            )
         side = "input" if self.feedforward else "output"
         raise VectorShapeError(
             f"IA3 vector at {self.key!r} has shape {shape} but its kernel {self.kernel_shape} needs "
