@@ -272,10 +272,15 @@ def main() -> None:
         result = run(llama.TINY_F32, batch=8, prompt_len=16, new_tokens=64, repeats=3, min_time_s=0.0)
     else:
         result = run(llama.LlamaConfig(), args.batch, args.prompt_len, args.new_tokens, args.repeats, args.min_time_s)
+    report(result, args.out)
+
+
+def report(result: dict[str, Any], out: Path | None) -> None:
+    """Prints `result` as JSON, and writes it to `out` when given."""
     text = json.dumps(result, indent=2)
     print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    if out:
+        out.write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -111,10 +110,7 @@ def main() -> None:
     args = parser.parse_args()
     config = dataclasses.replace(llama.TINY_F32, num_layers=22) if args.cpu_tiny else llama.LlamaConfig()
     result = profile(config, args.repeats, (1 << 20) if args.cpu_tiny else (2 << 30))
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    bank.report(result, args.out)
 
 
 if __name__ == "__main__":
