@@ -405,7 +405,7 @@ def test_batch_size_and_base_mismatches_fail_at_trace_time(served):
         jax.eval_shape(lambda p: forward(p, x, adapter_ids=IDS), {"params": ia3_jax.join(base, ups)})
     with pytest.raises(ia3_jax.VectorShapeError):
         jax.eval_shape(ia3_jax.apply_fn(model.apply, CONFIG), params, x)
-    with pytest.raises(ia3_jax.VectorShapeError, match=r"a bank of 5 adapters of \(16,\) vectors.*bank_select"):
+    with pytest.raises(ia3_jax.VectorShapeError, match=r"5 vectors along the last axis. A bank.*bank_select\(bank, i\)"):
         ia3_jax.merge(ia3_jax.join(base, {"block": {"up": bank["block"]["up"]}}), CONFIG)
     # Vectors of two bank sizes in one call.
     mixed = ia3_jax.join(base, {"block": {**bank["block"], "up": ia3_jax.bank_remove(bank, 0)["block"]["up"]}})
@@ -457,6 +457,8 @@ def test_picked_rows_refuse_what_does_not_fit(served, tmp_path):
             bank_fn([rows] if bank_fn is ia3_jax.stack_adapters else rows)
     with pytest.raises(ia3_jax.StructureError, match="'block.down.ia3_l' holds per-example rows"):
         ia3_jax.save_adapter(tmp_path / "rows", rows, CONFIG)
+    with pytest.raises(ia3_jax.StructureError, match="are per-example rows.*bank_select"):
+        ia3_jax.merge(ia3_jax.join(base, rows), CONFIG)
     assert not (tmp_path / "rows").exists()
 
 

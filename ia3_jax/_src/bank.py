@@ -335,7 +335,7 @@ def _stacked_rows(rows: jax.Array, axes: tuple[int, ...], module: str) -> _inter
         order.insert(a, s)
     source = ["batch", *range(rows.ndim - 1)]
     placed = jnp.transpose(rows, [source.index(label) for label in order])
-    return _interceptor.PickedRows(placed, tuple(order.index(s) for s in layer), module)
+    return _interceptor.PickedRows(placed, tuple(sorted(order.index(s) for s in layer)), module)
 
 
 def _layer_axes(

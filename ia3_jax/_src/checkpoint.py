@@ -302,6 +302,25 @@ def _containers(tree: Any) -> Any:
     return None if tree is None else "*"
 
 
+def _first_difference(saved: Any, like: Any, at: str = "") -> str:
+    """Where two `_containers` trees first differ, e.g. ``"at [1]: saved 3 entries, like 2"``."""
+    if isinstance(saved, list) and isinstance(like, list) and len(saved) == len(like):
+        for i, (a, b) in enumerate(zip(saved, like)):
+            if a != b:
+                return _first_difference(a, b, f"{at}[{i}]")
+    if isinstance(saved, dict) and isinstance(like, dict) and saved.keys() == like.keys():
+        for key in saved:
+            if saved[key] != like[key]:
+                return _first_difference(saved[key], like[key], f"{at}[{key!r}]")
+
+    def describe(node: Any) -> str:
+        if isinstance(node, list | dict):
+            return f"{len(node)} entries"
+        return "an empty node" if node is None else "an array"
+
+    return f"at {at or 'the top'}: saved {describe(saved)}, like {describe(like)}"
+
+
 def _host_restore(item: str, hashes: Mapping[str, Any], like: Any) -> Any:
     """The tree under `item`, structured like `like`, as numpy arrays checked bit for bit against `hashes`."""
     target = jax.tree.map(lambda x: np.empty(np.shape(x), dtype_of(x)), like)
@@ -735,8 +754,8 @@ def load_opt_state(path: epath.PathLike, like: Any, *, step: int | None = None) 
     like_nodes = _containers(ocp.tree.serialize_tree(like, keep_empty_nodes=True))
     if saved_nodes != like_nodes:  # the same arrays in other containers: another optimizer chain
         raise StructureError(
-            f"the optimizer state in {directory} holds the arrays of `like` in other containers (saved: "
-            f"{str(saved_nodes)[:200]}; like: {str(like_nodes)[:200]}): another optimizer chain. {fix}"
+            f"the optimizer state in {directory} holds the arrays of `like` in other containers, "
+            f"{_first_difference(saved_nodes, like_nodes)}: another optimizer chain. {fix}"
         )
     restored = _host_restore(item, saved, like)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -203,10 +203,12 @@ class PickedRows(struct.PyTreeNode, meta.AxisMetadata):
         return self.replace(value=val)
 
     def add_axis(self, index: int, params: dict[Any, Any]) -> PickedRows:
+        index %= jnp.ndim(self.value) + 1  # a negative variable_axes counts from the end
         shifted = tuple(a + (a >= index) for a in self.layer_axes)
         return self.replace(layer_axes=tuple(sorted((*shifted, index))))
 
     def remove_axis(self, index: int, params: dict[Any, Any]) -> PickedRows:
+        index %= jnp.ndim(self.value)  # a negative variable_axes counts from the end
         if index not in self.layer_axes:
             given = f"the layer axes it was given: {self.layer_axes}" if self.layer_axes else "no layer axis given"
             raise VectorShapeError(

@@ -206,10 +206,13 @@ class Target:
                     f"kernel {self.kernel_shape} stacks {n} (axis {axis}): the adapter is for a model with another "
                     "number of layers."
                 )
-        if shape[:-1] == self.vector_shape:  # a bank's vector: the adapter axis last (ia3_jax.stack_adapters)
+        if shape[:-1] == self.vector_shape:  # a bank's vector (the adapter axis last), or layers stacked last
             raise VectorShapeError(
-                f"IA3 vector at {self.key!r} has shape {shape}: a bank of {shape[-1]} adapters of {self.vector_shape} "
-                "vectors, where one adapter is needed: take adapter i with ia3_jax.bank_select(bank, i)."
+                f"IA3 vector at {self.key!r} has shape {shape} where its kernel {self.kernel_shape} needs "
+                f"{self.vector_shape}: {shape[-1]} vectors along the last axis. A bank of adapters (ia3_jax."
+                "stack_adapters) gives this: take adapter i with ia3_jax.bank_select(bank, i); so does an adapter of "
+                "nn.scan-stacked layers (variable_axes=1) used on unrolled ones: ia3_jax.unstack(adapter, '<layers>', "
+                "axis=1)."
             )
         side = "input" if self.feedforward else "output"
         raise VectorShapeError(
