@@ -9,7 +9,9 @@ where its kernel has it; the adapter axis after all of them is never sliced, so 
 
 `bank_apply_fn` runs a model with per-example adapter ids through the one IA3 interceptor: each
 example is scaled by its adapter's vectors, input or output side as the config says, and id
-`NO_ADAPTER` (-1) runs an example on the base model.
+`NO_ADAPTER` (-1) runs an example on the base model. Where the ids are fixed for a batch (serving:
+a decode loop), `per_example_adapter` picks each example's vectors once, as `PickedRows`, and
+`per_example_apply_fn` applies them, so that no step gathers from the bank.
 
 Example::
 
