@@ -459,6 +459,11 @@ def test_picked_rows_refuse_what_does_not_fit(served, tmp_path):
         ia3_jax.save_adapter(tmp_path / "rows", rows, CONFIG)
     with pytest.raises(ia3_jax.StructureError, match="are per-example rows.*bank_select"):
         ia3_jax.merge(ia3_jax.join(base, rows), CONFIG)
+    # A bank's checkpoint is checked against no base: loading it with params= says so.
+    ia3_jax.save_adapter(tmp_path / "bank", bank, CONFIG)
+    with pytest.raises(ia3_jax.AdapterMismatchError, match="It is a bank of 5 adapters.*without params="):
+        ia3_jax.load_adapter(tmp_path / "bank", params=base, layouts=setup(model, x)[1])
+    chex.assert_trees_all_equal(ia3_jax.load_adapter(tmp_path / "bank")[0], bank)
     assert not (tmp_path / "rows").exists()
 
 

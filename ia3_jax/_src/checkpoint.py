@@ -661,9 +661,16 @@ def check_adapter(
             problems.append(f"{_tree.dotted(p)}: adapter {have[p]} but params expect {want[p]}")
     if problems:
         listing = "; ".join(problems[:12]) + (f"; ... ({len(problems) - 12} more)" if len(problems) > 12 else "")
+        # A bank (ia3_jax.stack_adapters): every vector has the expected shape plus one adapter axis, last.
+        sizes = {have[p][-1] if have[p] and have[p][:-1] == want.get(p) else None for p in have}
+        hint = (
+            f"It is a bank of {sizes.pop()} adapters, which is checked against no base: load it without params=, or "
+            "check one adapter, ia3_jax.bank_select(bank, i)."
+            if have.keys() == want.keys() and len(sizes) == 1 and None not in sizes
+            else "Was it trained on another architecture or with another config?"
+        )
         raise AdapterMismatchError(
-            f"the adapter does not fit these params ({len(problems)} problems): {listing}. "
-            "Was it trained on another architecture or with another config?"
+            f"the adapter does not fit these params ({len(problems)} problems): {listing}. {hint}"
         )
 
 
