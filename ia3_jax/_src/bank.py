@@ -58,12 +58,9 @@ def _as_pair(item: AdapterLike, where: str) -> tuple[Adapter, IA3Config | None]:
 def _vectors(adapter: Adapter, where: str) -> dict[_tree.Path, jax.Array]:
     """The adapter's vectors (unboxed) by module path; anything else in it is refused."""
     vectors = {}
-    for path, leaf in _tree.leaves_with_paths(adapter):
-        if isinstance(leaf, _interceptor.PickedRows):
-            raise StructureError(
-                f"{where} holds per-example rows at {_tree.dotted(path[:-1])!r} (ia3_jax.per_example_adapter's result "
-                "for one batch), not adapters: stack, size and pick from the bank itself."
-            )
+    leaves = _tree.leaves_with_paths(adapter)
+    _interceptor.refuse_picked(leaves, f"{where} must be an adapter or a bank: stack, size and pick from the bank.")
+    for path, leaf in leaves:
         if not path or path[-1] != _tree.VECTOR:
             raise StructureError(
                 f"{where} holds {_tree.dotted(path)!r}, which is not an IA3 vector: a bank holds vectors only, since "

@@ -56,7 +56,7 @@ from ia3_jax._src.errors import (
     TargetError,
 )
 from ia3_jax._src.init import ia3_init
-from ia3_jax._src.interceptor import PickedRows
+from ia3_jax._src.interceptor import refuse_picked
 from ia3_jax._src.layout import KernelLayout
 from ia3_jax._src.partition import is_trainable, split, without_vectors
 from ia3_jax._src.peft_io import TASK_MODULES_TO_SAVE
@@ -128,12 +128,9 @@ def _payload(adapter: Mapping[str, Any], config: IA3Config, opt_state: Any) -> _
     roots = modules_to_save_roots(adapter, config)
     arrays: dict[_tree.Path, Any] = {}
     joined: dict[str, _tree.Path] = {}
-    for path, leaf in _adapter_leaves(adapter):
-        if isinstance(leaf, PickedRows):
-            raise StructureError(
-                f"adapter leaf {_tree.dotted(path)!r} holds per-example rows (ia3_jax.per_example_adapter's result for "
-                "one batch), not an adapter: save the bank they were picked from."
-            )
+    leaves = list(_adapter_leaves(adapter))
+    refuse_picked(leaves, "save the bank they were picked from.")
+    for path, leaf in leaves:
         value = _tree.unbox(leaf)  # boxes carry sharding names only; the checkpoint holds arrays
         if not isinstance(value, (jax.Array, np.ndarray)):
             raise StructureError(f"adapter leaf {_tree.dotted(path)!r} is a {type(value).__name__}, not an array.")

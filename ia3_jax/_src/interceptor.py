@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import inspect
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import flax.linen as nn
@@ -26,7 +26,13 @@ from ia3_jax._src import quant
 from ia3_jax._src import tree as _tree
 from ia3_jax._src.config import IA3Config
 from ia3_jax._src.dtypes import check_vector_dtype
-from ia3_jax._src.errors import AdapterIdsError, AlreadyJittedError, NotAppliedError, VectorShapeError
+from ia3_jax._src.errors import (
+    AdapterIdsError,
+    AlreadyJittedError,
+    NotAppliedError,
+    StructureError,
+    VectorShapeError,
+)
 from ia3_jax._src.remat import name_activation
 from ia3_jax._src.targets import feedforward_side
 
@@ -219,6 +225,17 @@ class PickedRows(struct.PyTreeNode, meta.AxisMetadata):
                 f"stack_axes={{'<stacked module>': {index}}}."
             )
         return self.replace(layer_axes=tuple(a - (a > index) for a in self.layer_axes if a != index))
+
+
+def refuse_picked(leaves: Iterable[tuple[_tree.Path, Any]], fix: str) -> None:
+    """Raises `StructureError` when any ``(path, leaf)`` holds `PickedRows`: one batch's rows where an adapter or
+    a bank is needed; `fix` says what to pass instead."""
+    picked = [_tree.dotted(path) for path, leaf in leaves if isinstance(leaf, PickedRows)]
+    if picked:
+        raise StructureError(
+            f"{_tree.listing(picked)} holds per-example rows (ia3_jax.per_example_adapter's result for one batch), "
+            f"not an adapter: {fix}"
+        )
 
 
 def scale_rows(activation: jax.Array, rows: jax.Array) -> jax.Array:

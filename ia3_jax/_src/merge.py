@@ -19,7 +19,7 @@ from ia3_jax._src import tree as _tree
 from ia3_jax._src.config import IA3Config
 from ia3_jax._src.dtypes import check_vector_dtype
 from ia3_jax._src.errors import NonFiniteMergeError, StructureError, VectorShapeError
-from ia3_jax._src.interceptor import PickedRows
+from ia3_jax._src.interceptor import refuse_picked
 from ia3_jax._src.layout import KernelLayout
 from ia3_jax._src.partition import without_vectors
 from ia3_jax._src.targets import Target, vector_target
@@ -137,12 +137,7 @@ def _targeted(
     """
     vectors = _tree.vectors(tree) if vectors is None else vectors
     paths = tuple(vectors)
-    picked = [_tree.dotted(p) for p in paths if isinstance(vectors[p], PickedRows)]
-    if picked:
-        raise StructureError(
-            f"the vectors at {_tree.listing(picked)} are per-example rows (ia3_jax.per_example_adapter's result for "
-            "one batch), not an adapter: fold one adapter of the bank, ia3_jax.bank_select(bank, i)."
-        )
+    refuse_picked(vectors.items(), "fold one adapter of the bank, ia3_jax.bank_select(bank, i).")
     nodes = [{k: v for k, v in _tree.get(tree, p).items() if k in ("kernel", "bias")} for p in paths]
     return paths, nodes, [_tree.unbox(vectors[p]) for p in paths]
 
