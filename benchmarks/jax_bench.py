@@ -207,6 +207,13 @@ def loss_fns(model: Model, mode: str) -> tuple[Callable, Any, Any]:
     raise ValueError(f"unknown training mode {mode!r}: use ia3, floor or full.")
 
 
+def optimizer_for(mode: str) -> optax.GradientTransformation:
+    """AdamW; for an ``-flat`` mode (``ia3-flat``) over one raveled vector (``optax.flatten``): one update
+    kernel for all of IA3's vectors instead of one each, as the README recommends."""
+    adamw = optax.adamw(LEARNING_RATE)
+    return optax.flatten(adamw) if mode.endswith("-flat") else adamw
+
+
 def train_step(loss: Callable, optimizer: optax.GradientTransformation) -> Callable:
     """One AdamW step on the trainable tree; trainable and optimizer state are donated."""
 
@@ -295,7 +302,7 @@ def nbytes(tree: Any) -> int:
     return int(sum(x.size * jax.dtypes.itemsize_bits(x.dtype) for x in jax.tree.leaves(tree))) // 8
 
 
-def _timed(fn: Callable[[], Any], n: int, min_time_s: float = 0.0) -> list[float]:
+def durations(fn: Callable[[], Any], n: int, min_time_s: float = 0.0) -> list[float]:
     """Durations of `n` synchronised calls of `fn`, or more until they add up to `min_time_s`."""
     times: list[float] = []
     while len(times) < n or sum(times) < min_time_s:
@@ -329,17 +336,18 @@ def timed_steps(
         losses.append(value)
         return value, trainable, opt_state
 
-    _timed(one_step, workload.warmup)
-    times = _timed(one_step, workload.steps, workload.min_time_s)
+    durations(one_step, workload.warmup)
+    times = durations(one_step, workload.steps, workload.min_time_s)
     return times, [float(v) for v in losses]
 
 
 def bench_train(model_name: str, mode: str, workload: Workload, attention: str | None) -> dict[str, Any]:
-    """Median step time, tokens/s and peak memory of one training mode on one model."""
+    """Median step time, tokens/s and peak memory of one training mode on one model (`loss_fns`'s modes,
+    and ``ia3-flat``: IA3 with `optimizer_for`'s flattened AdamW)."""
     model = build(model_name, workload, attention)
-    loss, trainable, frozen = loss_fns(model, mode)
+    loss, trainable, frozen = loss_fns(model, mode.removesuffix("-flat"))
     model.params = None  # only `frozen` / `trainable` keep the weights alive
-    optimizer = optax.adamw(LEARNING_RATE)
+    optimizer = optimizer_for(mode)
     opt_state = optimizer.init(trainable)
     ids = batch(workload)
     step = train_step(loss, optimizer)
@@ -384,8 +392,7 @@ def bench_pair(
     runs: dict[str, list[Any]] = {}
     for mode in ("ia3", "ia3-flat", "floor"):
         loss, trainable, frozen = loss_fns(models[mode], mode.removesuffix("-flat"))
-        # ia3-flat: the 66 vectors raveled into one array for AdamW (optax.flatten): one update kernel, not 66
-        optimizer = optax.flatten(optax.adamw(LEARNING_RATE)) if mode == "ia3-flat" else optax.adamw(LEARNING_RATE)
+        optimizer = optimizer_for(mode)
         opt_state = optimizer.init(trainable)
         compiled = train_step(loss, optimizer).lower(trainable, opt_state, frozen, ids).compile()
         runs[mode] = [compiled, (trainable, opt_state), frozen]
@@ -400,11 +407,11 @@ def bench_pair(
 
     times: dict[str, list[float]] = {mode: [] for mode in runs}
     for mode in runs:
-        _timed(lambda: one_step(mode), workload.warmup)
+        durations(lambda: one_step(mode), workload.warmup)
     per_round = max(2, workload.steps // 3)
     for _ in range(rounds):
         for mode in runs:
-            times[mode] += _timed(lambda: one_step(mode), per_round, workload.min_time_s / rounds)
+            times[mode] += durations(lambda: one_step(mode), per_round, workload.min_time_s / rounds)
     out: dict[str, Any] = {**models["ia3"].info, "floor_model": floor_name, "modes": {}}
     for mode, t in times.items():
         out["modes"][mode] = {
@@ -515,9 +522,11 @@ def _decode_row(
     times: dict[str, dict[str, list[float]]] = {name: {call: [] for call in calls} for name in variants}
     for _ in range(rounds):
         for name, (fn, params) in variants.items():
-            times[name]["generate"] += _timed(functools.partial(fn, params, prompt, new_tokens), 1, min_time_s / rounds)
+            times[name]["generate"] += durations(
+                functools.partial(fn, params, prompt, new_tokens), 1, min_time_s / rounds
+            )
             if prefill_tokens is not None:
-                times[name]["prefill"] += _timed(functools.partial(fn, params, prompt, prefill_tokens), 3)
+                times[name]["prefill"] += durations(functools.partial(fn, params, prompt, prefill_tokens), 3)
     row: dict[str, Any] = {}
     for name, t in times.items():
         generate, prefill = summary(t["generate"]), summary(t["prefill"]) if "prefill" in t else None
@@ -584,7 +593,7 @@ def copy_bandwidth(n_bytes: int, repeats: int) -> float:
     x = jax.random.normal(jax.random.key(2), (n_bytes // 2,), jnp.bfloat16)
     negate = jax.jit(jnp.negative)
     jax.block_until_ready(negate(x))
-    return 2 * n_bytes / statistics.median(_timed(lambda: negate(x), repeats))
+    return 2 * n_bytes / statistics.median(durations(lambda: negate(x), repeats))
 
 
 def _relative_error(a: jax.Array, b: jax.Array) -> float:
@@ -612,7 +621,7 @@ def bench_inference(
         times: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(workload.steps):  # interleaved rounds: drifts hit all variants alike
             for name, (fn, p) in variants.items():
-                times[name] += _timed(lambda: fn(p, ids), 5)
+                times[name] += durations(lambda: fn(p, ids), 5)
         out["forward"][f"{b}x{s}"] = {
             name: {"latency_s": statistics.median(t), "tokens_per_s": b * s / statistics.median(t)}
             for name, t in times.items()
@@ -621,22 +630,22 @@ def bench_inference(
     targeted = [_at(base, path)["kernel"] for path in _vector_modules(joined)]
     floor_bytes = 2 * nbytes(targeted) + nbytes(adapter)  # each targeted kernel read once and written once
     bandwidth = copy_bandwidth(copy_bytes, max(5, workload.steps))
-    merge_times = _timed(lambda: merge(joined), max(10, 3 * workload.steps))
+    merge_times = durations(lambda: merge(joined), max(10, 3 * workload.steps))
     donated_times = _donated_times(model.layouts, joined, max(5, workload.steps))
     # The documented way (issue 13): eager `merge`, the targeted arrays alone through one compiled call.
     eager = lambda: ia3_jax.merge(joined, IA3_CONFIG, layouts=model.layouts)  # noqa: E731
     jax.block_until_ready(eager())
-    eager_times = _timed(eager, max(20, 3 * workload.steps), min(2.0, workload.min_time_s))
+    eager_times = durations(eager, max(20, 3 * workload.steps), min(2.0, workload.min_time_s))
     merged_once = eager()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # unmerge's PEFT warning
         unmerge = lambda: ia3_jax.unmerge(merged_once, adapter, IA3_CONFIG, layouts=model.layouts)  # noqa: E731
         jax.block_until_ready(unmerge())
-        unmerge_times = _timed(unmerge, max(20, 3 * workload.steps), min(2.0, workload.min_time_s))
+        unmerge_times = durations(unmerge, max(20, 3 * workload.steps), min(2.0, workload.min_time_s))
     shared = _shared_leaves(joined, merged_once)
     # The host's share: a jitted call that takes the whole tree and does (almost) nothing.
     touch = jax.jit(lambda p: jax.tree.leaves(p)[0][0])
-    dispatch_times = _timed(lambda: touch(joined), max(10, 3 * workload.steps))
+    dispatch_times = durations(lambda: touch(joined), max(10, 3 * workload.steps))
     # Only the targeted modules (kernel + vector) go through jit; the rest of the tree is reused as is.
     paths = _vector_modules(joined)
     targeted_tree = functools.reduce(lambda tree, path: _with(tree, path, _at(joined, path)), paths, {})
@@ -647,7 +656,7 @@ def bench_inference(
         merged_part = merge_targeted(targeted_tree)
         return functools.reduce(lambda tree, path: _with(tree, path, _at(merged_part, path)), paths, base)
 
-    targeted_times = _timed(targeted_then_assembled, max(10, 3 * workload.steps))
+    targeted_times = durations(targeted_then_assembled, max(10, 3 * workload.steps))
     embed_in = jax.tree.leaves(joined)[0]
     embed_out = jax.tree.leaves(merge(joined))[0]
     aliased = _buffer(embed_in) == _buffer(embed_out)
@@ -689,7 +698,7 @@ def _donated_times(layouts: Any, joined: Any, repeats: int) -> list[float]:
         fresh = jax.block_until_ready(jax.tree.map(jnp.copy, joined))
         with warnings.catch_warnings():  # the vectors are donated too but have no output to alias
             warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-            times += _timed(lambda: merge(fresh), 1)
+            times += durations(lambda: merge(fresh), 1)
     return times[1:]  # the first call compiles
 
 

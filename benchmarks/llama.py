@@ -78,6 +78,11 @@ LLAMA32_1B = LlamaConfig(
     vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, intermediate_size=8192,
     rope_theta=500_000.0, tie_embeddings=True,
 )  # fmt: skip
+# Llama-3-8B's shape: how costs that do not grow with the model (a call's dispatch) weigh at a larger size.
+LLAMA3_8B = LlamaConfig(
+    vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, intermediate_size=14336,
+    rope_theta=500_000.0,
+)  # fmt: skip
 TINY = LlamaConfig(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
 TINY_F32 = dataclasses.replace(TINY, dtype=jnp.float32, param_dtype=jnp.float32)  # CPU checks: exact, and fast there
 

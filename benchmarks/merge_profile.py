@@ -1,6 +1,7 @@
 """Where the time of an eager `ia3_jax.merge` goes (issue 13, item 3): host phases and GPU kernel time.
 
-The lean Llama (~1.1B, bf16, unrolled: 66 targeted kernels of PEFT's llama targets). Timed, each a
+The lean Llama (~1.1B, bf16, unrolled: 66 targeted kernels of PEFT's llama targets; ``--size 8b``:
+Llama-3-8B's shape, 96 targeted kernels, to see how the call's fixed costs weigh on a larger model). Timed, each a
 median of >= `--repeats` calls after a warm-up:
 
 - ``merge``: the documented call, outputs waited for (what `jax_bench` reports as ``eager_s``);
@@ -14,6 +15,7 @@ median of >= `--repeats` calls after a warm-up:
   bandwidth.
 
     python benchmarks/merge_profile.py --out merge_profile.json          # H200
+    python benchmarks/merge_profile.py --size 8b --out merge_8b.json     # H200, Llama-3-8B's shape
     python benchmarks/merge_profile.py --cpu-tiny                         # seconds: tiny float32 model
 """
 
@@ -37,6 +39,7 @@ import ia3_jax  # noqa: E402
 from benchmarks import bank, jax_bench, llama  # noqa: E402
 
 IA3 = bank.IA3
+SIZES = {"1b": llama.LlamaConfig(), "8b": llama.LLAMA3_8B}
 
 
 def times(fn: Callable[[], Any], repeats: int, wait: bool = True) -> dict[str, Any]:
@@ -83,6 +86,7 @@ def profile(config: llama.LlamaConfig, repeats: int, copy_bytes: int) -> dict[st
     launches = {line: sum(c for c, _ in v["kernels"].values()) / 20 for line, v in kernels.items()}
     return {
         "device": jax.devices()[0].device_kind,
+        "config": config.to_dict(),
         "targeted_kernels": len(targeted),
         "tree_leaves": len(leaves),
         "floor_s": floor_bytes / bandwidth,
@@ -105,10 +109,11 @@ def profile(config: llama.LlamaConfig, repeats: int, copy_bytes: int) -> dict[st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cpu-tiny", action="store_true", help="tiny float32 model (22 layers): host costs only")
+    parser.add_argument("--size", choices=sorted(SIZES), default="1b", help="the model's shape (default 1b)")
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    config = dataclasses.replace(llama.TINY_F32, num_layers=22) if args.cpu_tiny else llama.LlamaConfig()
+    config = dataclasses.replace(llama.TINY_F32, num_layers=22) if args.cpu_tiny else SIZES[args.size]
     result = profile(config, args.repeats, (1 << 20) if args.cpu_tiny else (2 << 30))
     bank.report(result, args.out)
 

@@ -126,12 +126,14 @@ def issue13_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str
         pair = results.get(f"pair:{model}")
         add(f"{model} IA3 step / {floor} floor step (alternating rounds) <= 1.02",
             pair["ia3_over_floor"] if _ok(pair) else None, 1.02)
+        add(f"{model} IA3 step, optax.flatten(adamw) / {floor} floor step (alternating rounds) <= 1.02",
+            pair.get("ia3_flat_over_floor") if _ok(pair) else None, 1.02)
     add("lean-ia3remat IA3 peak / compiled PEFT IA3 peak (torch:compile:ia3) <= 1.0",
         _ratio(results, "jax:lean-ia3remat:ia3", "torch:compile:ia3", "peak_bytes"), 1.0)
     torch_ia3 = [n for n in results if n.startswith("torch:") and n.endswith(":ia3") and "ckpt" not in n and _ok(results[n])]
     if torch_ia3:
         best = max(torch_ia3, key=lambda n: results[n]["tokens_per_s"])
-        for jax_name in ("jax:lean:ia3", "jax:lean-ia3remat:ia3"):
+        for jax_name in ("jax:lean:ia3", "jax:lean-ia3remat:ia3", "jax:lean-ia3remat:ia3-flat"):
             add(f"{jax_name} tokens/s / best PyTorch PEFT IA3 ({best}) >= 1.2",
                 _ratio(results, jax_name, best, "tokens_per_s"), 1.2, "ge")
             add(f"{jax_name} peak / best PyTorch PEFT IA3 ({best}) peak <= 1.0",

@@ -60,7 +60,13 @@ VARIANTS = {
     "inference": ["infer:lean", "infer:hf"],
     "torch": ["torch:peft:ia3", "torch:peft:floor", "torch:peft:full"],
     # issue 13: IA3's remat policy, compiled PyTorch, decoding with a KV cache
-    "memory": ["jax:lean-ia3remat:ia3", "pair:lean-ia3remat", "jax:lean-scan-ia3remat:ia3", "pair:lean-scan-ia3remat"],
+    "memory": [
+        "jax:lean-ia3remat:ia3",
+        "jax:lean-ia3remat:ia3-flat",  # AdamW under optax.flatten, as the README recommends
+        "pair:lean-ia3remat",
+        "jax:lean-scan-ia3remat:ia3",
+        "pair:lean-scan-ia3remat",
+    ],
     "compiled": [
         "torch:compile:ia3",
         "torch:compile:floor",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 from benchmarks.jax_bench import LEARNING_RATE, Workload
@@ -85,7 +86,40 @@ def _loss_fn(model: Any, runner: str) -> Any:
     return loss if runner == "peft" else torch.compile(loss)
 
 
-def bench_train(mode: str, workload: Workload, device: str, runner: str = "peft", min_time_s: float = 0.0) -> dict[str, Any]:
+def make_step(
+    mode: str, workload: Workload, device: str, runner: str = "peft"
+) -> tuple[Callable[[], Any], Any, list[Any]]:
+    """``(step, model, params)``: ``step()`` runs one AdamW step of `mode` on a fixed random batch and
+    returns the loss (not synchronised); `params` are the tensors AdamW updates."""
+    import torch
+
+    if runner not in RUNNERS:
+        raise ValueError(f"unknown runner {runner!r}: use one of {RUNNERS}.")
+    model, params = trainable(build(workload, device), mode)
+    model.train()
+    if runner == "compile-ckpt":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    fused = runner != "peft" and device.startswith("cuda")
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, fused=fused or None)
+    generator = torch.Generator(device="cpu").manual_seed(1)
+    ids = torch.randint(0, workload.config.vocab_size, (workload.batch, workload.seq), generator=generator).to(device)
+    loss_fn = _loss_fn(model, runner)
+
+    def step() -> Any:
+        loss = loss_fn(ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step, model, params
+
+
+def bench_train(
+    mode: str, workload: Workload, device: str, runner: str = "peft", min_time_s: float = 0.0
+) -> dict[str, Any]:
     """Median (and IQR) step time, tokens/s and peak memory (max_memory_allocated) of one training mode.
 
     Times ``workload.steps`` steps, or more until `min_time_s` seconds of timed steps, after
@@ -93,29 +127,14 @@ def bench_train(mode: str, workload: Workload, device: str, runner: str = "peft"
     """
     import torch
 
-    if runner not in RUNNERS:
-        raise ValueError(f"unknown runner {runner!r}: use one of {RUNNERS}.")
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    model, params = trainable(build(workload, device), mode)
-    model.train()
-    if runner == "compile-ckpt":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
+    run_step, model, params = make_step(mode, workload, device, runner)
     fused = runner != "peft" and cuda
-    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, fused=fused or None)
-    generator = torch.Generator(device="cpu").manual_seed(1)
-    ids = torch.randint(0, workload.config.vocab_size, (workload.batch, workload.seq), generator=generator).to(device)
-    loss_fn = _loss_fn(model, runner)
     losses: list[Any] = []
 
     def step() -> None:
-        loss = loss_fn(ids)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
+        losses.append(run_step())
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()  # the weights stay allocated, so they count in the peak

@@ -229,3 +229,28 @@ def test_report_tunix_comparison_has_its_own_table_and_targets():
     assert "| torch:compile:ia3:llama32-1b |" in tunix_table and "1.100x" in tunix_table  # vs its own floor
     assert "llama32-1b" not in main_table and "| jax:lean:ia3 |" in main_table
     assert "Tunix's Llama-3.2-1B" in report.markdown(results)
+
+
+def test_step_profile_sorts_kernels_into_kinds_per_step():
+    """Real kernel names of both frameworks (H200 traces) land in their kind; totals are per step."""
+    from benchmarks import step_profile
+
+    kernels = [
+        ("nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT", 4, 400.0),  # cuBLAS (JAX and PyTorch)
+        ("gemm_fusion_dot_12", 2, 100.0),  # XLA's Triton GEMM
+        ("triton_tem_fused_mm_1", 2, 100.0),  # Inductor's GEMM template
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26", 2, 200.0),
+        ("void cudnn::fusion::fmha_reduce_head<true>(void const*)", 2, 20.0),
+        ("triton_poi_fused__to_copy__unsafe_view_add_bmm_cat", 2, 60.0),  # names "bmm" but is elementwise
+        ("input_add_multiply_reduce_fusion_21", 2, 80.0),
+        ("Memset (Device)", 4, 40.0),
+    ]
+    profile = step_profile.by_kind(kernels, steps=2)
+    assert {k: round(v["ms"], 6) for k, v in profile["kinds"].items()} == {
+        "attention": 0.11,
+        "matmul": 0.3,
+        "other": 0.09,
+    }
+    assert profile["kinds"]["matmul"]["launches"] == 4.0
+    assert profile["gpu_ms_per_step"] == pytest.approx(sum(us for *_, us in kernels) / 1e3 / 2)
+    assert [row["kernel"] for row in profile["costliest"]][:2] == [kernels[0][0], kernels[3][0]]
