@@ -148,7 +148,7 @@ its activations). Each example's gradient lands in its own adapter's column only
 the other two adapters' gradients exactly zero. The trained adapters go back to PEFT's format one
 by one (`bank_select`).""",
     """tokens, task = batch(jax.random.key(0))
-only_task0, _ = jax.grad(loss, has_aux=True)(bank, tokens[task == 0], task[task == 0])
+only_task0, _ = jax.jit(jax.grad(loss, has_aux=True))(bank, tokens[task == 0], task[task == 0])
 column_norms = sum(jnp.abs(g).reshape(-1, tasks).sum(0) for g in jax.tree.leaves(only_task0))
 print("gradient per adapter:", np.asarray(column_norms))
 
