@@ -513,6 +513,35 @@ def test_nested_stacks():
     chex.assert_trees_all_close(got, reference(model, base, singles, x, IDS), **TOL)
 
 
+class RematScanned(nn.Module):
+    """nn.remat_scan: 5 x 3 layers, both stacked axes at one module path (`layers`)."""
+
+    @nn.compact
+    def __call__(self, x):
+        class Carry(nn.Module):  # remat_scan's body maps the carry to the carry
+            @nn.compact
+            def __call__(self, x):
+                return Block(name="Block_0")(x)[0]
+
+        return nn.remat_scan(Carry, lengths=(5, 3))(name="layers")(x)
+
+
+def test_remat_scan_takes_the_longer_path_as_its_second_key():
+    """nn.remat_scan's two levels: `layers` for the outer one, `layers.Block_0` for the inner (README), against
+    each example alone; the outer key alone is refused when the inner level slices."""
+    model = RematScanned()
+    x = jax.random.normal(jax.random.key(1), (B, S, D))
+    base, layouts = setup(model, x)
+    singles = adapters(base, layouts)
+    bank = ia3_jax.stack_adapters(singles)
+    assert bank["layers"]["Block_0"]["up"]["ia3_l"].shape == (5, 3, H, N)
+    stack_axes = {"layers": 0, "layers.Block_0": 0}
+    got = jax.jit(mixed_forward(model.apply, "picked", stack_axes))({"params": ia3_jax.join(base, bank)}, x, IDS)
+    chex.assert_trees_all_close(got, reference(model, base, singles, x, IDS), **TOL)
+    with pytest.raises(ia3_jax.VectorShapeError, match=r"slices axis 0 of the per-example vectors at 'layers.Block_0"):
+        jax.eval_shape(mixed_forward(model.apply, "picked", {"layers": 0}), {"params": ia3_jax.join(base, bank)}, x, IDS)
+
+
 @pytest.mark.parametrize("way", WAYS)
 def test_strict_mode_catches_an_unapplied_bank_vector(served, way):
     model, base, bank, x = served
