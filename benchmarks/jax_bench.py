@@ -208,7 +208,7 @@ def loss_fns(model: Model, mode: str) -> tuple[Callable, Any, Any]:
 
 
 def optimizer_for(mode: str) -> optax.GradientTransformation:
-    """AdamW; for an ``-flat`` mode (``ia3-flat``) over one raveled vector (``optax.flatten``): one update
+    """AdamW; for a ``-flat`` mode (``ia3-flat``) over one raveled vector (``optax.flatten``): one update
     kernel for all of IA3's vectors instead of one each, as the README recommends."""
     adamw = optax.adamw(LEARNING_RATE)
     return optax.flatten(adamw) if mode.endswith("-flat") else adamw

@@ -108,8 +108,9 @@ def profile(config: llama.LlamaConfig, repeats: int, copy_bytes: int) -> dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cpu-tiny", action="store_true", help="tiny float32 model (22 layers): host costs only")
-    parser.add_argument("--size", choices=sorted(SIZES), default="1b", help="the model's shape (default 1b)")
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--cpu-tiny", action="store_true", help="tiny float32 model (22 layers): host costs only")
+    model.add_argument("--size", choices=sorted(SIZES), default="1b", help="the model's shape (default 1b)")
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()

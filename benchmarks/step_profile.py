@@ -1,16 +1,17 @@
 """Where a training step's GPU time goes, by kind of kernel, in JAX and in compiled PyTorch (issue 13).
 
 The benchmarks' workload (Llama ~1.1B, bf16, batch 8 x 1024, float32 next-token loss, AdamW), four
-steps: the lean Linen model's IA3 step (``ia3_jax.remat_policy()``, ``optax.flatten(optax.adamw)``, as
+training steps compared: the lean Linen model's IA3 step (``ia3_jax.remat_policy()``, ``optax.flatten(optax.adamw)``, as
 the README recommends) and its floor (one norm weight trained, no remat); PEFT's IA3 step and its
 floor on HF's ``LlamaForCausalLM`` under ``torch.compile`` with fused AdamW (sdpa attention). Each is
-traced over `--steps` steps after warm-up (then timed, wall clock, synchronised per step) and its kernels' GPU time
-summed per step into kinds:
-``matmul`` (cuBLAS, cuDNN or Triton GEMMs), ``attention`` (fused attention kernels), ``other``
-(elementwise and reduction fusions, copies, the optimizer). Tells whether a gap between the
+traced over `--steps` steps after warm-up, then timed (wall clock, synchronised per step), and its
+kernels' GPU time summed per step into kinds: ``matmul`` (cuBLAS, CUTLASS or Triton GEMMs),
+``attention`` (fused attention kernels and cuDNN's helpers of them), ``other`` (elementwise and
+reduction fusions, copies, memsets, the optimizer). JAX and PyTorch share the GPU in one process:
+JAX does not preallocate here. Tells whether a gap between the
 frameworks is IA3's (the difference to each floor) or the base model's (the kinds of the floors).
 
-    python benchmarks/step_profile.py --out step_profile.json     # H200 (transformers 4.57 not needed)
+    python benchmarks/step_profile.py --out step_profile.json     # H200 (PyTorch's own transformers will do)
     python benchmarks/step_profile.py --cpu-tiny                   # seconds: JAX only, on the CPU
 """
 
@@ -25,18 +26,20 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import jax
-import optax
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # PyTorch needs its share of the GPU
+
+import jax  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from benchmarks import bank, jax_bench, llama, torch_bench  # noqa: E402
 
 # Inductor's pointwise, reduction and persistent-reduction kernels name the ops they fuse ("mm" among them).
-ELEMENTWISE = re.compile(r"^triton_(poi|red|per)_")
+ELEMENTWISE = re.compile(r"^triton_(poi|red|per|for)_")
 KINDS = {
-    "attention": re.compile(r"fmha|flash|sdpa|attention|attn", re.IGNORECASE),
-    "matmul": re.compile(r"gemm|xmma|nvjet|cutlass|cublas|wgmma|_mm_|mm_|bmm|matmul|sm90_|sm100_", re.IGNORECASE),
+    # cudnn::fusion: the flash-attention backward's helpers (dO.O, dQ's conversion, the heads' reduction)
+    "attention": re.compile(r"fmha|flash|sdpa|attention|attn|cudnn::fusion", re.IGNORECASE),
+    "matmul": re.compile(r"gemm|xmma|nvjet|cutlass|cublas|wgmma|^triton_tem_.*mm|bmm|matmul", re.IGNORECASE),
 }
 
 
@@ -48,28 +51,30 @@ def kind_of(kernel: str) -> str:
 
 
 def by_kind(kernels: Iterable[tuple[str, int, float]], steps: int) -> dict[str, Any]:
-    """Per step: GPU time (ms) and launches per kind, and the 25 costliest kernels, from ``(name, count, us)``."""
+    """Per step: GPU time (ms) and operations (kernels, memsets) per kind, and the 25 costliest kernels, from
+    ``(name, count, us)``."""
     kinds = {kind: {"ms": 0.0, "launches": 0.0} for kind in (*KINDS, "other")}
-    rows = sorted(kernels, key=lambda k: -k[2])
-    for name, count, us in rows:
-        kinds[kind_of(name)]["ms"] += us / 1e3 / steps
-        kinds[kind_of(name)]["launches"] += count / steps
+    rows = [(name, kind_of(name), count / steps, us / 1e3 / steps) for name, count, us in kernels]
+    rows.sort(key=lambda row: -row[3])
+    for _, kind, launches, ms in rows:
+        kinds[kind]["ms"] += ms
+        kinds[kind]["launches"] += launches
     return {
         "gpu_ms_per_step": sum(k["ms"] for k in kinds.values()),
         "kinds": kinds,
         "costliest": [
-            {"kernel": name[:160], "kind": kind_of(name), "launches": count / steps, "ms": us / 1e3 / steps}
-            for name, count, us in rows[:25]
+            {"kernel": name[:160], "kind": kind, "launches": launches, "ms": ms}
+            for name, kind, launches, ms in rows[:25]
         ],
     }
 
 
-def jax_step(model_name: str, mode: str, workload: jax_bench.Workload, flat: bool) -> Callable[[], Any]:
-    """One compiled training step of the lean model, its state carried between calls."""
+def jax_step(model_name: str, mode: str, workload: jax_bench.Workload) -> Callable[[], Any]:
+    """One compiled training step of the lean model (`jax_bench.bench_train`'s modes), its state carried between
+    calls."""
     model = jax_bench.build(model_name, workload, "cudnn" if jax.default_backend() == "gpu" else None)
-    loss, trainable, frozen = jax_bench.loss_fns(model, mode)
-    adamw = optax.adamw(jax_bench.LEARNING_RATE)
-    optimizer = optax.flatten(adamw) if flat else adamw
+    loss, trainable, frozen = jax_bench.loss_fns(model, mode.removesuffix("-flat"))
+    optimizer = jax_bench.optimizer_for(mode)
     step = jax_bench.train_step(loss, optimizer)
     ids = jax_bench.batch(workload)
     state = [trainable, optimizer.init(trainable)]
@@ -84,7 +89,8 @@ def jax_step(model_name: str, mode: str, workload: jax_bench.Workload, flat: boo
 def jax_profile(step: Callable[[], Any], steps: int) -> dict[str, Any]:
     """GPU kernel time per step of a JAX step (the stream lines of a `jax.profiler` trace), and its wall time."""
     lines = bank.kernel_times(step, steps)
-    kernels = [(name, count, us) for line in lines.values() for name, (count, us) in line["kernels"].items()]
+    streams = [line for name, line in lines.items() if "Stream" in name]  # not the XLA op lines: no double count
+    kernels = [(name, count, us) for line in streams for name, (count, us) in line["kernels"].items()]
     return {**by_kind(kernels, steps), "wall": jax_bench.summary(jax_bench.durations(step, steps))}
 
 
@@ -127,8 +133,8 @@ def main() -> None:
         "steps": args.steps,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
-    result["jax:lean-ia3remat:ia3-flat"] = jax_profile(jax_step("lean-ia3remat", "ia3", workload, True), args.steps)
-    result["jax:lean:floor"] = jax_profile(jax_step("lean", "floor", workload, False), args.steps)
+    result["jax:lean-ia3remat:ia3-flat"] = jax_profile(jax_step("lean-ia3remat", "ia3-flat", workload), args.steps)
+    result["jax:lean:floor"] = jax_profile(jax_step("lean", "floor", workload), args.steps)
     if not (args.cpu_tiny or args.jax_only):
         for mode in ("ia3", "floor"):
             try:  # keep the JAX profiles when PyTorch fails; the error goes in the report

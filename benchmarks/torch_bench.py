@@ -86,6 +86,11 @@ def _loss_fn(model: Any, runner: str) -> Any:
     return loss if runner == "peft" else torch.compile(loss)
 
 
+def fused_adamw(runner: str, device: str) -> bool:
+    """Whether a runner's AdamW is the fused CUDA kernel (compiled runners on a GPU; eager PEFT keeps the default)."""
+    return runner != "peft" and device.startswith("cuda")
+
+
 def make_step(
     mode: str, workload: Workload, device: str, runner: str = "peft"
 ) -> tuple[Callable[[], Any], Any, list[Any]]:
@@ -101,8 +106,7 @@ def make_step(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
-    fused = runner != "peft" and device.startswith("cuda")
-    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, fused=fused or None)
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, fused=fused_adamw(runner, device) or None)
     generator = torch.Generator(device="cpu").manual_seed(1)
     ids = torch.randint(0, workload.config.vocab_size, (workload.batch, workload.seq), generator=generator).to(device)
     loss_fn = _loss_fn(model, runner)
@@ -130,7 +134,7 @@ def bench_train(
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     run_step, model, params = make_step(mode, workload, device, runner)
-    fused = runner != "peft" and cuda
+    fused = fused_adamw(runner, device)
     losses: list[Any] = []
 
     def step() -> None:

@@ -240,16 +240,19 @@ def test_step_profile_sorts_kernels_into_kinds_per_step():
         ("gemm_fusion_dot_12", 2, 100.0),  # XLA's Triton GEMM
         ("triton_tem_fused_mm_1", 2, 100.0),  # Inductor's GEMM template
         ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26", 2, 200.0),
-        ("void cudnn::fusion::fmha_reduce_head<true>(void const*)", 2, 20.0),
+        ("void cudnn::fusion::fmha_reduce_head<true>(void const*)", 2, 20.0),  # the backward's helpers
+        ("void cudnn::fusion::compute_dot_do_o_specialized<true, 64>(void const*)", 2, 16.0),
+        ("void cudnn::fusion::convert_dq_to_16bits<true>(void const*)", 2, 14.0),
         ("triton_poi_fused__to_copy__unsafe_view_add_bmm_cat", 2, 60.0),  # names "bmm" but is elementwise
+        ("triton_for_fused_0", 1, 10.0),  # Inductor's foreach kernel (the optimizer)
         ("input_add_multiply_reduce_fusion_21", 2, 80.0),
         ("Memset (Device)", 4, 40.0),
     ]
     profile = step_profile.by_kind(kernels, steps=2)
     assert {k: round(v["ms"], 6) for k, v in profile["kinds"].items()} == {
-        "attention": 0.11,
-        "matmul": 0.3,
-        "other": 0.09,
+        "attention": 0.125,  # (200 + 20 + 16 + 14) us / 2 steps
+        "matmul": 0.3,  # (400 + 100 + 100) / 2
+        "other": 0.095,  # (60 + 10 + 80 + 40) / 2
     }
     assert profile["kinds"]["matmul"]["launches"] == 4.0
     assert profile["gpu_ms_per_step"] == pytest.approx(sum(us for *_, us in kernels) / 1e3 / 2)
