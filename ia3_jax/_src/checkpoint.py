@@ -752,7 +752,7 @@ def load_opt_state(path: epath.PathLike, like: Any, *, step: int | None = None) 
         shown = {k: {"saved": have.get(k), "like": wanted.get(k)} for k in differ[:4]}
         raise StructureError(
             f"the optimizer state in {directory} does not fit `like`: entries (dtype, shape) differ: {shown}"
-            f"{' ...' if len(differ) > 4 else ''}. {fix}"
+            f"{f' and {len(differ) - 4} more' if len(differ) > 4 else ''}. {fix}"
         )
     saved_nodes = _containers(_saved_tree(item))
     like_nodes = _containers(ocp.tree.serialize_tree(like, keep_empty_nodes=True))
