@@ -257,3 +257,11 @@ def test_step_profile_sorts_kernels_into_kinds_per_step():
     assert profile["kinds"]["matmul"]["launches"] == 4.0
     assert profile["gpu_ms_per_step"] == pytest.approx(sum(us for *_, us in kernels) / 1e3 / 2)
     assert [row["kernel"] for row in profile["costliest"]][:2] == [kernels[0][0], kernels[3][0]]
+
+
+def test_flat_modes_run_adamw_over_one_raveled_vector():
+    """``ia3-flat`` (the README's advice) keeps AdamW's moments as one array of all the values; ``ia3`` one per leaf."""
+    tree = {"k": {"ia3_l": jnp.ones(3)}, "down": {"ia3_l": jnp.ones((2, 2))}}
+    shapes = lambda mode: sorted(x.shape for x in jax.tree.leaves(jax_bench.optimizer_for(mode).init(tree)) if x.ndim)
+    assert shapes("ia3-flat") == [(7,), (7,)]  # mu and nu over 3 + 4 values
+    assert shapes("ia3") == [(2, 2), (2, 2), (3,), (3,)]
