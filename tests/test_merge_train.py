@@ -77,6 +77,8 @@ def test_merge_equals_hand_computation_and_unmerge_restores():
     chex.assert_trees_all_close(restored["lin1"], params["lin1"], rtol=1e-5, atol=1e-6)
     with pytest.raises(ia3_jax.StructureError, match="'lin5'"):
         ia3_jax.unmerge(merged, {"lin5": {"ia3_l": jnp.ones(3)}}, config)
+    with pytest.raises(ia3_jax.StructureError, match=r"second argument is of type IA3Config.*unmerge\(merged, adapter, config\)"):
+        ia3_jax.unmerge(ia3_jax.join(merged, adapter), config)  # merge's call shape
 
 
 def test_disabled_adapter_is_the_base_model():

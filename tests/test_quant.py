@@ -240,9 +240,19 @@ def test_cast_adapter_refuses_values_the_dtype_cannot_hold():
     half = quant.cast_adapter(adapter, jnp.float16)
     chex.assert_trees_all_equal(half, jax.tree.map(lambda v: v.astype(jnp.float16), adapter))
     big = {**adapter, "v": {"ia3_l": adapter["v"]["ia3_l"].at[3].set(7e4)}}
-    with pytest.raises(ia3_jax.AdapterDtypeError, match=r"'v'.*7e\+04.*float16"):
+    with pytest.raises(ia3_jax.AdapterDtypeError, match=r"'v'.*70000.*float16 rounds to inf"):
         quant.cast_adapter(big, jnp.float16)
     chex.assert_trees_all_equal(quant.cast_adapter(big, jnp.bfloat16)["v"]["ia3_l"][3], jnp.bfloat16(7e4))
+    # The edge is where float16 rounds to inf (65520), not its maximum (65504): 65519 casts to 65504.
+    edge = {**adapter, "v": {"ia3_l": adapter["v"]["ia3_l"].at[3].set(65519.0)}}
+    assert float(quant.cast_adapter(edge, jnp.float16)["v"]["ia3_l"][3]) == 65504.0
+    with pytest.raises(ia3_jax.AdapterDtypeError, match="65520"):
+        quant.cast_adapter({**adapter, "v": {"ia3_l": adapter["v"]["ia3_l"].at[3].set(65520.0)}}, jnp.float16)
+    # A broken adapter is refused, whatever the dtype.
+    for bad in (jnp.nan, jnp.inf):
+        broken = {**adapter, "k": {"ia3_l": adapter["k"]["ia3_l"].at[0].set(bad)}}
+        with pytest.raises(ia3_jax.AdapterDtypeError, match=r"'k' holds NaN or inf.*nothing was cast"):
+            quant.cast_adapter(broken, jnp.bfloat16)
 
 
 def test_dequantize_without_quantized_kernels_is_the_identity():

@@ -182,12 +182,17 @@ def test_conv_with_unstacked_bias_needs_no_layouts():
 @pytest.mark.parametrize("axis", [0, 1])
 def test_unstacked_adapter_saves_one_peft_key_per_layer(tmp_path, axis):
     model, x = Scanned(axis=axis), jnp.ones((2, D))
-    params, _ = setup(model, x)
+    params, layouts = setup(model, x)
     adapter, base = ia3_jax.split(params)
-    per_layer = ia3_jax.unstack(adapter, "layers", axis=axis)
+    per_layer = ia3_jax.unstack(adapter, "layers", axis=axis, layouts=layouts)
     for i in range(L):  # layer i of the stack, now at layers.<i>
         chex.assert_trees_all_equal(per_layer["layers"][str(i)], layer(adapter["layers"], i, axis))
-    chex.assert_trees_all_equal(ia3_jax.stack(per_layer, "layers", axis=axis), adapter)
+    chex.assert_trees_all_equal(ia3_jax.stack(per_layer, "layers", axis=axis, layouts=layouts), adapter)
+    # The other axis is refused by the layouts (the shapes alone cannot tell it when layers == features).
+    with pytest.raises(ia3_jax.StructureError, match=rf"axis={1 - axis} is not a layer axis of 'layers\.\w+'.*axis={axis}"):
+        ia3_jax.unstack(adapter, "layers", axis=1 - axis, layouts=layouts)
+    with pytest.raises(ia3_jax.StructureError, match=rf"Pass axis={axis}"):
+        ia3_jax.stack(per_layer, "layers", axis=1 - axis, layouts=layouts)
 
     flat_base = ia3_jax.unstack(base, "layers", axis=axis)
     with pytest.raises(ia3_jax.LayoutError, match=r"infer_layouts.*one module per layer.*ia3_jax.unstack\(tree"):

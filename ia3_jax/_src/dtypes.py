@@ -39,8 +39,10 @@ def check_vector_dtype(dtype: Any, where: str) -> None:
 def cast_adapter(adapter: Mapping[str, Any], dtype: Any) -> dict[str, Any]:
     """The adapter's ``ia3_l`` vectors cast to the floating `dtype`, checked to be representable.
 
-    Raises `AdapterDtypeError` naming the module if `dtype` is not floating, or if a finite entry of a
-    vector exceeds ``finfo(dtype).max`` (a float16 cast of a vector entry above 65504 would be inf).
+    Raises `AdapterDtypeError` naming the module if `dtype` is not floating, if a vector holds NaN or
+    inf (a broken adapter: `save_peft` refuses it too), or if a finite entry would round to inf in
+    `dtype` (float16: magnitudes of 65520 and above). Entries below the dtype's smallest subnormal
+    round to 0, as any cast does (float16: below 6e-8); `unmerge` cannot divide such an entry back out.
     Reads values, so call it outside `jax.jit`.
 
     Example:
@@ -52,12 +54,20 @@ def cast_adapter(adapter: Mapping[str, Any], dtype: Any) -> dict[str, Any]:
     for path, node in _tree.vector_modules(adapter).items():
         key = _tree.dotted(path)
         vector = _tree.unbox(node[_tree.VECTOR])
-        biggest = float(np.max(np.abs(np.asarray(vector, np.float64)), initial=0.0))
-        if np.isfinite(biggest) and biggest > float(jnp.finfo(target).max):
+        values = np.asarray(vector)
+        if not np.isfinite(values).all():
             raise AdapterDtypeError(
-                f"IA3 vector at {key!r} has an entry of magnitude {biggest:.4g}, beyond {target.name}'s maximum "
-                f"{float(jnp.finfo(target).max):.4g}: the cast would give inf. Keep the adapter in float32 (the "
+                f"IA3 vector at {key!r} holds NaN or inf: the adapter is broken (diverged training, a damaged file); "
+                "nothing was cast. Load or train it again."
+            )
+        with np.errstate(over="ignore"):  # the overflow is what is checked here
+            overflows = not np.isfinite(values.astype(target)).all()  # numpy's cast rounds as XLA's does
+        if overflows:
+            biggest = float(np.max(np.abs(values.astype(np.float64))))
+            raise AdapterDtypeError(
+                f"IA3 vector at {key!r} has an entry of magnitude {biggest:.6g}, which {target.name} rounds to inf "
+                f"(its maximum is {float(jnp.finfo(target).max):.6g}). Keep the adapter in float32 (the "
                 "interceptor computes in the promoted dtype anyway)."
             )
-        out[path + (_tree.VECTOR,)] = _tree.rebox(node[_tree.VECTOR], vector.astype(target))
+        out[path + (_tree.VECTOR,)] = _tree.rebox(node[_tree.VECTOR], vector.astype(target))  # keeps placement
     return _tree.updated(_tree.to_dict(adapter), out)

@@ -395,6 +395,12 @@ def unmerge(
     Example:
       >>> base_again = unmerge(merge(join(base, adapter), config), adapter, config, safe_unmerge=True)
     """
+    if not isinstance(adapter, Mapping):  # unmerge(join(merged, adapter), config): merge's call shape
+        raise StructureError(
+            f"unmerge(merged, adapter, config): the second argument is of type {type(adapter).__name__}, not the adapter "
+            "tree that was merged. The merged params hold no vectors any more: pass the adapter apart, "
+            "unmerge(merged, adapter, config)."
+        )
     vectors = _tree.vectors(adapter)
     for path in vectors:
         try:

@@ -7,7 +7,7 @@ axis into the path; `stack` moves it back. Both work on params and on adapters a
 
 Example (save a scanned adapter in PEFT's format, load it back)::
 
-    save_peft(path, unstack(adapter, "layers"), config, params=unstack(base, "layers"))
+    save_peft(path, unstack(adapter, "layers", layouts=layouts), config, params=unstack(base, "layers"))
     loaded, config = load_peft(path, unstack(base, "layers"))
     adapter = stack(loaded, "layers")
 """
@@ -23,6 +23,7 @@ import numpy as np
 
 from ia3_jax._src import tree as _tree
 from ia3_jax._src.errors import StructureError
+from ia3_jax._src.layout import KernelLayout
 
 
 def _node(tree: Mapping[str, Any], root: str) -> tuple[_tree.Path, Mapping[str, Any]]:
@@ -37,13 +38,30 @@ def _node(tree: Mapping[str, Any], root: str) -> tuple[_tree.Path, Mapping[str, 
     return path, node
 
 
-def unstack(tree: Mapping[str, Any], root: str, *, axis: int = 0) -> dict[str, Any]:
+def _check_layer_axis(root: str, axis: int, layouts: Mapping[str, KernelLayout] | None) -> None:
+    """Raises `StructureError` when `layouts` (`infer_layouts`'s) give a module under `root` stacked-layer axes
+    without `axis`. The hazard: when every leaf has one size on the wrong axis too (layers == features), the
+    shapes cannot tell, and the split would cut features."""
+    for key, layout in (layouts or {}).items():
+        if (key == root or key.startswith(root + ".")) and layout.stack_axes and axis not in layout.stack_axes:
+            raise StructureError(
+                f"axis={axis} is not a layer axis of {key!r}: its layouts give stacked-layer axes {layout.stack_axes} "
+                f"(the scan's variable_axes['params']). Pass axis={layout.stack_axes[0]}."
+            )
+
+
+def unstack(
+    tree: Mapping[str, Any], root: str, *, axis: int = 0, layouts: Mapping[str, KernelLayout] | None = None
+) -> dict[str, Any]:
     """`tree` with the layers stacked under `root` split into modules ``root.0``, ``root.1``, ...
 
     Args:
       tree: params or an adapter; every leaf under `root` carries the layer axis.
       root: '.'-joined path of the scanned module (the ``name`` given to the ``nn.scan`` module).
       axis: the layer axis, ``variable_axes['params']`` of the scan (Flax's default 0).
+      layouts: the layouts given to `ia3_init` (`infer_layouts`), if any: `axis` is checked against the
+        stacked-layer axes they record (`StructureError` naming the right one), which the shapes alone
+        cannot always tell (when the layer count equals a feature size).
 
     Returns:
       A new tree; leaves under `root` are bare arrays (Flax boxes are unboxed), the rest untouched.
@@ -51,10 +69,11 @@ def unstack(tree: Mapping[str, Any], root: str, *, axis: int = 0) -> dict[str, A
       ``layers.<i>.mlp.up.ia3_l``.
 
     Example:
-      >>> per_layer = ia3_jax.unstack(adapter, "layers")     # layers.mlp.up.ia3_l (L, out) -> layers.<i>.mlp.up.ia3_l
+      >>> per_layer = ia3_jax.unstack(adapter, "layers", layouts=layouts)   # (L, out) -> layers.<i>: (out,)
       >>> ia3_jax.save_peft("out/ia3", per_layer, config)
     """
     path, node = _node(tree, root)
+    _check_layer_axis(root, axis, layouts)
     leaves = [(p, _tree.unbox(leaf)) for p, leaf in _tree.leaves_with_paths(node)]
     counts = {p: np.shape(x)[axis] for p, x in leaves if np.ndim(x) > axis}
     if len(counts) != len(leaves) or len(set(counts.values())) != 1:
@@ -69,17 +88,20 @@ def unstack(tree: Mapping[str, Any], root: str, *, axis: int = 0) -> dict[str, A
     return _tree.updated(_tree.to_dict(tree), {path: split})
 
 
-def stack(tree: Mapping[str, Any], root: str, *, axis: int = 0) -> dict[str, Any]:
+def stack(
+    tree: Mapping[str, Any], root: str, *, axis: int = 0, layouts: Mapping[str, KernelLayout] | None = None
+) -> dict[str, Any]:
     """The inverse of `unstack`: modules ``root.0 ... root.<L-1>`` stacked into one at `root`.
 
-    Raises `StructureError` when the children of `root` are not the layers ``0 .. L-1`` or the
-    layers differ in structure or shapes.
+    Raises `StructureError` when the children of `root` are not the layers ``0 .. L-1``, the
+    layers differ in structure or shapes, or `layouts` (as for `unstack`) record other layer axes.
 
     Example:
       >>> adapter, config = ia3_jax.load_peft("peft_dir", ia3_jax.unstack(params, "layers"))
       >>> adapter = ia3_jax.stack(adapter, "layers")          # the nn.scan layout again: (L, out) vectors
     """
     path, node = _node(tree, root)
+    _check_layer_axis(root, axis, layouts)
     names = [str(i) for i in range(len(node))]
     if set(map(str, node)) != set(names):
         raise StructureError(f"{root!r} holds {sorted(node)[:10]}, not the layers '0'..'{len(names) - 1}'.")
