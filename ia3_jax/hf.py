@@ -25,6 +25,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import re
 import warnings
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -35,7 +36,7 @@ import numpy as np
 
 from ia3_jax._src import tree as _tree
 from ia3_jax._src.config import IA3Config, suffix_regex
-from ia3_jax._src.errors import StructureError, UnknownModelTypeError
+from ia3_jax._src.errors import IA3ConfigError, StructureError, UnknownModelTypeError
 from ia3_jax._src.partition import split
 
 __all__ = [
@@ -218,6 +219,8 @@ def default_config(model_or_config: Any, **overrides: Any) -> IA3Config:
     Raises:
       UnknownModelTypeError: the model type is not in PEFT's table and the overrides do not name
         both ``target_modules`` and ``feedforward_modules``.
+      IA3ConfigError: ``modules_to_save`` names the input embedding of a model (given as a model) whose
+        output head is tied to it: see `_refuse_tied_embedding_copies`.
 
     Example:
       >>> config = default_config(model, init_ia3_weights=False)      # a FlaxT5ForConditionalGeneration
@@ -225,6 +228,7 @@ def default_config(model_or_config: Any, **overrides: Any) -> IA3Config:
       (('k', 'v', 'wo'), ('wo',))
     """
     model_type = model_type_of(model_or_config)
+    _refuse_tied_embedding_copies(model_or_config, overrides.get("modules_to_save"))
     if overrides.get("fan_in_fan_out") is False and model_type in FAN_IN_FAN_OUT_MODEL_TYPES:
         # PEFT's own correction (and warning) for transformers' Conv1D layers.
         warnings.warn(
@@ -234,6 +238,37 @@ def default_config(model_or_config: Any, **overrides: Any) -> IA3Config:
         )
         overrides = {**overrides, "fan_in_fan_out": True}
     return resolve(IA3Config(**overrides), model_type)
+
+
+# Input embeddings by their Hugging Face module names; a language-model head may be tied to them.
+INPUT_EMBEDDINGS = ("wte", "shared", "embed_tokens", "word_embeddings")
+_LM_HEAD_CLASS = re.compile(r"LMHead|ForCausalLM|ForConditionalGeneration|ForMaskedLM|ForPreTraining")
+
+
+def _refuse_tied_embedding_copies(model_or_config: Any, modules_to_save: Any) -> None:
+    """Raises `IA3ConfigError` when ``modules_to_save`` names the input embedding of a model whose head is tied
+    to it (``tie_word_embeddings``, a class with a language-model head: GPT-2's ``wte``, T5's ``shared``).
+
+    The hazard: the two frameworks train different models. Flax stores a tied embedding once, so its trained
+    copy would also be the output head; PyTorch PEFT's copy replaces the input embedding only, the tied head
+    keeps reading the original. Logits then differ both ways of the PEFT round trip, silently. (Known only for
+    a model instance: a config or a model_type string does not say whether the class has a tied head.)
+    """
+    if isinstance(model_or_config, str) or not hasattr(model_or_config, "config") or not modules_to_save:
+        return
+    tied = getattr(model_or_config.config, "tie_word_embeddings", False)
+    if not tied or not _LM_HEAD_CLASS.search(type(model_or_config).__name__):
+        return
+    names = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save)
+    embeddings = [m for m in names if str(m).split(".")[-1] in INPUT_EMBEDDINGS]
+    if embeddings:
+        raise IA3ConfigError(
+            f"modules_to_save={embeddings} names the input embedding of {type(model_or_config).__name__}, whose "
+            "output head is tied to it (tie_word_embeddings=True). In Flax a trained copy of it would be the head "
+            "too; in PyTorch PEFT the copy replaces the input embedding only and the tied head keeps the original, "
+            "so the adapter would give other logits there (both ways of the PEFT round trip). Leave the embedding "
+            "frozen, or untie the head (tie_word_embeddings=False) before training."
+        )
 
 
 # --- parameter counts, as PEFT's print_trainable_parameters ---

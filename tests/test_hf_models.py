@@ -307,6 +307,20 @@ def test_default_config_follows_peft_prepare_adapter_config():
         assert hf.default_config("gpt2", fan_in_fan_out=False).fan_in_fan_out
 
 
+def test_a_tied_input_embedding_as_module_to_save_is_refused():
+    """GPT-2's head reads wte: a Flax copy of it would train the head too, PEFT's copy the input side only."""
+    lm = tf.FlaxGPT2LMHeadModel(ARCHS["gpt2"].config, _do_init=False)
+    with pytest.raises(ia3_jax.IA3ConfigError, match=r"\['wte'\].*FlaxGPT2LMHeadModel.*tied.*PEFT"):
+        hf.default_config(lm, modules_to_save=["wte"])
+    with pytest.raises(ia3_jax.IA3ConfigError, match="transformer.wte"):
+        hf.default_config(lm, modules_to_save=["ln_f", "transformer.wte"])
+    assert hf.default_config(lm, modules_to_save=["ln_f"]).modules_to_save == ("ln_f",)
+    # No tied head: the body alone, or the head untied.
+    assert hf.default_config(tf.FlaxGPT2Model(ARCHS["gpt2"].config, _do_init=False), modules_to_save=["wte"])
+    untied = tf.GPT2Config(**{**ARCHS["gpt2"].config.to_dict(), "tie_word_embeddings": False})
+    assert hf.default_config(tf.FlaxGPT2LMHeadModel(untied, _do_init=False), modules_to_save=["wte"])
+
+
 def test_unknown_model_type_says_what_to_set():
     xglm = tf.XGLMConfig(vocab_size=V, d_model=16, num_layers=1, attention_heads=2, ffn_dim=32)
     with pytest.raises(hf.UnknownModelTypeError, match=r"model_type 'xglm'.*Set `target_modules`"):

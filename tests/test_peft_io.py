@@ -100,6 +100,39 @@ def test_save_without_params_accepts_one_of_peft_task_defaults(tmp_path):
         save_peft(tmp_path / "b", {"enc": adapter["enc"]}, config)
 
 
+def test_a_task_head_peft_saves_itself_must_be_saved(tmp_path):
+    """PEFT's SEQ_CLS wrapper trains and saves the classifier whatever the config lists, and its loader fails
+    (KeyError) on a file without it: such a save is refused, naming the head, before anything is written."""
+    adapter, config, base = build(0)
+    bare = config.replace(modules_to_save=None, task_type="SEQ_CLS")
+    with pytest.raises(AdapterMismatchError, match=r"task_type='SEQ_CLS'.*'classifier'.*modules_to_save=\['classifier'\]"):
+        save_peft(tmp_path / "bare", {"enc": adapter["enc"]}, bare, params=base)
+    assert not any(tmp_path.iterdir())
+    save_peft(tmp_path / "with_head", adapter, config.replace(task_type="SEQ_CLS"), params=base)
+    save_peft(tmp_path / "causal", {"enc": adapter["enc"]}, bare.replace(task_type="CAUSAL_LM"), params=base)
+
+
+def test_modules_to_save_that_peft_would_match_more_widely_are_refused(tmp_path):
+    """PEFT wraps every module whose path ends with an entry ('norm' catches 'input_layernorm'): its loader would
+    look for copies the file does not hold. Refused before writing; the full name saves."""
+    rng = np.random.default_rng(0)
+    base = {
+        "layers": {"0": {"input_layernorm": {"weight": np.ones(4, np.float32)},
+                         "q": {"kernel": rng.standard_normal((4, 4)).astype(np.float32)}}},
+        "norm": {"weight": np.ones(4, np.float32)},
+    }
+    config = ia3_jax.IA3Config(target_modules=["q"], feedforward_modules=[], modules_to_save=["norm"])
+    adapter = {"layers": {"0": {"q": {"ia3_l": np.ones(4, np.float32)}}}, "norm": {"weight": np.ones(4, np.float32)}}
+    with pytest.raises(AdapterMismatchError, match=r"entry 'norm'.*layers\.0\.input_layernorm"):
+        save_peft(tmp_path / "a", adapter, config, params=base)
+    assert not any(tmp_path.iterdir())
+    # A name that PEFT's suffix rule gives the same one module: 'norm' at the root is only ever 'norm' itself,
+    # so the way out is the input_layernorm's own entry, or leaving it frozen.
+    both = config.replace(modules_to_save=["norm", "input_layernorm"])
+    copies = {**adapter, "layers": {"0": {**adapter["layers"]["0"], "input_layernorm": {"weight": np.ones(4, np.float32)}}}}
+    save_peft(tmp_path / "b", copies, both, params=base)
+
+
 def test_save_onto_a_file_is_refused(tmp_path):
     adapter, config, base = build(0)
     (tmp_path / "file").write_text("mine")

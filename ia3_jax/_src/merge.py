@@ -397,8 +397,8 @@ def unmerge(
     """
     if not isinstance(adapter, Mapping):  # unmerge(join(merged, adapter), config): merge's call shape
         raise StructureError(
-            f"unmerge(merged, adapter, config): the second argument is of type {type(adapter).__name__}, not the adapter "
-            "tree that was merged. The merged params hold no vectors any more: pass the adapter apart, "
+            f"unmerge(merged, adapter, config): the second argument is of type {type(adapter).__name__}, not the "
+            "adapter tree that was merged. The merged params hold no vectors any more: pass the adapter apart, "
             "unmerge(merged, adapter, config)."
         )
     vectors = _tree.vectors(adapter)

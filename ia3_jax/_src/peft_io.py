@@ -421,6 +421,9 @@ def save_peft(
         raise AdapterMismatchError("the adapter holds no IA3 vector (`ia3_l` leaf): nothing to save.")
     base = without_vectors(params) if params is not None else None
     alternatives = TASK_MODULES_TO_SAVE.get(config.task_type or "", ())
+    if base is not None:
+        _check_task_heads(base, config)
+        _check_peft_would_match_the_same(base, config)
     check_modules_to_save_copies(adapter, config, params=base, alternatives=alternatives)
     want = _entries(base, config, layouts) if base is not None else _free_entries(adapter, config)
     have = _adapter_leaves(adapter)
@@ -694,6 +697,45 @@ def _targeted_config(config: IA3Config, view: Mapping[str, Any]) -> IA3Config:
         if m not in auto or modules_to_save_roots(view, config.replace(modules_to_save=[m]))
     ]
     return config.replace(modules_to_save=kept or None)
+
+
+def _check_task_heads(params: Mapping[str, Any], config: IA3Config) -> None:
+    """Raises `AdapterMismatchError` when a head that PEFT's task wrapper adds to ``modules_to_save`` (a
+    ``SEQ_CLS`` model's ``classifier``) is in `params` but not in the config: PEFT's loader expects its
+    weights in the file and fails without them (``KeyError`` in ``PeftModel.from_pretrained``)."""
+    for head in TASK_MODULES_TO_SAVE.get(config.task_type or "", ()):
+        roots = modules_to_save_roots(params, config.replace(modules_to_save=[head]))
+        unsaved = [_tree.dotted(r) for r in roots if not config.is_module_to_save(_tree.dotted(r))]
+        if unsaved:
+            raise AdapterMismatchError(
+                f"task_type={config.task_type!r}: PEFT's wrapper for it trains and saves {head!r} with the adapter, "
+                f"and its loader expects the weights of {unsaved} in the file, which this config does not save. "
+                f"Add it, IA3Config(..., modules_to_save=[{head!r}]) (ia3_init then gives its trainable copy), as "
+                "PEFT does; or save with another task_type."
+            )
+
+
+def _check_peft_would_match_the_same(params: Mapping[str, Any], config: IA3Config) -> None:
+    """Raises `AdapterMismatchError` when PEFT would give a ``modules_to_save`` entry more modules than ia3_jax.
+
+    ia3_jax matches an entry to whole path components (``norm`` is ``model.norm``); PEFT 0.21's
+    ``_set_trainable`` wraps every module whose path merely ends with it (``norm`` also catches
+    ``layers.0.input_layernorm``), and its loader then expects copies this file would not hold.
+    """
+    roots = modules_to_save_roots(params, config)
+    for entry in config.modules_to_save or ():
+        extra = [
+            _tree.dotted(path)
+            for path, _ in _tree.modules(params)
+            if _tree.dotted(path).endswith(entry) and not _tree.under(path, roots)
+        ]
+        if extra:
+            raise AdapterMismatchError(
+                f"modules_to_save entry {entry!r}: PEFT also saves a copy of every module whose path ends with it, "
+                f"here {_tree.listing(extra, 4)}, and its loader would look for those copies in this file. Name the "
+                "modules to save so that PEFT's suffix rule selects the same ones (e.g. 'model.norm' rather than "
+                "'norm')."
+            )
 
 
 def _choose_prefix(

@@ -20,7 +20,7 @@ import numpy as np
 from ia3_jax._src import quant
 from ia3_jax._src import tree as _tree
 from ia3_jax._src.config import IA3Config
-from ia3_jax._src.errors import LayoutError, TargetError, UnsupportedKernelError, VectorShapeError
+from ia3_jax._src.errors import AdapterMismatchError, LayoutError, TargetError, UnsupportedKernelError, VectorShapeError
 from ia3_jax._src.layout import KernelLayout, module_layout
 
 _OUTPUT_LAYERS = ("lm_head",)
@@ -299,8 +299,6 @@ def check_modules_to_save_copies(
     name needs a copy, except that one of `alternatives` suffices for all of them: PEFT's task
     wrappers list several heads (``classifier`` and ``score`` for SEQ_CLS) of which a model has one.
     """
-    from ia3_jax._src.errors import AdapterMismatchError  # imported here: this function is the module's last addition
-
     listed = list(config.modules_to_save or ())
     if params is not None:
         have = {path for path, _ in _tree.modules(adapter)}
