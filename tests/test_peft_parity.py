@@ -188,8 +188,12 @@ def test_jax_adapter_loads_in_peft_with_same_logits(pairs, name, tmp_path):
     config = hf.default_config(pair.flax, task_type=pair.arch.task_type, init_ia3_weights=False,
                                modules_to_save=pair.arch.modules_to_save)
     adapter, base = ia3_jax.split(ia3_jax.ia3_init(pair.params, config, rng=jax.random.key(0)), config)
-    for module in pair.arch.modules_to_save or ():  # a trained head differs from the base one
-        adapter = {**adapter, module: jax.tree.map(lambda x: x + 0.5, adapter[module])}
+    noise = np.random.default_rng(3)
+    for module in pair.arch.modules_to_save or ():  # a trained head differs from the base one, not by a constant
+        adapter = {
+            **adapter,
+            module: jax.tree.map(lambda x: x + 0.5 * noise.standard_normal(x.shape).astype(x.dtype), adapter[module]),
+        }
     save_peft(tmp_path, adapter, config, params=base)
 
     loaded = peft.PeftModel.from_pretrained(pair.torch(), tmp_path).eval()
