@@ -179,6 +179,31 @@ def test_peft_adapter_gives_peft_logits_in_jax(pairs, name, tmp_path):
         assert_close(pair.flax_logits(ia3_jax.merge(params, config)), pair.torch_logits(model.merge_and_unload()))
 
 
+def test_modules_to_save_by_peft_suffix_rule_both_ways(pairs, tmp_path):
+    """PEFT saves a copy of every module whose path ends with an entry: 'norm' is the final norm and each
+    layer's input_layernorm and post_attention_layernorm. load_peft names them all, with PEFT's logits, and
+    its config saves back into a file PEFT loads with the same logits."""
+    pair = pairs("llama")
+    torch.manual_seed(1)
+    config = peft.IA3Config(task_type=pair.arch.task_type, init_ia3_weights=False, modules_to_save=["norm"])
+    model = peft.get_peft_model(pair.torch(), config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "modules_to_save" in name:
+                param.normal_()
+    model.save_pretrained(tmp_path / "peft")
+    expected = pair.torch_logits(model)
+
+    adapter, ours = load_peft(tmp_path / "peft", pair.params)
+    assert set(ours.modules_to_save) == {"norm", "input_layernorm", "post_attention_layernorm"}
+    assert set(adapter["model"]["layers"]["1"]) >= {"input_layernorm", "post_attention_layernorm"}
+    assert_close(pair.flax_logits(ia3_jax.join(pair.params, adapter), ours), expected)
+
+    save_peft(tmp_path / "back", adapter, ours, params=pair.params)
+    again = peft.PeftModel.from_pretrained(pair.torch(), tmp_path / "back").eval()
+    assert_close(pair.torch_logits(again), expected)
+
+
 # --- (b) ia3_jax -> PEFT ------------------------------------------------------------------------
 
 

@@ -688,7 +688,8 @@ def _prefix_candidates(params: Mapping[str, Any], keys: list[str]) -> list[_Pref
 
 
 def _targeted_config(config: IA3Config, view: Mapping[str, Any]) -> IA3Config:
-    """`config` without the modules_to_save entries that PEFT adds for the task and that `view` lacks."""
+    """`config` as ia3_jax reads PEFT's file for `view`: without the modules_to_save entries that PEFT adds for
+    the task and that `view` lacks, each other entry named as the modules PEFT saved for it (`_peft_suffix_names`)."""
     if not config.modules_to_save:
         return config
     auto = TASK_MODULES_TO_SAVE.get(config.task_type or "", ())
@@ -696,7 +697,21 @@ def _targeted_config(config: IA3Config, view: Mapping[str, Any]) -> IA3Config:
         m for m in config.modules_to_save
         if m not in auto or modules_to_save_roots(view, config.replace(modules_to_save=[m]))
     ]
-    return config.replace(modules_to_save=kept or None)
+    named = [name for m in kept for name in _peft_suffix_names(view, m)]
+    return config.replace(modules_to_save=list(dict.fromkeys(named)) or None)
+
+
+def _peft_suffix_names(view: Mapping[str, Any], entry: str) -> list[str]:
+    """A ``modules_to_save`` entry as ia3_jax names the modules PEFT 0.21 saves for it ([entry] if none match).
+
+    PEFT wraps every module whose path ends with the entry, with no '.' boundary (``norm`` is also each
+    layer's ``input_layernorm``); ia3_jax matches whole path components. Each module PEFT's rule finds is
+    named by its trailing components that hold the entry (``input_layernorm``), which ia3_jax then matches
+    in every layer, as PEFT did.
+    """
+    depth = entry.count(".") + 1
+    names = [".".join(path[-depth:]) for path, _ in _tree.modules(view) if _tree.dotted(path).endswith(entry)]
+    return list(dict.fromkeys(names)) or [entry]
 
 
 def _check_task_heads(params: Mapping[str, Any], config: IA3Config) -> None:
