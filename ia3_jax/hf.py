@@ -246,28 +246,32 @@ _LM_HEAD_CLASS = re.compile(r"LMHead|ForCausalLM|ForConditionalGeneration|ForMas
 
 
 def _refuse_tied_embedding_copies(model_or_config: Any, modules_to_save: Any) -> None:
-    """Raises `IA3ConfigError` when ``modules_to_save`` names the input embedding of a model whose head is tied
-    to it (``tie_word_embeddings``, a class with a language-model head: GPT-2's ``wte``, T5's ``shared``).
+    """Raises `IA3ConfigError` when ``modules_to_save`` names an input embedding that PyTorch reads elsewhere:
+    one tied to a language-model head (``tie_word_embeddings``, a class with such a head: GPT-2's ``wte``), or
+    T5 / BART's ``shared`` (always: their encoder and decoder embed with it).
 
     The hazard: the two frameworks train different models. Flax stores a tied embedding once, so its trained
     copy would also be the output head; PyTorch PEFT's copy replaces the input embedding only, the tied head
-    keeps reading the original. Logits then differ both ways of the PEFT round trip, silently. (Known only for
-    a model instance: a config or a model_type string does not say whether the class has a tied head.)
+    keeps reading the original. Logits then differ both ways of the PEFT round trip, silently. (A tied head is
+    known only for a model instance: a config or a model_type string does not say whether the class has one;
+    `save_peft` and `load_peft` warn where the params suggest it.)
     """
-    if isinstance(model_or_config, str) or not hasattr(model_or_config, "config") or not modules_to_save:
-        return
-    tied = getattr(model_or_config.config, "tie_word_embeddings", False)
-    if not tied or not _LM_HEAD_CLASS.search(type(model_or_config).__name__):
+    if not modules_to_save:
         return
     names = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save)
-    embeddings = [m for m in names if str(m).split(".")[-1] in INPUT_EMBEDDINGS]
+    # T5 / BART's `shared` is the encoder's and decoder's embed_tokens in PyTorch: PEFT's copy is never read.
+    model = not isinstance(model_or_config, str) and hasattr(model_or_config, "config")
+    tied = model and getattr(model_or_config.config, "tie_word_embeddings", False)
+    tied = tied and _LM_HEAD_CLASS.search(type(model_or_config).__name__) is not None
+    last = {m: str(m).split(".")[-1] for m in names}
+    embeddings = [m for m in names if last[m] == "shared" or (tied and last[m] in INPUT_EMBEDDINGS)]
     if embeddings:
         raise IA3ConfigError(
-            f"modules_to_save={embeddings} names the input embedding of {type(model_or_config).__name__}, whose "
-            "output head is tied to it (tie_word_embeddings=True). In Flax a trained copy of it would be the head "
-            "too; in PyTorch PEFT the copy replaces the input embedding only and the tied head keeps the original, "
-            "so the adapter would give other logits there (both ways of the PEFT round trip). Leave the embedding "
-            "frozen, or untie the head (tie_word_embeddings=False) before training."
+            f"modules_to_save={embeddings} names an input embedding of {type(model_or_config).__name__} that PyTorch "
+            "reads elsewhere: the output head tied to it (tie_word_embeddings=True), or T5 / BART's encoder and "
+            "decoder, which hold `shared` itself. In Flax a trained copy of it is read everywhere; PyTorch PEFT's "
+            "copy replaces the input embedding only (for `shared`, nothing), so the adapter would give other logits "
+            "there (both ways of the PEFT round trip). Leave the embedding frozen (or untie the head before training)."
         )
 
 

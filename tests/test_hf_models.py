@@ -319,6 +319,9 @@ def test_a_tied_input_embedding_as_module_to_save_is_refused():
     assert hf.default_config(tf.FlaxGPT2Model(ARCHS["gpt2"].config, _do_init=False), modules_to_save=["wte"])
     untied = tf.GPT2Config(**{**ARCHS["gpt2"].config.to_dict(), "tie_word_embeddings": False})
     assert hf.default_config(tf.FlaxGPT2LMHeadModel(untied, _do_init=False), modules_to_save=["wte"])
+    # T5's shared is its encoder's and decoder's embed_tokens in PyTorch: refused even by model_type.
+    with pytest.raises(ia3_jax.IA3ConfigError, match=r"\['shared'\].*encoder and decoder"):
+        hf.default_config("t5", modules_to_save=["shared"])
 
 
 def test_unknown_model_type_says_what_to_set():

@@ -123,14 +123,39 @@ def test_modules_to_save_that_peft_would_match_more_widely_are_refused(tmp_path)
     }
     config = ia3_jax.IA3Config(target_modules=["q"], feedforward_modules=[], modules_to_save=["norm"])
     adapter = {"layers": {"0": {"q": {"ia3_l": np.ones(4, np.float32)}}}, "norm": {"weight": np.ones(4, np.float32)}}
-    with pytest.raises(AdapterMismatchError, match=r"entry 'norm'.*layers\.0\.input_layernorm"):
+    with pytest.raises(AdapterMismatchError, match=r"entry 'norm'.*layers\.0\.input_layernorm.*"
+                       r"modules_to_save=\['norm', 'input_layernorm'\]"):
         save_peft(tmp_path / "a", adapter, config, params=base)
+    # Inside a module saved whole, PEFT would nest a second copy its loader cannot read.
+    head = {"proj": {"kernel": np.ones((4, 2), np.float32)}}
+    nested = config.replace(modules_to_save=["head", "proj"])
+    with pytest.raises(AdapterMismatchError, match=r"entry 'proj'.*head\.proj inside a module saved whole"):
+        save_peft(tmp_path / "n", {**adapter, "head": head}, nested, params={**base, "head": head})
     assert not any(tmp_path.iterdir())
     # A name that PEFT's suffix rule gives the same one module: 'norm' at the root is only ever 'norm' itself,
     # so the way out is the input_layernorm's own entry, or leaving it frozen.
     both = config.replace(modules_to_save=["norm", "input_layernorm"])
     copies = {**adapter, "layers": {"0": {**adapter["layers"]["0"], "input_layernorm": {"weight": np.ones(4, np.float32)}}}}
     save_peft(tmp_path / "b", copies, both, params=base)
+
+
+def test_an_embedding_copy_the_head_may_read_warns_both_ways(tmp_path):
+    """No output kernel (vocab out) next to a copied embedding: the head may be tied to it, where PEFT's copy
+    would replace the input embedding only. A separate head (an lm_head kernel) is quiet."""
+    rng = np.random.default_rng(0)
+    emb = {"embedding": rng.standard_normal((10, 4)).astype(np.float32)}
+    base = {"wte": emb, "q": {"kernel": rng.standard_normal((4, 4)).astype(np.float32)}}
+    config = ia3_jax.IA3Config(target_modules=["q"], feedforward_modules=[], modules_to_save=["wte"])
+    adapter = {"q": {"ia3_l": np.ones(4, np.float32)}, "wte": emb}
+    with pytest.warns(UserWarning, match=r"save_peft: modules_to_save copies 'wte', an input embedding.*tied"):
+        save_peft(tmp_path / "tied", adapter, config, params=base)
+    with pytest.warns(UserWarning, match=r"load_peft: modules_to_save copies 'wte'"):
+        load_peft(tmp_path / "tied", base)
+    separate = {**base, "lm_head": {"kernel": rng.standard_normal((4, 10)).astype(np.float32)}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_peft(tmp_path / "separate", adapter, config, params=separate)
+        load_peft(tmp_path / "separate", separate)
 
 
 def test_save_onto_a_file_is_refused(tmp_path):

@@ -65,8 +65,8 @@ def cast_adapter(adapter: Mapping[str, Any], dtype: Any) -> dict[str, Any]:
         if overflows:
             biggest = float(np.max(np.abs(values.astype(np.float64))))
             raise AdapterDtypeError(
-                f"IA3 vector at {key!r} has an entry of magnitude {biggest:.6g}, which {target.name} rounds to inf "
-                f"(its maximum is {float(jnp.finfo(target).max):.6g}). Keep the adapter in float32 (the "
+                f"IA3 vector at {key!r} has an entry of magnitude {biggest:.6g}, which overflows {target.name} (inf or "
+                f"NaN; its maximum is {float(jnp.finfo(target).max):.6g}). Keep the adapter in float32 (the "
                 "interceptor computes in the promoted dtype anyway)."
             )
         out[path + (_tree.VECTOR,)] = _tree.rebox(node[_tree.VECTOR], vector.astype(target))  # keeps placement

@@ -424,6 +424,7 @@ def save_peft(
     if base is not None:
         _check_task_heads(base, config)
         _check_peft_would_match_the_same(base, config)
+        _warn_embedding_copies(base, config, "save_peft")
     check_modules_to_save_copies(adapter, config, params=base, alternatives=alternatives)
     want = _entries(base, config, layouts) if base is not None else _free_entries(adapter, config)
     have = _adapter_leaves(adapter)
@@ -730,26 +731,60 @@ def _check_task_heads(params: Mapping[str, Any], config: IA3Config) -> None:
             )
 
 
+def _warn_embedding_copies(params: Mapping[str, Any], config: IA3Config, caller: str) -> None:
+    """Warns when ``modules_to_save`` copies an input embedding that the model's head may read too.
+
+    The hazard: Flax stores a tied embedding once, so its copy is the head too; PyTorch PEFT's copy replaces
+    the input embedding only (and T5 / BART's ``shared`` not even that: their encoder and decoder hold the
+    original), so the two frameworks would compute different logits. The params cannot tell a tied head
+    from none (a classifier model): a warning when no output kernel of the transposed shape exists, or the
+    module is ``shared``. `ia3_jax.hf.default_config` refuses the cases it can tell from the model.
+    """
+    kernels = {np.shape(leaf) for path, leaf in _tree.leaves_with_paths(params) if path[-1] == "kernel"}
+    for root in modules_to_save_roots(params, config):
+        for path, leaf in _tree.leaves_with_paths(_tree.get(params, root)):
+            shape = np.shape(_tree.unbox(leaf))
+            if path[-1] != "embedding" or len(shape) != 2:
+                continue
+            if root[-1] == "shared" or (shape[1], shape[0]) not in kernels:
+                warnings.warn(
+                    f"{caller}: modules_to_save copies {_tree.dotted(root + path[:-1])!r}, an input embedding that "
+                    "the output head may read too (tied: GPT-2's wte, BERT's masked-LM head; T5 / BART's shared "
+                    "always). In Flax its copy is then the head too; PyTorch PEFT's copy replaces the input "
+                    "embedding only, so the two compute different logits. Leave it frozen unless the head is "
+                    "separate.",
+                    stacklevel=3,
+                )
+
+
 def _check_peft_would_match_the_same(params: Mapping[str, Any], config: IA3Config) -> None:
-    """Raises `AdapterMismatchError` when PEFT would give a ``modules_to_save`` entry more modules than ia3_jax.
+    """Raises `AdapterMismatchError` when PEFT would wrap other modules for a ``modules_to_save`` entry than ia3_jax.
 
     ia3_jax matches an entry to whole path components (``norm`` is ``model.norm``); PEFT 0.21's
     ``_set_trainable`` wraps every module whose path merely ends with it (``norm`` also catches
-    ``layers.0.input_layernorm``), and its loader then expects copies this file would not hold.
+    ``layers.0.input_layernorm``), also inside a module it already wraps, and its loader then expects
+    copies this file would not hold (``KeyError``). The entries PEFT's task wrapper adds count too.
     """
     roots = modules_to_save_roots(params, config)
-    for entry in config.modules_to_save or ():
-        extra = [
-            _tree.dotted(path)
-            for path, _ in _tree.modules(params)
-            if _tree.dotted(path).endswith(entry) and not _tree.under(path, roots)
-        ]
-        if extra:
+    entries = [*(config.modules_to_save or ()), *TASK_MODULES_TO_SAVE.get(config.task_type or "", ())]
+    for entry in dict.fromkeys(entries):
+        hits = [path for path, _ in _tree.modules(params) if _tree.dotted(path).endswith(entry) and path not in roots]
+        nested = [_tree.dotted(path) for path in hits if _tree.under(path, roots)]
+        if nested:
+            raise AdapterMismatchError(
+                f"modules_to_save entry {entry!r}: PEFT wraps every module whose path ends with it, here also "
+                f"{_tree.listing(nested, 4)} inside a module saved whole, a second copy its loader cannot read "
+                f"(KeyError in PeftModel.from_pretrained). Drop {entry!r}, or the entry that saves the module "
+                "holding it."
+            )
+        if hits:
+            names = list(dict.fromkeys(path[-1] for path in hits))
+            wanted = [*dict.fromkeys([*(config.modules_to_save or ()), *names])]
             raise AdapterMismatchError(
                 f"modules_to_save entry {entry!r}: PEFT also saves a copy of every module whose path ends with it, "
-                f"here {_tree.listing(extra, 4)}, and its loader would look for those copies in this file. Name the "
-                "modules to save so that PEFT's suffix rule selects the same ones (e.g. 'model.norm' rather than "
-                "'norm')."
+                f"here {_tree.listing([_tree.dotted(path) for path in hits], 4)}, and its loader would look for those "
+                f"copies in this file. Save them too, modules_to_save={wanted}, or name the modules you mean so "
+                "that PEFT's suffix rule selects only them (e.g. 'model.norm' rather than 'norm')."
             )
 
 
@@ -826,4 +861,5 @@ def load_peft(
     _check_fits({k: t.shape for k, t in tensors.items()}, {k: e.peft_shape for k, e in entries.items()},
                 repr(str(weights_file)))
     changes = {prefix.to_flax(e.path): e.to_flax(tensors[key]) for key, e in entries.items()}
+    _warn_embedding_copies(without_vectors(params), config, "load_peft")
     return _tree.updated({}, changes), config
