@@ -340,8 +340,14 @@ def test_stacking_refuses_adapters_that_differ():
         ia3_jax.stack_adapters([(a, CONFIG), (b, other_side)])
     with pytest.raises(ia3_jax.IA3ConfigError, match="fan_in_fan_out"):
         ia3_jax.bank_add(ia3_jax.stack_adapters([a]), (b, CONFIG.replace(fan_in_fan_out=True)), CONFIG)
+    two = ia3_jax.stack_adapters([a, b])
     with pytest.raises(ia3_jax.AdapterIdsError, match="index 2 is not one of the bank's 0..1"):
-        ia3_jax.bank_select(ia3_jax.stack_adapters([a, b]), 2)
+        ia3_jax.bank_select(two, 2)
+    # Any integer scalar selects (a JAX or NumPy one too); a bool is not an index.
+    chex.assert_trees_all_equal(ia3_jax.bank_select(two, jnp.int32(1)), ia3_jax.bank_select(two, np.int64(1)))
+    chex.assert_trees_all_equal(ia3_jax.bank_select(two, jnp.int32(1)), b)
+    with pytest.raises(ia3_jax.AdapterIdsError, match="index True is not one of"):
+        ia3_jax.bank_select(two, True)
 
 
 # --- calls that cannot be right: refused before anything runs ---
@@ -367,10 +373,13 @@ def test_ids_out_of_range_or_malformed(served):
     ia3_jax.check_adapter_ids(IDS, bank)
     with pytest.raises(ia3_jax.AdapterIdsError, match="wrapped by bank_apply_fn needs adapter_ids="):
         forward(params, x)
-    with pytest.raises(ia3_jax.AdapterIdsError, match="1-D integer array"):
+    with pytest.raises(ia3_jax.AdapterIdsError, match="1-D signed integer array"):
         forward(params, x, adapter_ids=IDS.astype(jnp.float32))
-    with pytest.raises(ia3_jax.AdapterIdsError, match="1-D integer array"):
+    with pytest.raises(ia3_jax.AdapterIdsError, match="1-D signed integer array"):
         forward(params, x, adapter_ids=IDS[:, None])
+    # Unsigned: under jit 2**32 - 1 would compare equal to NO_ADAPTER (-1) and serve the base model silently.
+    with pytest.raises(ia3_jax.AdapterIdsError, match=r"signed integer array \(NO_ADAPTER is -1\).*uint32"):
+        jax.jit(forward)(params, x, adapter_ids=IDS.astype(jnp.uint32))
     # Under jit the values are tracers: an out-of-range id poisons its own row only (NaN), never
     # silently picks another adapter (-2 would wrap around to adapter N - 2 in numpy indexing).
     got = jax.jit(forward)(params, x, adapter_ids=bad)
@@ -380,7 +389,7 @@ def test_ids_out_of_range_or_malformed(served):
     with pytest.raises(ia3_jax.AdapterIdsError, match=r"positions \{3: 5, 5: -2\}"):
         with ia3_jax.intercept(CONFIG, adapter_ids=bad):
             model.apply(params, x)
-    with pytest.raises(ia3_jax.AdapterIdsError, match="1-D integer array"):
+    with pytest.raises(ia3_jax.AdapterIdsError, match="1-D signed integer array"):
         with ia3_jax.intercept(CONFIG, adapter_ids=IDS.astype(jnp.float32)):
             model.apply(params, x)
 

@@ -249,6 +249,17 @@ def test_checkpoint_roundtrip_onto_abstract_model(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, ia3_nnx.adapter(abstract), ia3_nnx.adapter(model))
     adapter, _ = ia3_jax.load_adapter(tmp_path / "ckpt")  # the same file is a Linen-form adapter dict
     jax.tree.map(np.testing.assert_array_equal, adapter, ia3_nnx.adapter(model))
+    # A model adapted with other sides or modules is refused before anything is written into it: k is 8 -> 8, so
+    # its vector fits the input as well as the output, and would scale the wrong side silently.
+    other_side = ia3_nnx.ia3_init(Block(nnx.Rngs(5)), CONFIG.replace(feedforward_modules=["ff", "k"]), X, rng=jax.random.key(3))
+    before = ia3_nnx.adapter(other_side)
+    with pytest.raises(ia3_jax.AdapterMismatchError, match=r"module 'k': the checkpoint's config scales its output.*"
+                       r"adapted to scale its input"):
+        ia3_nnx.load_adapter(tmp_path / "ckpt", other_side)
+    jax.tree.map(np.testing.assert_array_equal, ia3_nnx.adapter(other_side), before)
+    fewer = ia3_nnx.ia3_init(Block(nnx.Rngs(5)), CONFIG.replace(target_modules=["k", "ff"]), X, rng=jax.random.key(3))
+    with pytest.raises(ia3_jax.StructureError, match=r"checkpoint's vectors do not fit the model.*'c'.*not in the model"):
+        ia3_nnx.load_adapter(tmp_path / "ckpt", fewer)
 
 
 class Remat(nnx.Module):

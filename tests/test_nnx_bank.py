@@ -185,7 +185,7 @@ def test_errors(plain):
     bad = IDS.at[3].set(N).at[5].set(-2)
     with pytest.raises(ia3_jax.AdapterIdsError, match=r"positions \{3: 5, 5: -2\}.*0\.\.4 for a bank of 5"):
         ia3_nnx.bank_call(model, bad, x)
-    with pytest.raises(ia3_jax.AdapterIdsError, match="1-D integer array"):
+    with pytest.raises(ia3_jax.AdapterIdsError, match="1-D signed integer array"):
         ia3_nnx.bank_call(model, IDS.astype(jnp.float32), x)
     # set_bank: a single adapter, a bank for another model, other modules: refused, nothing written.
     before = ia3_nnx.adapter(single)

@@ -218,9 +218,18 @@ def bank_add(bank: Adapter, adapter: AdapterLike, config: IA3Config | None = Non
     return _tree.updated({}, added)
 
 
-def _check_index(index: int, n: int) -> None:
-    if not isinstance(index, int | np.integer) or not 0 <= index < n:
-        raise AdapterIdsError(f"adapter index {index!r} is not one of the bank's 0..{n - 1}.")
+def _checked_index(index: Any, n: int) -> int:
+    """`index` as a Python int if it is an integer scalar (Python, NumPy or a concrete JAX one) in ``[0, n)``."""
+    integer = (
+        not isinstance(index, bool | np.bool_ | jax.core.Tracer)
+        and np.ndim(index) == 0
+        and jnp.issubdtype(jnp.result_type(index), jnp.integer)
+    )
+    if not integer or not 0 <= int(index) < n:
+        raise AdapterIdsError(
+            f"adapter index {index!r} is not one of the bank's 0..{n - 1} (an integer known outside jit)."
+        )
+    return int(index)
 
 
 def bank_remove(bank: Adapter, index: int) -> dict[str, Any]:
@@ -230,7 +239,7 @@ def bank_remove(bank: Adapter, index: int) -> dict[str, Any]:
       >>> bank = bank_remove(bank, 2)      # old ids 3, 4, ... are now 2, 3, ...
     """
     n = bank_size(bank)
-    _check_index(index, n)
+    index = _checked_index(index, n)
     if n == 1:
         raise StructureError("bank_remove would leave an empty bank; run the base model (adapter id -1) instead.")
     kept = np.delete(np.arange(n), index)
@@ -243,7 +252,7 @@ def bank_select(bank: Adapter, index: int) -> dict[str, Any]:
     Example:
       >>> merged = ia3_jax.merge(ia3_jax.join(base, bank_select(bank, 3)), config)
     """
-    _check_index(index, bank_size(bank))
+    index = _checked_index(index, bank_size(bank))
     return _tree.updated({}, {p + (_tree.VECTOR,): v[..., index] for p, v in _bank_vectors(bank).items()})
 
 

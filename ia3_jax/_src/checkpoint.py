@@ -715,6 +715,16 @@ def load_adapter(
     return _place(adapter, shardings), contents.config
 
 
+def saved_adapter(path: epath.PathLike, *, step: int | None = None) -> tuple[dict[str, Any], IA3Config]:
+    """``(adapter, config)`` of a checkpoint with `jax.ShapeDtypeStruct` leaves: its structure, no array read.
+
+    Example:
+      >>> shapes, config = saved_adapter("ckpt/run")        # check a model against it before loading
+    """
+    directory, contents = _locate(path, step)
+    return _tree.to_dict(_saved_tree(os.path.join(directory, ADAPTER_ITEM))), contents.config
+
+
 def load_opt_state(path: epath.PathLike, like: Any, *, step: int | None = None) -> Any:
     """Reads the optimizer state saved by ``save_adapter(..., opt_state=)``, to resume training.
 

@@ -266,12 +266,16 @@ def pick_per_example(bank_vector: jax.Array, adapter_ids: jax.Array) -> jax.Arra
 
 
 def check_ids(adapter_ids: Any, n_adapters: int | None = None) -> None:
-    """Raises `AdapterIdsError` unless the ids are a 1-D integer array and, where their values are known
-    (not traced) and `n_adapters` is given, each is `NO_ADAPTER` or in ``[0, n_adapters)``."""
-    if np.ndim(adapter_ids) != 1 or not jnp.issubdtype(jnp.result_type(adapter_ids), jnp.integer):
+    """Raises `AdapterIdsError` unless the ids are a 1-D signed integer array and, where their values are known
+    (not traced) and `n_adapters` is given, each is `NO_ADAPTER` or in ``[0, n_adapters)``.
+
+    Unsigned ids are refused: under jit their values are not checked, and the largest one equals
+    `NO_ADAPTER` once compared with -1 (uint32 4294967295 == -1), which would serve the base model silently.
+    """
+    if np.ndim(adapter_ids) != 1 or not jnp.issubdtype(jnp.result_type(adapter_ids), jnp.signedinteger):
         raise AdapterIdsError(
-            f"adapter_ids must be a 1-D integer array, one id per example; got shape {np.shape(adapter_ids)} "
-            f"and dtype {jnp.result_type(adapter_ids)}."
+            f"adapter_ids must be a 1-D signed integer array (NO_ADAPTER is -1), one id per example; got shape "
+            f"{np.shape(adapter_ids)} and dtype {jnp.result_type(adapter_ids)}."
         )
     if n_adapters is None or isinstance(adapter_ids, jax.core.Tracer):
         return

@@ -54,6 +54,7 @@ from ia3_jax._src.config import IA3Config
 from ia3_jax._src.dtypes import check_vector_dtype
 from ia3_jax._src.errors import (
     AdapterExistsError,
+    AdapterMismatchError,
     IA3ConfigError,
     NonFiniteMergeError,
     NotAppliedError,
@@ -633,6 +634,27 @@ def save_adapter(path: Any, tree: ModelOrState, config: IA3Config, **kwargs: Any
     return _checkpoint.save_adapter(path, adapter(tree), config, **kwargs)
 
 
+def _check_checkpoint_fits(
+    vectors: Mapping[_tree.Path, nnx.Variable], saved: Mapping[str, Any], config: IA3Config
+) -> None:
+    """Refuses a checkpoint whose modules or sides are not the model's, before any array is read.
+
+    The hazard: a module whose input and output have one size takes the vector either way; a model adapted
+    with other ``feedforward_modules`` than the checkpoint's would scale the wrong side, silently.
+    """
+    check_same_modules(_tree.vectors(saved), vectors, "the checkpoint's vectors")
+    for variable in vectors.values():
+        target: Target = variable.get_metadata(TARGET_META)
+        if config.is_feedforward(target.key) != target.feedforward:
+            sides = ("input", "output") if target.feedforward else ("output", "input")
+            raise AdapterMismatchError(
+                f"module {target.key!r}: the checkpoint's config scales its {sides[1]} (feedforward_modules="
+                f"{list(config.feedforward_modules or ())}), the model was adapted to scale its {sides[0]}: the "
+                "vectors would scale the wrong side. Adapt the model with the config the checkpoint was saved with "
+                "(`_, config = ia3_jax.load_adapter(path)` reads it): ia3_jax.nnx.ia3_init(base_model, config, ...)."
+            )
+
+
 def load_adapter(path: Any, model: nnx.Module, *, step: int | None = None) -> IA3Config:
     """Reads an adapter checkpoint into the adapted `model` in place; returns its config.
 
@@ -646,6 +668,7 @@ def load_adapter(path: Any, model: nnx.Module, *, step: int | None = None) -> IA
       >>> config = ia3_jax.nnx.load_adapter("ckpt/run", model)          # latest step, written into model
     """
     vectors = vector_variables(model)
+    _check_checkpoint_fits(vectors, *_checkpoint.saved_adapter(path, step=step))
     shardings = _tree.updated(
         {},
         {
