@@ -138,6 +138,11 @@ def test_manager_keeps_last_n_and_resumes(tmp_path):
     chex.assert_trees_all_equal(ia3_jax.load_adapter(root, step=2)[0], history[2])
     with pytest.raises(CheckpointError, match=r"no step 0 .*steps there: \[2, 3\]"):
         ia3_jax.load_adapter(root, step=0)
+    # Any integer scalar is a step (a JAX or NumPy one, as a training loop holds it); a string or float is not.
+    chex.assert_trees_all_equal(ia3_jax.load_adapter(root, step=jnp.int32(2))[0], history[2])
+    for bad in ("2", 2.0, True):
+        with pytest.raises(CheckpointError, match="step must be a non-negative int"):
+            ia3_jax.load_adapter(root, step=bad)
     with pytest.raises(CheckpointError, match="step 3 already exists"):
         ia3_jax.save_adapter(root, adapter, CONFIG, step=3)
     # Resume from step 2 with Adam's moments restored: one more step reproduces step 3.

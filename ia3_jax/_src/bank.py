@@ -35,7 +35,7 @@ import numpy as np
 from ia3_jax._src import interceptor as _interceptor
 from ia3_jax._src import tree as _tree
 from ia3_jax._src.config import IA3Config
-from ia3_jax._src.dtypes import check_vector_dtype
+from ia3_jax._src.dtypes import check_vector_dtype, integer_scalar
 from ia3_jax._src.errors import AdapterIdsError, IA3ConfigError, StructureError, VectorShapeError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -220,16 +220,12 @@ def bank_add(bank: Adapter, adapter: AdapterLike, config: IA3Config | None = Non
 
 def _checked_index(index: Any, n: int) -> int:
     """`index` as a Python int if it is an integer scalar (Python, NumPy or a concrete JAX one) in ``[0, n)``."""
-    integer = (
-        not isinstance(index, bool | np.bool_ | jax.core.Tracer)
-        and np.ndim(index) == 0
-        and jnp.issubdtype(jnp.result_type(index), jnp.integer)
-    )
-    if not integer or not 0 <= int(index) < n:
+    value = integer_scalar(index)
+    if value is None or not 0 <= value < n:
         raise AdapterIdsError(
             f"adapter index {index!r} is not one of the bank's 0..{n - 1} (an integer known outside jit)."
         )
-    return int(index)
+    return value
 
 
 def bank_remove(bank: Adapter, index: int) -> dict[str, Any]:

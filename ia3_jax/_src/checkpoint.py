@@ -46,7 +46,7 @@ from etils import epath
 from ia3_jax._src import atomic
 from ia3_jax._src import tree as _tree
 from ia3_jax._src.config import IA3Config
-from ia3_jax._src.dtypes import dtype_of
+from ia3_jax._src.dtypes import dtype_of, integer_scalar
 from ia3_jax._src.errors import (
     AdapterMismatchError,
     CheckpointError,
@@ -393,8 +393,17 @@ def _leftovers(path: str) -> str:
     return f" Unfinished saves next to it (not loadable): {found}." if found else ""
 
 
+def _checked_step(step: Any) -> int:
+    """`step` as an int: a non-negative integer scalar (Python, NumPy or JAX), else `CheckpointError`."""
+    value = integer_scalar(step)
+    if value is None or value < 0:
+        raise CheckpointError(f"step must be a non-negative int, got {step!r}.")
+    return value
+
+
 def _locate(path: epath.PathLike, step: int | None) -> tuple[str, _Contents]:
     """The complete checkpoint directory that a load reads, with its checked manifest and config."""
+    step = None if step is None else _checked_step(step)
     path = _resolve(path)
     if not os.path.lexists(path):
         replaced = _replaced_copy(path) if step is None else None
@@ -608,8 +617,7 @@ def save_adapter(
             raise CheckpointError("max_to_keep applies to step checkpoints: pass step= as well.")
         _save_single(path, payload, overwrite)
         return epath.Path(path)
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-        raise CheckpointError(f"step must be a non-negative int, got {step!r}.")
+    step = _checked_step(step)
     if max_to_keep is not None and (
         isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1
     ):

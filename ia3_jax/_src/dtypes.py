@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -22,6 +23,23 @@ def dtype_of(x: Any) -> np.dtype:
     ``np.result_type`` of a jax array is deprecated (an implicit array-to-dtype conversion).
     """
     return np.dtype(x.dtype) if hasattr(x, "dtype") else np.result_type(x)
+
+
+def integer_scalar(value: Any) -> int | None:
+    """`value` as a Python int if it is a concrete integer scalar (Python, NumPy or JAX), else None.
+
+    Bools are not integers here (``True`` is no step or adapter index), nor are traced values.
+
+    Example: ``integer_scalar(jnp.int32(3)) == 3``, ``integer_scalar(3.0) is None``.
+    """
+    if isinstance(value, bool | np.bool_ | jax.core.Tracer):
+        return None
+    if isinstance(value, int):
+        return value
+    dtype = getattr(value, "dtype", None)  # NumPy and JAX scalars; a float, a string: None
+    if dtype is None or np.ndim(value) != 0 or not jnp.issubdtype(dtype, jnp.integer):
+        return None
+    return int(value)
 
 
 def check_vector_dtype(dtype: Any, where: str) -> None:
