@@ -132,11 +132,14 @@ def test_modules_to_save_that_peft_would_match_more_widely_are_refused(tmp_path)
     with pytest.raises(AdapterMismatchError, match=r"entry 'proj'.*head\.proj inside a module saved whole"):
         save_peft(tmp_path / "n", {**adapter, "head": head}, nested, params={**base, "head": head})
     assert not any(tmp_path.iterdir())
-    # A name that PEFT's suffix rule gives the same one module: 'norm' at the root is only ever 'norm' itself,
-    # so the way out is the input_layernorm's own entry, or leaving it frozen.
+    # The suggested list saves a copy of every module PEFT's rule selects, and reads back as written.
     both = config.replace(modules_to_save=["norm", "input_layernorm"])
-    copies = {**adapter, "layers": {"0": {**adapter["layers"]["0"], "input_layernorm": {"weight": np.ones(4, np.float32)}}}}
+    layer = {**adapter["layers"]["0"], "input_layernorm": {"weight": np.full(4, 2.0, np.float32)}}
+    copies = {**adapter, "layers": {"0": layer}}
     save_peft(tmp_path / "b", copies, both, params=base)
+    loaded, read = load_peft(tmp_path / "b", base)
+    assert read.modules_to_save == ("input_layernorm", "norm")
+    jax.tree.map(np.testing.assert_array_equal, loaded, copies)
 
 
 def test_an_embedding_copy_the_head_may_read_warns_both_ways(tmp_path):

@@ -193,6 +193,8 @@ def test_unstacked_adapter_saves_one_peft_key_per_layer(tmp_path, axis):
         ia3_jax.unstack(adapter, "layers", axis=1 - axis, layouts=layouts)
     with pytest.raises(ia3_jax.StructureError, match=rf"Pass axis={axis}"):
         ia3_jax.stack(per_layer, "layers", axis=1 - axis, layouts=layouts)
+    with pytest.raises(ia3_jax.StructureError, match=r"axis=-1: with layouts=, give the layer axis as"):
+        ia3_jax.unstack(adapter, "layers", axis=-1, layouts=layouts)
 
     flat_base = ia3_jax.unstack(base, "layers", axis=axis)
     with pytest.raises(ia3_jax.LayoutError, match=r"infer_layouts.*one module per layer.*ia3_jax.unstack\(tree"):

@@ -711,8 +711,14 @@ def _peft_suffix_names(view: Mapping[str, Any], entry: str) -> list[str]:
     in every layer, as PEFT did.
     """
     depth = entry.count(".") + 1
-    names = [".".join(path[-depth:]) for path, _ in _tree.modules(view) if _tree.dotted(path).endswith(entry)]
+    names = [".".join(path[-depth:]) for path in _peft_matches(view, entry)]
     return list(dict.fromkeys(names)) or [entry]
+
+
+def _peft_matches(tree: Mapping[str, Any], entry: str) -> list[_tree.Path]:
+    """The modules of `tree` that PEFT 0.21's ``_set_trainable`` wraps for a ``modules_to_save`` entry: every
+    one whose path ends with it, no '.' boundary, nested ones included."""
+    return [path for path, _ in _tree.modules(tree) if _tree.dotted(path).endswith(entry)]
 
 
 def _check_task_heads(params: Mapping[str, Any], config: IA3Config) -> None:
@@ -768,7 +774,7 @@ def _check_peft_would_match_the_same(params: Mapping[str, Any], config: IA3Confi
     roots = modules_to_save_roots(params, config)
     entries = [*(config.modules_to_save or ()), *TASK_MODULES_TO_SAVE.get(config.task_type or "", ())]
     for entry in dict.fromkeys(entries):
-        hits = [path for path, _ in _tree.modules(params) if _tree.dotted(path).endswith(entry) and path not in roots]
+        hits = [path for path in _peft_matches(params, entry) if path not in roots]
         nested = [_tree.dotted(path) for path in hits if _tree.under(path, roots)]
         if nested:
             raise AdapterMismatchError(
@@ -778,8 +784,7 @@ def _check_peft_would_match_the_same(params: Mapping[str, Any], config: IA3Confi
                 "holding it."
             )
         if hits:
-            names = list(dict.fromkeys(path[-1] for path in hits))
-            wanted = [*dict.fromkeys([*(config.modules_to_save or ()), *names])]
+            wanted = [*dict.fromkeys([*(config.modules_to_save or ()), *_peft_suffix_names(params, entry)])]
             raise AdapterMismatchError(
                 f"modules_to_save entry {entry!r}: PEFT also saves a copy of every module whose path ends with it, "
                 f"here {_tree.listing([_tree.dotted(path) for path in hits], 4)}, and its loader would look for those "

@@ -42,9 +42,14 @@ def _check_layer_axis(root: str, axis: int, layouts: Mapping[str, KernelLayout] 
     """Raises `StructureError` when `layouts` (`infer_layouts`'s) give a module under `root` stacked-layer axes
     without `axis`. The hazard: when every leaf has one size on the wrong axis too (layers == features), the
     shapes cannot tell, and the split would cut features."""
-    if axis < 0:  # counts from each leaf's end, where kernels and vectors differ: no layout axis to compare
+    if not layouts:
         return
-    for key, layout in (layouts or {}).items():
+    if axis < 0:  # counts from each leaf's end, where kernels and vectors differ: no layout axis to compare with
+        raise StructureError(
+            f"axis={axis}: with layouts=, give the layer axis as the scan's variable_axes['params'] (0 or more), "
+            "the position the layouts record."
+        )
+    for key, layout in layouts.items():
         if (key == root or key.startswith(root + ".")) and layout.stack_axes and axis not in layout.stack_axes:
             raise StructureError(
                 f"axis={axis} is not a layer axis of {key!r}: its layouts give stacked-layer axes {layout.stack_axes} "
